@@ -1,0 +1,100 @@
+# shellcheck shell=bash
+# Shared helpers for airlock's setup scripts. Source it; do not run it.
+#
+# AIRLOCK_CACHE       where downloaded/built artefacts live (outside the clone)
+# AIRLOCK_DEBIAN_MIRROR  override the Debian mirror (default: the host's apt config)
+
+AIRLOCK_CACHE="${AIRLOCK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/airlock}"
+export AIRLOCK_CACHE
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# debian_mirror: print the URI of the host's main Debian archive (not the
+# security archive), read from the host's apt sources at run time.
+debian_mirror() {
+    if [[ -n "${AIRLOCK_DEBIAN_MIRROR:-}" ]]; then
+        printf '%s\n' "${AIRLOCK_DEBIAN_MIRROR%/}"
+        return
+    fi
+    local f uri=""
+    local files=()
+    for f in /etc/apt/sources.list.d/*.sources; do [[ -f $f ]] && files+=("$f"); done
+    if ((${#files[@]})); then
+        # deb822: one stanza per blank-line-separated block.
+        uri=$(awk '
+            function flush() {
+                if (!done && types ~ /(^| )deb( |$)/ && enabled != "no" && uris != "") {
+                    n = split(suites, s, " ")
+                    for (i = 1; i <= n; i++)
+                        if (s[i] !~ /-security$/ && s[i] !~ /\/updates$/) {
+                            split(uris, u, " "); print u[1]; done = 1; exit
+                        }
+                }
+                types = uris = suites = ""; enabled = "yes"
+            }
+            BEGIN { enabled = "yes" }
+            /^[ \t]*$/ { flush(); next }
+            /^#/ { next }
+            tolower($1) == "types:"   { $1 = ""; types = $0 }
+            tolower($1) == "uris:"    { $1 = ""; uris = $0; sub(/^ +/, "", uris) }
+            tolower($1) == "suites:"  { $1 = ""; suites = $0 }
+            tolower($1) == "enabled:" { enabled = tolower($2) }
+            END { flush() }' "${files[@]}")
+    fi
+    if [[ -z "$uri" ]]; then
+        files=()
+        for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+            [[ -f $f ]] && files+=("$f")
+        done
+        if ((${#files[@]})); then
+            uri=$(awk '
+                $1 == "deb" {
+                    i = 2
+                    if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
+                    if ($(i+1) !~ /-security$/ && $(i+1) !~ /\/updates$/) { print $i; exit }
+                }' "${files[@]}")
+        fi
+    fi
+    [[ -n "$uri" ]] || die "no Debian mirror found in the host's apt sources (set AIRLOCK_DEBIAN_MIRROR)"
+    printf '%s\n' "${uri%/}"
+}
+
+# debian_keyring: the keyring used to verify Debian archives.
+debian_keyring() {
+    local k=/usr/share/keyrings/debian-archive-keyring.gpg
+    [[ -f $k ]] || die "missing $k (apt-get install debian-archive-keyring)"
+    printf '%s\n' "$k"
+}
+
+# need_host_pkgs CMD:PKG ...: install host packages (from the host's own
+# release) for commands that are missing.
+_apt_updated=""
+need_host_pkgs() {
+    local item cmd pkg missing=()
+    for item in "$@"; do
+        cmd=${item%%:*} pkg=${item#*:}
+        command -v "$cmd" >/dev/null 2>&1 || [[ " ${missing[*]} " == *" $pkg "* ]] ||
+            missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    [[ $(id -u) == 0 ]] || die "need root to install: ${missing[*]}"
+    log "installing host packages: ${missing[*]}"
+    if [[ -z "$_apt_updated" ]]; then
+        apt-get update -qq >&2
+        _apt_updated=1
+    fi
+    local rel
+    rel=$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")
+    apt-get install -y -qq --no-install-recommends ${rel:+-t "$rel"} "${missing[@]}" >/dev/null
+}
+
+# guest_arch ARCH: map qemu arch names to Debian arch names.
+deb_arch() {
+    case "$1" in
+        x86_64 | amd64) echo amd64 ;;
+        aarch64 | arm64) echo arm64 ;;
+        *) die "unknown arch '$1' (want x86_64 or aarch64)" ;;
+    esac
+}
