@@ -87,7 +87,7 @@ need_host_pkgs() {
     fi
     local rel
     rel=$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")
-    apt-get install -y -qq --no-install-recommends ${rel:+-t "$rel"} "${missing[@]}" >/dev/null
+    apt-get install -y -qq -o DPkg::Lock::Timeout=120 --no-install-recommends ${rel:+-t "$rel"} "${missing[@]}" >/dev/null
 }
 
 # guest_arch ARCH: map qemu arch names to Debian arch names.

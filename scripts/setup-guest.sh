@@ -19,6 +19,11 @@ if [[ -f "$stamp" ]]; then
     for a in amd64 arm64; do log "$a kernel $(cat "$guest/$a/kver")"; done
     exit 0
 fi
+mkdir -p "$AIRLOCK_CACHE"
+# One builder at a time (parallel CI jobs); re-check after waiting.
+exec 9>"$AIRLOCK_CACHE/.setup-guest.lock"
+flock 9
+[[ -f "$stamp" ]] && exit 0
 start=$SECONDS
 need_host_pkgs apt-get:apt dpkg-deb:dpkg depmod:kmod modprobe:kmod \
     zstd:zstd xz:xz-utils gzip:gzip

@@ -13,6 +13,11 @@ if [[ -f "$stamp" && -d "$root" ]]; then
     exit 0
 fi
 
+mkdir -p "$AIRLOCK_CACHE"
+# One builder at a time (parallel CI jobs); re-check after waiting.
+exec 9>"$AIRLOCK_CACHE/.setup-qemu.lock"
+flock 9
+[[ -f "$stamp" && -d "$root" ]] && exit 0
 [[ $(id -u) == 0 ]] || die "must run as root (mmdebstrap root mode)"
 start=$SECONDS
 mkdir -p "$AIRLOCK_CACHE"
