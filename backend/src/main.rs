@@ -1,1 +1,59 @@
-fn main() {}
+//! CLI -> Config -> run.
+
+use std::process::ExitCode;
+
+use airlock::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind};
+use airlock::device::{edu::Edu, Device};
+use airlock::server::{serve, Listener, Signals};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("AIRLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::try_from(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let (listen, kind, max_data_xfer) = match config {
+        Config::PrintCapabilities => {
+            println!("{}", capabilities_json());
+            return Ok(());
+        }
+        Config::Serve {
+            listen,
+            device,
+            max_data_xfer,
+        } => (listen, device, max_data_xfer),
+    };
+    // Acquire everything first: signals, socket, device.
+    let signals = Signals::install()?;
+    let listener = Listener::open(&listen)?;
+    let device: Box<dyn Device> = match kind {
+        DeviceKind::Emulated(EmulatedKind::Edu) => Box::new(Edu::new()),
+    };
+    serve(
+        &listener,
+        device,
+        airlock::server_limits(max_data_xfer),
+        Some(&signals),
+    )?;
+    Ok(())
+}

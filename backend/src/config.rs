@@ -1,0 +1,163 @@
+//! Command-line arguments, validated into a Config before anything starts.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use thiserror::Error;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EmulatedKind {
+    /// Register-compatible with QEMU's edu device, plus MSI-X.
+    Edu,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "airlock",
+    version,
+    about = "Out-of-process PCI device backend for QEMU, served over vfio-user",
+    after_help = "QEMU side (guest RAM must be shared memfd so DMA can reach it):\n  \
+        -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem\n  \
+        -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"/run/airlock/dev0.sock\"}}'"
+)]
+pub struct Args {
+    /// Create a unix socket at PATH (a stale socket there is removed) and serve on it.
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+    /// Serve on an already-listening unix socket inherited as fd N (launcher convention).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<RawFd>,
+    /// Serve an emulated device.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub emulate: Option<EmulatedKind>,
+    /// Print a JSON description of device kinds and features, then exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// Largest data transfer per REGION/DMA message, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    pub max_data_xfer: u64,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("give exactly one of --socket-path PATH or --fd N")]
+    Listen,
+    #[error("name a device to serve: --emulate edu")]
+    NoDevice,
+    #[error("--fd {0} is not a valid descriptor number (must be >= 3: 0-2 are stdio)")]
+    BadFd(RawFd),
+    #[error("--max-data-xfer {0} must be between 4096 and 64 MiB (QEMU's ceiling)")]
+    BadXfer(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Path(PathBuf),
+    Fd(RawFd),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKind {
+    Emulated(EmulatedKind),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Config {
+    PrintCapabilities,
+    Serve {
+        listen: Listen,
+        device: DeviceKind,
+        max_data_xfer: u64,
+    },
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Config, ConfigError> {
+        if a.print_capabilities {
+            return Ok(Config::PrintCapabilities);
+        }
+        let listen = match (a.socket_path, a.fd) {
+            (Some(p), None) => Listen::Path(p),
+            (None, Some(fd)) if fd >= 3 => Listen::Fd(fd),
+            (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
+            _ => return Err(ConfigError::Listen),
+        };
+        let device = DeviceKind::Emulated(a.emulate.ok_or(ConfigError::NoDevice)?);
+        if !(4096..=64 << 20).contains(&a.max_data_xfer) {
+            return Err(ConfigError::BadXfer(a.max_data_xfer));
+        }
+        Ok(Config::Serve {
+            listen,
+            device,
+            max_data_xfer: a.max_data_xfer,
+        })
+    }
+}
+
+/// The --print-capabilities JSON (vhost-user backend program convention).
+pub fn capabilities_json() -> serde_json::Value {
+    serde_json::json!({
+        "type": "vfio-user-pci",
+        "protocol": "0.0",
+        "version": env!("CARGO_PKG_VERSION"),
+        "devices": { "emulate": ["edu"], "vfio": false },
+        "features": ["socket-path", "fd", "dma-map-fd", "dma-messages", "intx", "msi", "msix",
+                     "reset", "write-multiple", "posted-writes"]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::try_from(
+            Args::try_parse_from(std::iter::once("airlock").chain(args.iter().copied())).unwrap(),
+        )
+    }
+
+    #[test]
+    fn socket_path_and_edu_make_a_serve_config() {
+        assert_eq!(
+            parse(&["--socket-path", "/tmp/a.sock", "--emulate", "edu"]),
+            Ok(Config::Serve {
+                listen: Listen::Path("/tmp/a.sock".into()),
+                device: DeviceKind::Emulated(EmulatedKind::Edu),
+                max_data_xfer: 1 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn both_or_neither_listen_option_is_refused() {
+        assert_eq!(parse(&["--emulate", "edu"]), Err(ConfigError::Listen));
+        assert_eq!(
+            parse(&["--socket-path", "/x", "--fd", "3", "--emulate", "edu"]),
+            Err(ConfigError::Listen)
+        );
+    }
+
+    #[test]
+    fn stdio_fds_are_refused() {
+        assert_eq!(
+            parse(&["--fd", "1", "--emulate", "edu"]),
+            Err(ConfigError::BadFd(1))
+        );
+    }
+
+    #[test]
+    fn a_device_is_required() {
+        assert_eq!(parse(&["--socket-path", "/x"]), Err(ConfigError::NoDevice));
+    }
+
+    #[test]
+    fn print_capabilities_needs_nothing_else() {
+        assert_eq!(
+            parse(&["--print-capabilities"]),
+            Ok(Config::PrintCapabilities)
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! The seam between the server and a device: the emulated devices and the
+//! VFIO passthrough device implement [`Device`] and pass the same tests.
+
+pub mod edu;
+
+use std::os::fd::BorrowedFd;
+
+use airlock_protocol::device::RegionCap;
+use airlock_protocol::irqs::IrqSet;
+use thiserror::Error;
+
+use crate::dma::DmaError;
+use crate::irq::IrqError;
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("{device}: region {region} has no {what} access")]
+    Access {
+        device: String,
+        region: u32,
+        what: &'static str,
+    },
+    #[error("{device}: {0}", device = .1)]
+    Irq(IrqError, String),
+    #[error("{device}: reset is not supported", device = .0)]
+    NoReset(String),
+}
+
+impl DeviceError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            DeviceError::Access { .. } => libc::EINVAL,
+            DeviceError::Irq(e, _) => e.errno(),
+            DeviceError::NoReset(_) => libc::ENOTTY,
+        }
+    }
+}
+
+/// What GET_REGION_INFO reports for one region.
+pub struct RegionDesc<'a> {
+    pub flags: u32,
+    pub size: u64,
+    /// mmap offset into `fd`.
+    pub offset: u64,
+    pub caps: Vec<RegionCap>,
+    pub fd: Option<BorrowedFd<'a>>,
+}
+
+/// A DMA the device wants done. The server carries it out, directly
+/// through the DMA space or with DMA_READ/DMA_WRITE messages, and hands the
+/// outcome back with [`Device::complete_dma`]; so a device never blocks the
+/// connection while the client serves a DMA message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DmaJob {
+    /// Read `len` bytes of client memory at `iova` into the device.
+    Read { iova: u64, len: usize },
+    /// Write `data` into client memory at `iova`.
+    Write { iova: u64, data: Vec<u8> },
+}
+
+pub trait Device: Send {
+    /// Names the device in logs and errors (e.g. "edu", "vfio 0000:00:04.0").
+    fn name(&self) -> &str;
+    /// DEVICE_GET_INFO flags (PCI, RESET).
+    fn flags(&self) -> u32;
+    fn num_regions(&self) -> u32;
+    /// None for an index past num_regions.
+    fn region(&self, index: u32) -> Option<RegionDesc<'_>>;
+    fn num_irqs(&self) -> u32;
+    /// (flags, count) of an IRQ index.
+    fn irq_info(&self, index: u32) -> Option<(u32, u32)>;
+    fn set_irqs(&mut self, set: IrqSet) -> Result<(), DeviceError>;
+    /// Region access; the server checked index, bounds and size limits.
+    fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError>;
+    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+    fn reset(&mut self) -> Result<(), DeviceError>;
+    /// The client left: stop DMA and interrupts, forget its eventfds.
+    fn quiesce(&mut self);
+    /// The next DMA the device has queued, if any.
+    fn take_dma(&mut self) -> Option<DmaJob> {
+        None
+    }
+    /// The outcome of a job from `take_dma` (data for a Read).
+    fn complete_dma(&mut self, _job: DmaJob, _result: Result<Vec<u8>, DmaError>) {}
+}

@@ -1,0 +1,551 @@
+//! One client connection: negotiate, dispatch each command to the device,
+//! DMA space and interrupt table, reply, and quiesce when the client goes.
+//!
+//! Every command gets exactly one reply unless it carried NO_REPLY; errors
+//! carry a real errno. A message is consumed whole before it is judged, so
+//! a malformed one never desyncs the stream; only an unframeable header
+//! closes the connection, and then gracefully (write side first, input
+//! drained) because QEMU's client aborts when its unread input is reset.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use airlock_protocol::device::{
+    DeviceInfo, IrqInfo, RegionInfo, RegionIoFds, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ,
+    REGION_INFO_FLAG_WRITE,
+};
+use airlock_protocol::dma::{DmaAccess, DmaUnmap, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE};
+use airlock_protocol::header::Command;
+use airlock_protocol::region::{RegionAccess, WriteOne, REGION_ACCESS_SIZE};
+use airlock_protocol::request::{command_name, Request};
+use airlock_protocol::{Header, Limits, MessageSocket, RecvError};
+use tracing::{debug, info, warn};
+
+use crate::device::{Device, DmaJob};
+use crate::dma::{DmaError, DmaSpace, Segment};
+use crate::negotiate::{negotiate, Peer, ServerLimits};
+
+/// A DMA being carried out with DMA_READ/DMA_WRITE messages.
+struct InFlight {
+    job: DmaJob,
+    /// Pieces still to do, in order; Direct ones are done when reached.
+    todo: VecDeque<Segment>,
+    /// Bytes read so far (Read jobs) or the position in the data (Write).
+    data: Vec<u8>,
+    done: usize,
+    /// The message id we await a reply for, and the chunk it covers.
+    awaiting: Option<(u16, usize)>,
+}
+
+pub struct Session<'a> {
+    sock: MessageSocket,
+    device: &'a mut dyn Device,
+    dma: DmaSpace,
+    limits: Limits,
+    server: ServerLimits,
+    peer: Option<Peer>,
+    inflight: Option<InFlight>,
+    next_id: u16,
+}
+
+/// How a reply to the current command is produced.
+enum Answer {
+    /// Send this payload (and fds).
+    Payload(Vec<u8>),
+    /// Already sent (REGION_READ sends header and data in one sendmsg).
+    Sent,
+}
+
+type Handled = Result<Answer, (i32, String)>;
+
+fn fail(e: impl std::fmt::Display, errno: i32) -> (i32, String) {
+    (errno, e.to_string())
+}
+
+impl<'a> Session<'a> {
+    pub fn new(stream: UnixStream, device: &'a mut dyn Device, server: ServerLimits) -> Self {
+        Session {
+            sock: MessageSocket::new(stream),
+            device,
+            dma: DmaSpace::new(server.max_dma_maps as usize),
+            limits: Limits::new(server.max_data_xfer, server.max_msg_fds as usize),
+            server,
+            peer: None,
+            inflight: None,
+            next_id: 0,
+        }
+    }
+
+    /// Serves until the client leaves, then quiesces the device and drops
+    /// every DMA map (in that order: nothing may DMA into unmapped memory).
+    pub fn run(mut self) {
+        let mut payload = Vec::new();
+        loop {
+            let (header, fds) = match self.sock.recv(&self.limits, &mut payload) {
+                Ok(m) => m,
+                Err(RecvError::Closed) => break,
+                Err(RecvError::Fatal(e)) => {
+                    warn!(device = self.device.name(), "closing connection: {e}");
+                    break;
+                }
+                Err(RecvError::Rejected(h, e)) => {
+                    self.reply_error(&h, e.errno(), &e.to_string());
+                    continue;
+                }
+                Err(RecvError::Unframeable(h, e)) => {
+                    self.reply_error(&h, e.errno(), &e.to_string());
+                    warn!(
+                        device = self.device.name(),
+                        "closing connection, stream cannot be resynchronized: {e}"
+                    );
+                    self.close_gracefully();
+                    break;
+                }
+            };
+            if header.is_reply() {
+                self.on_reply(&header, &payload);
+            } else {
+                self.dispatch(&header, &payload, fds);
+            }
+            self.pump_dma();
+        }
+        self.device.quiesce();
+        self.inflight = None;
+        self.dma.clear();
+    }
+
+    fn dispatch(&mut self, h: &Header, payload: &[u8], fds: Vec<OwnedFd>) {
+        let req = match Request::decode(h, payload, fds, &self.limits) {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(h, e.errno(), &e.to_string()),
+        };
+        if self.peer.is_none() && !matches!(req, Request::Version(_)) {
+            return self.reply_error(h, libc::EINVAL, "the first command must be VERSION");
+        }
+        let answer = self.handle(h, req);
+        if h.no_reply() {
+            if let Err((_, why)) = answer {
+                warn!(device = self.device.name(), "posted command failed: {why}");
+            }
+            return;
+        }
+        match answer {
+            Ok(Answer::Payload(p)) => {
+                if let Err(e) = self.sock.send(&h.reply(p.len()), &[&p], &[]) {
+                    debug!("reply failed: {e}");
+                }
+            }
+            Ok(Answer::Sent) => {}
+            Err((errno, why)) => self.reply_error(h, errno, &why),
+        }
+    }
+
+    fn handle(&mut self, h: &Header, req: Request<'_>) -> Handled {
+        let dev = self.device.name().to_string();
+        match req {
+            Request::Version(v) => {
+                if self.peer.is_some() {
+                    return Err((libc::EINVAL, "VERSION was already negotiated".into()));
+                }
+                let (reply, peer) = negotiate(&v, &self.server).map_err(|e| fail(&e, e.errno()))?;
+                info!(device = %dev, "client negotiated vfio-user 0.0");
+                debug!(?peer, "client limits");
+                self.peer = Some(peer);
+                Ok(Answer::Payload(reply.encode()))
+            }
+            Request::DmaMap { map, fd } => {
+                let backed = fd.is_some();
+                self.dma.map(&map, fd).map_err(|e| {
+                    warn!(device = %dev, "DMA_MAP refused: {e}");
+                    fail(&e, e.errno())
+                })?;
+                debug!(iova = map.iova, size = map.size, backed, "DMA_MAP");
+                Ok(Answer::Payload(Vec::new()))
+            }
+            Request::DmaUnmap(u) => {
+                if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
+                    if u.iova != 0 || u.size != 0 {
+                        return Err((
+                            libc::EINVAL,
+                            "DMA_UNMAP with FLAG_ALL must have iova = size = 0".into(),
+                        ));
+                    }
+                    self.dma.clear();
+                } else {
+                    self.dma
+                        .unmap(u.iova, u.size)
+                        .map_err(|e| fail(&e, e.errno()))?;
+                }
+                let echo = DmaUnmap {
+                    argsz: DMA_UNMAP_SIZE as u32,
+                    ..u
+                };
+                Ok(Answer::Payload(echo.encode()))
+            }
+            Request::DeviceGetInfo(_) => Ok(Answer::Payload(
+                DeviceInfo {
+                    argsz: DeviceInfo::SIZE as u32,
+                    flags: self.device.flags(),
+                    num_regions: self.device.num_regions(),
+                    num_irqs: self.device.num_irqs(),
+                }
+                .encode(),
+            )),
+            Request::RegionInfo(q) => {
+                let d = self.device.region(q.index).ok_or_else(|| {
+                    (
+                        libc::EINVAL,
+                        format!("{dev}: region {} does not exist", q.index),
+                    )
+                })?;
+                let info = RegionInfo {
+                    argsz: 0,
+                    flags: d.flags,
+                    index: q.index,
+                    cap_offset: 0,
+                    size: d.size,
+                    offset: d.offset,
+                    caps: d.caps,
+                };
+                let body = info.encode_reply(q.argsz);
+                // An mmap-able region's fd goes with the full reply only; a
+                // client whose argsz was too small asks again and gets it then.
+                let full = body.len() >= info.full_size();
+                let fds: Vec<BorrowedFd> =
+                    d.fd.filter(|_| full && d.flags & REGION_INFO_FLAG_MMAP != 0)
+                        .into_iter()
+                        .collect();
+                if !h.no_reply() {
+                    if let Err(e) = self.sock.send(&h.reply(body.len()), &[&body], &fds) {
+                        debug!("reply failed: {e}");
+                    }
+                }
+                Ok(Answer::Sent)
+            }
+            Request::RegionIoFds(q) => {
+                if q.index >= self.device.num_regions() {
+                    return Err((
+                        libc::EINVAL,
+                        format!("{dev}: region {} does not exist", q.index),
+                    ));
+                }
+                // No ioeventfds are offered: an empty sub-region list.
+                Ok(Answer::Payload(
+                    RegionIoFds {
+                        argsz: RegionIoFds::SIZE as u32,
+                        flags: 0,
+                        index: q.index,
+                        count: 0,
+                    }
+                    .encode(),
+                ))
+            }
+            Request::IrqInfo(q) => {
+                let (flags, count) = self.device.irq_info(q.index).ok_or_else(|| {
+                    (
+                        libc::EINVAL,
+                        format!("{dev}: irq index {} does not exist", q.index),
+                    )
+                })?;
+                Ok(Answer::Payload(
+                    IrqInfo {
+                        argsz: IrqInfo::SIZE as u32,
+                        flags,
+                        index: q.index,
+                        count,
+                    }
+                    .encode(),
+                ))
+            }
+            Request::SetIrqs(set) => {
+                self.device.set_irqs(set).map_err(|e| fail(&e, e.errno()))?;
+                Ok(Answer::Payload(Vec::new()))
+            }
+            Request::RegionRead(a) => {
+                self.check_access(&a, REGION_INFO_FLAG_READ)?;
+                let mut buf = vec![0u8; a.count as usize];
+                self.device
+                    .read(a.region, a.offset, &mut buf)
+                    .map_err(|e| fail(&e, e.errno()))?;
+                if !h.no_reply() {
+                    let fixed = a.encode_fixed();
+                    if let Err(e) = self.sock.send(
+                        &h.reply(REGION_ACCESS_SIZE + buf.len()),
+                        &[&fixed, &buf],
+                        &[],
+                    ) {
+                        debug!("reply failed: {e}");
+                    }
+                }
+                Ok(Answer::Sent)
+            }
+            Request::RegionWrite { access, data } => {
+                self.check_access(&access, REGION_INFO_FLAG_WRITE)?;
+                self.device
+                    .write(access.region, access.offset, data)
+                    .map_err(|e| fail(&e, e.errno()))?;
+                Ok(Answer::Payload(access.encode_fixed().to_vec()))
+            }
+            Request::RegionWriteMulti(writes) => {
+                if self.peer.is_some() {
+                    for w in &writes {
+                        self.write_one(w)?;
+                    }
+                }
+                Ok(Answer::Payload(
+                    (writes.len() as u64).to_ne_bytes().to_vec(),
+                ))
+            }
+            Request::DeviceReset => {
+                self.device.reset().map_err(|e| fail(&e, e.errno()))?;
+                self.inflight = None;
+                Ok(Answer::Payload(Vec::new()))
+            }
+            Request::DeviceFeature(_) => Err((
+                libc::ENOTSUP,
+                format!("{dev}: no device features are offered"),
+            )),
+            Request::Unsupported(cmd) => Err((
+                libc::ENOTSUP,
+                format!("{} is not supported", command_name(cmd)),
+            )),
+        }
+    }
+
+    fn write_one(&mut self, w: &WriteOne) -> Result<(), (i32, String)> {
+        let a = RegionAccess {
+            offset: w.offset,
+            region: w.region,
+            count: w.count,
+        };
+        self.check_access(&a, REGION_INFO_FLAG_WRITE)?;
+        self.device
+            .write(w.region, w.offset, w.bytes())
+            .map_err(|e| fail(&e, e.errno()))
+    }
+
+    /// Region exists, allows the access, and [offset, offset+count) fits.
+    fn check_access(&self, a: &RegionAccess, need: u32) -> Result<(), (i32, String)> {
+        let dev = self.device.name();
+        let d = self.device.region(a.region).ok_or_else(|| {
+            (
+                libc::EINVAL,
+                format!("{dev}: region {} does not exist", a.region),
+            )
+        })?;
+        if d.flags & need == 0 {
+            return Err((
+                libc::EINVAL,
+                format!("{dev}: region {} does not allow this access", a.region),
+            ));
+        }
+        // Decoding checked offset + count does not overflow.
+        if a.offset + a.count as u64 > d.size {
+            return Err((
+                libc::EINVAL,
+                format!(
+                    "{dev}: access [{:#x}, +{:#x}) is outside region {} of size {:#x}",
+                    a.offset, a.count, a.region, d.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn reply_error(&mut self, h: &Header, errno: i32, why: &str) {
+        debug!(id = h.id, cmd = h.cmd, errno, "error reply: {why}");
+        if h.no_reply() && !h.is_reply() {
+            return;
+        }
+        if h.is_reply() {
+            // Never answer a reply; a stray one is only logged.
+            warn!(
+                device = self.device.name(),
+                "unexpected reply id {}: {why}", h.id
+            );
+            return;
+        }
+        if let Err(e) = self.sock.send(&h.error_reply(errno), &[], &[]) {
+            debug!("error reply failed: {e}");
+        }
+    }
+
+    /// Shut our side, then read until the client closes (bounded), so the
+    /// client never sees its unread input reset.
+    fn close_gracefully(&mut self) {
+        let s = self.sock.stream();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            use std::io::Read;
+            match (&*s).read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    // ---- device DMA -------------------------------------------------------
+
+    /// Starts queued device DMA when none is in flight: direct pieces are
+    /// done at once, message pieces are sent one at a time.
+    fn pump_dma(&mut self) {
+        while self.inflight.is_none() {
+            let Some(job) = self.device.take_dma() else {
+                return;
+            };
+            let (iova, len, write) = match &job {
+                DmaJob::Read { iova, len } => (*iova, *len, false),
+                DmaJob::Write { iova, data } => (*iova, data.len(), true),
+            };
+            match self.dma.segments(iova, len, write) {
+                Err(e) => {
+                    debug!(device = self.device.name(), "device DMA refused: {e}");
+                    self.device.complete_dma(job, Err(e));
+                }
+                Ok(segs) => {
+                    let data = match &job {
+                        DmaJob::Read { len, .. } => vec![0u8; *len],
+                        DmaJob::Write { data, .. } => data.clone(),
+                    };
+                    self.inflight = Some(InFlight {
+                        job,
+                        todo: segs.into(),
+                        data,
+                        done: 0,
+                        awaiting: None,
+                    });
+                    self.advance();
+                }
+            }
+        }
+    }
+
+    /// Moves the in-flight DMA forward until it waits on a message or ends.
+    fn advance(&mut self) {
+        loop {
+            let Some(f) = self.inflight.as_mut() else {
+                return;
+            };
+            let write = matches!(f.job, DmaJob::Write { .. });
+            let Some(seg) = f.todo.pop_front() else {
+                let f = self.inflight.take().expect("checked above");
+                let data = if write { Vec::new() } else { f.data };
+                self.device.complete_dma(f.job, Ok(data));
+                return;
+            };
+            match seg {
+                Segment::Direct { iova, len } => {
+                    let range = f.done..f.done + len;
+                    let r = if write {
+                        self.dma.write_direct(iova, &f.data[range])
+                    } else {
+                        self.dma.read_direct(iova, &mut f.data[range])
+                    };
+                    f.done += len;
+                    if let Err(e) = r {
+                        return self.fail_dma(e);
+                    }
+                }
+                Segment::Message { iova, len } => {
+                    let peer = self.peer.unwrap_or_default();
+                    let chunk = len
+                        .min(peer.max_data_xfer as usize)
+                        .min(self.server.max_data_xfer as usize);
+                    if chunk < len {
+                        f.todo.push_front(Segment::Message {
+                            iova: iova + chunk as u64,
+                            len: len - chunk,
+                        });
+                    }
+                    self.next_id = self.next_id.wrapping_add(1);
+                    let id = self.next_id;
+                    let a = DmaAccess {
+                        iova,
+                        count: chunk as u32,
+                    };
+                    let (cmd, body) = if write {
+                        (
+                            Command::DmaWrite,
+                            a.encode_write_request(&f.data[f.done..f.done + chunk]),
+                        )
+                    } else {
+                        (Command::DmaRead, a.encode_read_request())
+                    };
+                    f.awaiting = Some((id, chunk));
+                    let h = Header::command(id, cmd, body.len(), false);
+                    if let Err(e) = self.sock.send(&h, &[&body], &[]) {
+                        return self.fail_dma(DmaError::Client {
+                            iova,
+                            errno: e.errno(),
+                        });
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fail_dma(&mut self, e: DmaError) {
+        if let Some(f) = self.inflight.take() {
+            debug!(device = self.device.name(), "device DMA failed: {e}");
+            self.device.complete_dma(f.job, Err(e));
+        }
+    }
+
+    /// A reply from the client: the answer to our DMA_READ/DMA_WRITE.
+    fn on_reply(&mut self, h: &Header, payload: &[u8]) {
+        let Some(f) = self.inflight.as_mut() else {
+            warn!(
+                device = self.device.name(),
+                "reply id {} answers nothing in flight; ignored", h.id
+            );
+            return;
+        };
+        if f.awaiting.map(|a| a.0) != Some(h.id) {
+            warn!(
+                device = self.device.name(),
+                "reply id {} is not the awaited DMA reply; ignored", h.id
+            );
+            return;
+        }
+        let Some((_, chunk)) = f.awaiting.take() else {
+            return;
+        };
+        let write = matches!(f.job, DmaJob::Write { .. });
+        if h.is_error() {
+            let iova = match &f.job {
+                DmaJob::Read { iova, .. } | DmaJob::Write { iova, .. } => *iova,
+            };
+            return self.fail_dma(DmaError::Client {
+                iova,
+                errno: h.error as i32,
+            });
+        }
+        if !write {
+            let parsed = DmaAccess::decode(payload, "DMA_READ reply")
+                .and_then(|(a, rest)| Ok((a, a.data(rest, "DMA_READ reply")?)));
+            match parsed {
+                Ok((a, data)) if a.count as usize == chunk => {
+                    f.data[f.done..f.done + chunk].copy_from_slice(data);
+                }
+                _ => {
+                    return self.fail_dma(DmaError::Client {
+                        iova: 0,
+                        errno: libc::EPROTO,
+                    })
+                }
+            }
+        }
+        f.done += chunk;
+        self.advance();
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.sock.stream().as_raw_fd()
+    }
+}
