@@ -499,20 +499,22 @@ impl<'a> Session<'a> {
 
     /// A reply from the client: the answer to our DMA_READ/DMA_WRITE.
     fn on_reply(&mut self, h: &Header, payload: &[u8]) {
-        let Some(f) = self.inflight.as_mut() else {
+        let awaited = self.inflight.as_ref().and_then(|f| f.awaiting).map(|a| a.0);
+        if awaited != Some(h.id) {
+            // A reply nobody asked for: the client has lost track of the
+            // conversation. Say so with an error reply to that id; go on.
             warn!(
                 device = self.device.name(),
-                "reply id {} answers nothing in flight; ignored", h.id
+                "unsolicited reply id {} (command {})", h.id, h.cmd
             );
-            return;
-        };
-        if f.awaiting.map(|a| a.0) != Some(h.id) {
-            warn!(
-                device = self.device.name(),
-                "reply id {} is not the awaited DMA reply; ignored", h.id
-            );
+            if let Err(e) = self.sock.send(&h.error_reply(libc::EINVAL), &[], &[]) {
+                debug!("error reply failed: {e}");
+            }
             return;
         }
+        let Some(f) = self.inflight.as_mut() else {
+            return;
+        };
         let Some((_, chunk)) = f.awaiting.take() else {
             return;
         };
