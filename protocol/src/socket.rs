@@ -193,67 +193,65 @@ impl MessageSocket {
     }
 
     /// Sends header + payload parts + fds in one sendmsg (more only if the
-    /// kernel takes a partial write).
+    /// kernel takes a partial write). Nothing is allocated on this path.
     pub fn send(
         &self,
         header: &Header,
         parts: &[&[u8]],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), ProtocolError> {
+        const MAX_PARTS: usize = 8;
+        if parts.len() > MAX_PARTS || fds.len() > CMSG_FDS {
+            return Err(ProtocolError::Io(io::Error::from_raw_os_error(libc::E2BIG)));
+        }
         let h = header.encode();
-        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(parts.len() + 1);
-        iovs.push(libc::iovec {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut iovs = [empty; MAX_PARTS + 1];
+        iovs[0] = libc::iovec {
             iov_base: h.as_ptr() as *mut _,
             iov_len: h.len(),
-        });
-        for p in parts {
-            if !p.is_empty() {
-                iovs.push(libc::iovec {
-                    iov_base: p.as_ptr() as *mut _,
-                    iov_len: p.len(),
-                });
-            }
+        };
+        let mut n_iov = 1;
+        for p in parts.iter().filter(|p| !p.is_empty()) {
+            iovs[n_iov] = libc::iovec {
+                iov_base: p.as_ptr() as *mut _,
+                iov_len: p.len(),
+            };
+            n_iov += 1;
         }
-        let total: usize = iovs.iter().map(|v| v.iov_len).sum();
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let mut cbuf = vec![0u64; (raw.len() * 4 + 64) / 8];
+        let total: usize = iovs[..n_iov].iter().map(|v| v.iov_len).sum();
+        // u64 elements keep the control buffer aligned for cmsghdr.
+        let mut cbuf = [0u64; (CMSG_FDS * 4 + 64) / 8];
         let mut sent = 0usize;
-        let mut first = true;
+        let mut start = 0usize;
         while sent < total {
-            // Skip what a partial write already sent.
-            let mut skip = sent;
-            let mut start = 0;
-            while skip >= iovs[start].iov_len {
-                skip -= iovs[start].iov_len;
-                start += 1;
-            }
-            let mut cur: Vec<libc::iovec> = iovs[start..].to_vec();
-            // SAFETY: skip < cur[0].iov_len, so the pointer stays in the buffer.
-            cur[0].iov_base = unsafe { (cur[0].iov_base as *mut u8).add(skip) }.cast();
-            cur[0].iov_len -= skip;
             // SAFETY: plain data; zeroed is an empty msghdr.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = cur.as_mut_ptr();
-            msg.msg_iovlen = cur.len();
-            if first && !raw.is_empty() {
-                // SAFETY: CMSG_SPACE/LEN only compute sizes.
-                let space = unsafe { libc::CMSG_SPACE((raw.len() * 4) as u32) } as usize;
+            msg.msg_iov = iovs[start..].as_mut_ptr();
+            msg.msg_iovlen = n_iov - start;
+            if sent == 0 && !fds.is_empty() {
+                let bytes = std::mem::size_of_val(fds) as u32;
+                // SAFETY: CMSG_SPACE only computes a size.
+                msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
                 msg.msg_control = cbuf.as_mut_ptr().cast();
-                msg.msg_controllen = space;
-                // SAFETY: cbuf holds at least `space` bytes, aligned for cmsghdr.
+                // SAFETY: cbuf holds CMSG_SPACE(CMSG_FDS * 4) bytes and is
+                // aligned for cmsghdr; we write one header and the fds.
                 unsafe {
                     let cmsg = libc::CMSG_FIRSTHDR(&msg);
                     (*cmsg).cmsg_level = libc::SOL_SOCKET;
                     (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                    (*cmsg).cmsg_len = libc::CMSG_LEN((raw.len() * 4) as u32) as _;
-                    std::ptr::copy_nonoverlapping(
-                        raw.as_ptr(),
-                        libc::CMSG_DATA(cmsg) as *mut RawFd,
-                        raw.len(),
-                    );
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as _;
+                    let data = libc::CMSG_DATA(cmsg) as *mut RawFd;
+                    for (i, fd) in fds.iter().enumerate() {
+                        std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
+                    }
                 }
             }
-            // SAFETY: every iovec points into a live buffer; control is cbuf.
+            // SAFETY: every iovec points into a buffer alive for this call;
+            // msg_control (if set) is cbuf.
             let n = unsafe { libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -262,8 +260,19 @@ impl MessageSocket {
                 }
                 return Err(ProtocolError::Io(e));
             }
-            first = false;
             sent += n as usize;
+            // Step past what a partial write took.
+            let mut took = n as usize;
+            while start < n_iov && took >= iovs[start].iov_len {
+                took -= iovs[start].iov_len;
+                start += 1;
+            }
+            if took > 0 {
+                // SAFETY: took < iovs[start].iov_len, so this stays inside the buffer.
+                iovs[start].iov_base =
+                    unsafe { (iovs[start].iov_base as *mut u8).add(took) }.cast();
+                iovs[start].iov_len -= took;
+            }
         }
         Ok(())
     }
