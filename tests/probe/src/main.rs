@@ -1,0 +1,26 @@
+//! airlock-probe: a native vfio-user client that checks an edu device served
+//! by airlock (emulated, or a real edu passed through with VFIO inside a
+//! nested guest). Prints PASS/FAIL/SKIP/INFO lines and a final
+//! `N passed, M failed[, K skipped]`; exits 0 iff nothing failed.
+
+mod args;
+mod checks;
+mod device;
+mod os;
+mod report;
+
+fn main() {
+    let args = match args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("airlock-probe: {e}");
+            }
+            eprintln!("{}", args::USAGE);
+            std::process::exit(2);
+        }
+    };
+    let mut report = report::Report::new(args.skip.clone());
+    checks::run(&mut report, &args);
+    std::process::exit(report.finish());
+}

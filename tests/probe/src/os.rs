@@ -1,0 +1,195 @@
+//! Small OS wrappers: memfd-backed shared memory, eventfds, shared mappings
+//! of a region fd, and a process's context-switch count.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// A shared mapping of `len` bytes of `fd` at `offset`, unmapped on drop.
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    pub fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<Mapping, String> {
+        // SAFETY: no address hint, so the kernel picks a fresh range that
+        // aliases nothing of ours; fd is a live descriptor; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap {len:#x} bytes at offset {offset:#x}: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn read32(&self, off: usize) -> u32 {
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= self.len,
+            "read32 at {off:#x}"
+        );
+        // SAFETY: aligned and inside the mapping (asserted); volatile because a
+        // device or another process changes it behind the compiler's back.
+        unsafe { std::ptr::read_volatile(self.ptr.add(off).cast::<u32>()) }
+    }
+
+    pub fn write32(&self, off: usize, v: u32) {
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= self.len,
+            "write32 at {off:#x}"
+        );
+        // SAFETY: aligned and inside the mapping (asserted); volatile so every
+        // store reaches the device.
+        unsafe { std::ptr::write_volatile(self.ptr.add(off).cast::<u32>(), v) }
+    }
+
+    pub fn read8(&self, off: usize) -> u8 {
+        assert!(off < self.len, "read8 at {off:#x}");
+        // SAFETY: inside the mapping (asserted); volatile, see read32.
+        unsafe { std::ptr::read_volatile(self.ptr.add(off)) }
+    }
+
+    pub fn write8(&self, off: usize, v: u8) {
+        assert!(off < self.len, "write8 at {off:#x}");
+        // SAFETY: inside the mapping (asserted); volatile, see write32.
+        unsafe { std::ptr::write_volatile(self.ptr.add(off), v) }
+    }
+
+    pub fn bytes(&self, off: usize, n: usize) -> Vec<u8> {
+        (off..off + n).map(|i| self.read8(i)).collect()
+    }
+
+    pub fn fill(&self, off: usize, n: usize, f: impl Fn(usize) -> u8) {
+        for i in 0..n {
+            self.write8(off + i, f(i));
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range mmap returned in new(); no reference into
+        // it outlives self (all accessors copy).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A memfd of `len` bytes, mapped shared so the probe sees what DMA wrote.
+pub struct Memfd {
+    pub fd: OwnedFd,
+    pub map: Mapping,
+}
+
+impl Memfd {
+    pub fn new(name: &std::ffi::CStr, len: usize) -> Result<Memfd, String> {
+        // SAFETY: name is a valid NUL-terminated string; the result is checked.
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(format!("memfd_create: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: raw is a new descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: a valid fd and a length that fits off_t.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(format!("ftruncate memfd: {}", io::Error::last_os_error()));
+        }
+        let map = Mapping::new(fd.as_fd(), 0, len)?;
+        Ok(Memfd { fd, map })
+    }
+}
+
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub fn new() -> Result<EventFd, String> {
+        // SAFETY: eventfd takes no pointers; a non-negative return is a new fd.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("eventfd: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: fd was just created and is owned by nobody else.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn dup(&self) -> Result<OwnedFd, String> {
+        self.0.try_clone().map_err(|e| format!("dup eventfd: {e}"))
+    }
+
+    /// Non-blocking read of the counter: None if it is zero.
+    pub fn take(&self) -> Option<u64> {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live local u64.
+        let n = unsafe {
+            libc::read(
+                self.0.as_raw_fd(),
+                (&mut v as *mut u64).cast::<libc::c_void>(),
+                8,
+            )
+        };
+        (n == 8).then_some(v)
+    }
+
+    /// Waits until the eventfd is readable, then reads it. Err on timeout.
+    pub fn wait(&self, timeout: Duration) -> Result<u64, String> {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.take() {
+                return Ok(v);
+            }
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(format!("eventfd not signalled within {timeout:?}"));
+            }
+            let mut p = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd on the stack, nfds = 1.
+            if unsafe { libc::poll(&mut p, 1, ms) } < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(format!("poll eventfd: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// voluntary + nonvoluntary context switches summed over every thread of `pid`.
+pub fn context_switches(pid: u32) -> Result<u64, String> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for e in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
+        let path = e.map_err(|e| format!("{dir}: {e}"))?.path().join("status");
+        // A thread may exit between readdir and open: skip it.
+        let Ok(s) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for line in s.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(total)
+}
