@@ -29,8 +29,14 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub fd: Option<RawFd>,
     /// Serve an emulated device.
-    #[arg(long, value_enum, value_name = "KIND")]
+    #[arg(long, value_enum, value_name = "KIND", conflicts_with = "vfio")]
     pub emulate: Option<EmulatedKind>,
+    /// Pass through the PCI device at this address (bound to vfio-pci), e.g. 0000:00:04.0.
+    #[arg(long, value_name = "BDF")]
+    pub vfio: Option<String>,
+    /// Never hand QEMU the device fd: every BAR access goes through airlock (no mmap fast path).
+    #[arg(long, requires = "vfio")]
+    pub mediate_bars: bool,
     /// Print a JSON description of device kinds and features, then exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -43,8 +49,10 @@ pub struct Args {
 pub enum ConfigError {
     #[error("give exactly one of --socket-path PATH or --fd N")]
     Listen,
-    #[error("name a device to serve: --emulate edu")]
+    #[error("name a device to serve: --emulate edu or --vfio <PCI address>")]
     NoDevice,
+    #[error("--vfio {0:?} is not a PCI address (expected DDDD:BB:DD.F, e.g. 0000:00:04.0)")]
+    BadAddress(String),
     #[error("--fd {0} is not a valid descriptor number (must be >= 3: 0-2 are stdio)")]
     BadFd(RawFd),
     #[error("--max-data-xfer {0} must be between 4096 and 64 MiB (QEMU's ceiling)")]
@@ -60,6 +68,29 @@ pub enum Listen {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
     Emulated(EmulatedKind),
+    Vfio { bdf: String, mediate_bars: bool },
+}
+
+/// Normalizes a PCI address to DDDD:BB:DD.F (a missing domain is 0000).
+pub fn parse_bdf(s: &str) -> Result<String, ConfigError> {
+    let bad = || ConfigError::BadAddress(s.to_string());
+    let full = if s.matches(':').count() == 1 {
+        format!("0000:{s}")
+    } else {
+        s.to_string()
+    };
+    let (head, func) = full.rsplit_once('.').ok_or_else(bad)?;
+    let parts: Vec<&str> = head.split(':').collect();
+    let hex = |p: &str, n: usize| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit());
+    if parts.len() != 3
+        || !hex(parts[0], 4)
+        || !hex(parts[1], 2)
+        || !hex(parts[2], 2)
+        || !matches!(func, "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7")
+    {
+        return Err(bad());
+    }
+    Ok(full.to_ascii_lowercase())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +116,14 @@ impl TryFrom<Args> for Config {
             (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
             _ => return Err(ConfigError::Listen),
         };
-        let device = DeviceKind::Emulated(a.emulate.ok_or(ConfigError::NoDevice)?);
+        let device = match (a.emulate, a.vfio) {
+            (Some(kind), None) => DeviceKind::Emulated(kind),
+            (None, Some(bdf)) => DeviceKind::Vfio {
+                bdf: parse_bdf(&bdf)?,
+                mediate_bars: a.mediate_bars,
+            },
+            _ => return Err(ConfigError::NoDevice),
+        };
         if !(4096..=64 << 20).contains(&a.max_data_xfer) {
             return Err(ConfigError::BadXfer(a.max_data_xfer));
         }
@@ -103,9 +141,10 @@ pub fn capabilities_json() -> serde_json::Value {
         "type": "vfio-user-pci",
         "protocol": "0.0",
         "version": env!("CARGO_PKG_VERSION"),
-        "devices": { "emulate": ["edu"], "vfio": false },
+        "devices": { "emulate": ["edu"], "vfio": true },
         "features": ["socket-path", "fd", "dma-map-fd", "dma-messages", "intx", "msi", "msix",
-                     "reset", "write-multiple", "posted-writes"]
+                     "reset", "write-multiple", "posted-writes", "vfio-mmap-fast-path",
+                     "mediate-bars", "irqfd-passthrough"]
     })
 }
 
@@ -151,6 +190,29 @@ mod tests {
     #[test]
     fn a_device_is_required() {
         assert_eq!(parse(&["--socket-path", "/x"]), Err(ConfigError::NoDevice));
+    }
+
+    #[test]
+    fn vfio_takes_a_pci_address_with_or_without_domain() {
+        assert_eq!(
+            parse(&["--socket-path", "/x", "--vfio", "00:04.0", "--mediate-bars"]),
+            Ok(Config::Serve {
+                listen: Listen::Path("/x".into()),
+                device: DeviceKind::Vfio {
+                    bdf: "0000:00:04.0".into(),
+                    mediate_bars: true
+                },
+                max_data_xfer: 1 << 20
+            })
+        );
+        assert_eq!(
+            parse(&["--socket-path", "/x", "--vfio", "0000:00:04"]),
+            Err(ConfigError::BadAddress("0000:00:04".into()))
+        );
+        assert_eq!(
+            parse(&["--socket-path", "/x", "--vfio", "0000:0g:04.0"]),
+            Err(ConfigError::BadAddress("0000:0g:04.0".into()))
+        );
     }
 
     #[test]

@@ -163,6 +163,22 @@ impl DmaSpace {
         self.maps.clear();
     }
 
+    /// True when a map covers exactly [iova, iova + size).
+    pub fn has_exact(&self, iova: u64, size: u64) -> bool {
+        self.maps.get(&iova).is_some_and(|m| m.size == size)
+    }
+
+    /// Every map as (iova, size).
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.maps.iter().map(|(&iova, m)| (iova, m.size)).collect()
+    }
+
+    /// Where airlock mapped the map starting at `iova` (None without an fd).
+    pub fn host_address(&self, iova: u64) -> Option<u64> {
+        let m = self.maps.get(&iova)?.memory.as_ref()?;
+        Some(m.as_ptr() as u64)
+    }
+
     /// Splits an access into per-map segments, checking every byte is
     /// mapped with the needed permission.
     pub fn segments(&self, iova: u64, len: usize, write: bool) -> Result<Vec<Segment>, DmaError> {

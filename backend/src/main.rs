@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use airlock::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind};
-use airlock::device::{edu::Edu, Device};
+use airlock::device::{edu::Edu, vfio::VfioPci, Device};
 use airlock::server::{serve, Listener, Signals};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -48,6 +48,7 @@ fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = Listener::open(&listen)?;
     let device: Box<dyn Device> = match kind {
         DeviceKind::Emulated(EmulatedKind::Edu) => Box::new(Edu::new()),
+        DeviceKind::Vfio { bdf, mediate_bars } => Box::new(VfioPci::open(&bdf, mediate_bars)?),
     };
     serve(
         &listener,

@@ -113,6 +113,14 @@ impl<'a> Session<'a> {
         }
         self.device.quiesce();
         self.inflight = None;
+        self.unmap_all();
+    }
+
+    /// Every map leaves the device first, then airlock's address space.
+    fn unmap_all(&mut self) {
+        for (iova, size) in self.dma.ranges() {
+            self.device.dma_unmapped(iova, size);
+        }
         self.dma.clear();
     }
 
@@ -161,6 +169,12 @@ impl<'a> Session<'a> {
                     warn!(device = %dev, "DMA_MAP refused: {e}");
                     fail(&e, e.errno())
                 })?;
+                let host = self.dma.host_address(map.iova);
+                if let Err(e) = self.device.dma_mapped(map.iova, map.size, host, map.flags) {
+                    warn!("DMA_MAP refused: {e}");
+                    let _ = self.dma.unmap(map.iova, map.size);
+                    return Err(fail(&e, e.errno()));
+                }
                 debug!(iova = map.iova, size = map.size, backed, "DMA_MAP");
                 Ok(Answer::Payload(Vec::new()))
             }
@@ -172,8 +186,17 @@ impl<'a> Session<'a> {
                             "DMA_UNMAP with FLAG_ALL must have iova = size = 0".into(),
                         ));
                     }
-                    self.dma.clear();
+                    self.unmap_all();
                 } else {
+                    if !self.dma.has_exact(u.iova, u.size) {
+                        let e = crate::dma::DmaError::NoSuchMap {
+                            iova: u.iova,
+                            size: u.size,
+                        };
+                        return Err(fail(&e, e.errno()));
+                    }
+                    // The device loses the range before airlock's mapping goes.
+                    self.device.dma_unmapped(u.iova, u.size);
                     self.dma
                         .unmap(u.iova, u.size)
                         .map_err(|e| fail(&e, e.errno()))?;

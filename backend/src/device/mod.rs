@@ -2,6 +2,7 @@
 //! VFIO passthrough device implement [`Device`] and pass the same tests.
 
 pub mod edu;
+pub mod vfio;
 
 use std::os::fd::BorrowedFd;
 
@@ -24,6 +25,18 @@ pub enum DeviceError {
     Irq(IrqError, String),
     #[error("{device}: reset is not supported", device = .0)]
     NoReset(String),
+    #[error("{device}: {what}: {source}")]
+    Os {
+        device: String,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{device}: DMA_MAP [{iova:#x}, +{size:#x}) has no file descriptor: VFIO can only map shared memory; back guest RAM with -object memory-backend-memfd,share=on and -machine memory-backend=...")]
+    NeedsSharedMemory {
+        device: String,
+        iova: u64,
+        size: u64,
+    },
 }
 
 impl DeviceError {
@@ -32,6 +45,8 @@ impl DeviceError {
             DeviceError::Access { .. } => libc::EINVAL,
             DeviceError::Irq(e, _) => e.errno(),
             DeviceError::NoReset(_) => libc::ENOTTY,
+            DeviceError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            DeviceError::NeedsSharedMemory { .. } => libc::EINVAL,
         }
     }
 }
@@ -76,6 +91,21 @@ pub trait Device: Send {
     fn reset(&mut self) -> Result<(), DeviceError>;
     /// The client left: stop DMA and interrupts, forget its eventfds.
     fn quiesce(&mut self);
+    /// The client made [iova, iova + size) reachable; `host` is where
+    /// airlock mapped it (None when it came without an fd). A passthrough
+    /// device maps it into the IOMMU here.
+    fn dma_mapped(
+        &mut self,
+        _iova: u64,
+        _size: u64,
+        _host: Option<u64>,
+        _flags: u32,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// The client takes [iova, iova + size) back; called before airlock
+    /// unmaps its own mapping, so the device can no longer reach it.
+    fn dma_unmapped(&mut self, _iova: u64, _size: u64) {}
     /// The next DMA the device has queued, if any.
     fn take_dma(&mut self) -> Option<DmaJob> {
         None

@@ -1,0 +1,148 @@
+//! The VFIO device ioctls airlock issues itself (linux/vfio.h). Container,
+//! group and DMA-map handling come from vfio-ioctls; these are the calls it
+//! does not expose with the flexibility vfio-user needs (per-vector
+//! SET_IRQS with holes, masks and bools; capability chains; errors as
+//! values).
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use airlock_protocol::device::RegionInfo;
+
+const VFIO_TYPE: u64 = b';' as u64;
+const VFIO_BASE: u64 = 100;
+const fn vfio_io(nr: u64) -> u64 {
+    (VFIO_TYPE << 8) | (VFIO_BASE + nr)
+}
+pub const VFIO_DEVICE_GET_INFO: u64 = vfio_io(7);
+pub const VFIO_DEVICE_GET_REGION_INFO: u64 = vfio_io(8);
+pub const VFIO_DEVICE_GET_IRQ_INFO: u64 = vfio_io(9);
+pub const VFIO_DEVICE_SET_IRQS: u64 = vfio_io(10);
+pub const VFIO_DEVICE_RESET: u64 = vfio_io(11);
+pub const VFIO_IOMMU_GET_INFO: u64 = vfio_io(12);
+
+/// Issues an ioctl whose argument is a buffer starting with argsz.
+///
+/// # Safety
+/// `request` must be a VFIO ioctl whose argument layout fits in `buf`
+/// (the kernel never writes past argsz, which is buf.len()).
+unsafe fn ioctl_buf(fd: BorrowedFd<'_>, request: u64, buf: &mut [u8]) -> io::Result<()> {
+    let len = buf.len() as u32;
+    buf[..4].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: per the caller's contract, `buf` is large enough for the
+    // request's structure and argsz tells the kernel its size.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, buf.as_mut_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+/// (flags, num_regions, num_irqs) from VFIO_DEVICE_GET_INFO.
+pub fn device_info(fd: BorrowedFd<'_>) -> io::Result<(u32, u32, u32)> {
+    let mut b = [0u8; 16];
+    // SAFETY: struct vfio_device_info is 16 bytes (argsz, flags, regions, irqs).
+    unsafe { ioctl_buf(fd, VFIO_DEVICE_GET_INFO, &mut b)? };
+    Ok((u32_at(&b, 4), u32_at(&b, 8), u32_at(&b, 12)))
+}
+
+/// VFIO_DEVICE_GET_REGION_INFO with its capability chain (the kernel's
+/// struct has the vfio-user layout, so the protocol decoder reads it).
+pub fn region_info(fd: BorrowedFd<'_>, index: u32) -> io::Result<RegionInfo> {
+    let mut size = RegionInfo::SIZE;
+    for _ in 0..3 {
+        let mut b = vec![0u8; size];
+        b[8..12].copy_from_slice(&index.to_ne_bytes());
+        // SAFETY: the buffer is at least struct vfio_region_info (32 bytes)
+        // and argsz says how much more the kernel may fill.
+        unsafe { ioctl_buf(fd, VFIO_DEVICE_GET_REGION_INFO, &mut b)? };
+        let need = u32_at(&b, 0) as usize;
+        if need > size {
+            size = need;
+            continue;
+        }
+        return RegionInfo::decode_reply(&b)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "region info keeps growing",
+    ))
+}
+
+/// (flags, count) from VFIO_DEVICE_GET_IRQ_INFO.
+pub fn irq_info(fd: BorrowedFd<'_>, index: u32) -> io::Result<(u32, u32)> {
+    let mut b = [0u8; 16];
+    b[8..12].copy_from_slice(&index.to_ne_bytes());
+    // SAFETY: struct vfio_irq_info is 16 bytes (argsz, flags, index, count).
+    unsafe { ioctl_buf(fd, VFIO_DEVICE_GET_IRQ_INFO, &mut b)? };
+    Ok((u32_at(&b, 4), u32_at(&b, 12)))
+}
+
+/// VFIO_DEVICE_SET_IRQS with raw flags and data (bools or eventfds as i32,
+/// -1 de-assigning a vector).
+pub fn set_irqs(
+    fd: BorrowedFd<'_>,
+    flags: u32,
+    index: u32,
+    start: u32,
+    count: u32,
+    data: &[u8],
+) -> io::Result<()> {
+    let mut b = vec![0u8; 20 + data.len()];
+    b[4..8].copy_from_slice(&flags.to_ne_bytes());
+    b[8..12].copy_from_slice(&index.to_ne_bytes());
+    b[12..16].copy_from_slice(&start.to_ne_bytes());
+    b[16..20].copy_from_slice(&count.to_ne_bytes());
+    b[20..].copy_from_slice(data);
+    // SAFETY: struct vfio_irq_set is 20 bytes followed by `data`, and argsz
+    // covers exactly that.
+    unsafe { ioctl_buf(fd, VFIO_DEVICE_SET_IRQS, &mut b) }
+}
+
+pub fn reset(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: VFIO_DEVICE_RESET takes no argument.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_DEVICE_RESET as _) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub const VFIO_IOMMU_MAP_DMA: u64 = vfio_io(13);
+pub const VFIO_IOMMU_UNMAP_DMA: u64 = vfio_io(14);
+pub const VFIO_DMA_MAP_FLAG_READ: u32 = 1;
+pub const VFIO_DMA_MAP_FLAG_WRITE: u32 = 2;
+
+/// VFIO_IOMMU_MAP_DMA on the container: [iova, iova+size) -> our `vaddr`,
+/// readable and/or writable by the device as `flags` say.
+pub fn iommu_map(
+    container: BorrowedFd<'_>,
+    vaddr: u64,
+    iova: u64,
+    size: u64,
+    flags: u32,
+) -> io::Result<()> {
+    let mut b = [0u8; 32];
+    b[4..8].copy_from_slice(&flags.to_ne_bytes());
+    b[8..16].copy_from_slice(&vaddr.to_ne_bytes());
+    b[16..24].copy_from_slice(&iova.to_ne_bytes());
+    b[24..32].copy_from_slice(&size.to_ne_bytes());
+    // SAFETY: struct vfio_iommu_type1_dma_map is exactly these 32 bytes.
+    unsafe { ioctl_buf(container, VFIO_IOMMU_MAP_DMA, &mut b) }
+}
+
+/// VFIO_IOMMU_UNMAP_DMA on the container; returns once the IOMMU no longer
+/// translates the range (the kernel unpins the pages).
+pub fn iommu_unmap(container: BorrowedFd<'_>, iova: u64, size: u64) -> io::Result<()> {
+    let mut b = [0u8; 24];
+    b[8..16].copy_from_slice(&iova.to_ne_bytes());
+    b[16..24].copy_from_slice(&size.to_ne_bytes());
+    // SAFETY: struct vfio_iommu_type1_dma_unmap is these 24 bytes when no
+    // bitmap flag is set.
+    unsafe { ioctl_buf(container, VFIO_IOMMU_UNMAP_DMA, &mut b) }
+}

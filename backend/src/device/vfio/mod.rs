@@ -1,0 +1,543 @@
+//! Passthrough of a real PCI function through VFIO (legacy container +
+//! type1v2; the container handling sits behind vfio-ioctls so iommufd can
+//! be added beside it).
+//!
+//! - BARs: REGION_READ/WRITE go to the device with pread/pwrite; by
+//!   default GET_REGION_INFO also hands the client the VFIO device fd with
+//!   sparse-mmap areas covering every mmap-able page but the MSI-X table
+//!   and PBA, so guest MMIO bypasses airlock. `--mediate-bars` withholds
+//!   the fd so every access goes through airlock.
+//! - DMA: each fd-backed DMA_MAP is mapped into airlock (DmaSpace) and then
+//!   into the IOMMU at its IOVA; unmapping goes IOMMU first.
+//! - Interrupts: the client's eventfds (QEMU's KVM irqfds) go straight into
+//!   VFIO_DEVICE_SET_IRQS, so airlock is never woken per interrupt.
+
+mod config;
+pub mod ioctl;
+pub mod sparse;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use airlock_protocol::device::{
+    RegionCap, RegionInfo, SparseArea, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET,
+    PCI_CONFIG_REGION_INDEX, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+};
+use airlock_protocol::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
+use airlock_protocol::irqs::{
+    IrqAction, IrqData, IrqSet, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK,
+    IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
+};
+use thiserror::Error;
+use tracing::{debug, warn};
+use vfio_ioctls::{VfioContainer, VfioDevice};
+
+use self::config::{BarInfo, BarShadow};
+use self::sparse::{mmap_areas, Hole};
+use super::{Device, DeviceError, RegionDesc};
+use crate::irq::IrqError;
+
+#[derive(Debug, Error)]
+pub enum VfioError {
+    #[error("{bdf}: no such PCI device (/sys/bus/pci/devices/{bdf} is missing; `lspci -D` lists addresses)")]
+    NoDevice { bdf: String },
+    #[error("{bdf}: bound to driver {driver:?}, not vfio-pci; bind it first:\n  echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override\n  echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind   # if bound\n  echo {bdf} > /sys/bus/pci/drivers_probe")]
+    NotVfioPci { bdf: String, driver: String },
+    #[error("{bdf}: has no IOMMU group; enable the IOMMU (intel_iommu=on, amd_iommu=on, or an SMMU on arm64)")]
+    NoIommuGroup { bdf: String },
+    #[error("{bdf}: cannot open the VFIO container /dev/vfio/vfio (load vfio-pci and vfio_iommu_type1): {why}")]
+    Container { bdf: String, why: String },
+    #[error("{bdf}: cannot attach IOMMU group {group} to the container: {why}. If the host has no interrupt remapping, VFIO refuses the group unless vfio_iommu_type1.allow_unsafe_interrupts=1 (unsafe: devices can forge MSIs)")]
+    Attach {
+        bdf: String,
+        group: String,
+        why: String,
+    },
+    #[error("{bdf}: VFIO query failed: {what}: {source}")]
+    Query {
+        bdf: String,
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// A kernel region and what airlock offers the client for it.
+struct Region {
+    info: RegionInfo,
+    /// Pages the client may mmap (empty: none).
+    areas: Vec<SparseArea>,
+}
+
+pub struct VfioPci {
+    name: String,
+    container: Arc<VfioContainer>,
+    /// Holds its own reference to the container, so the container outlives it.
+    device: VfioDevice,
+    flags: u32,
+    regions: Vec<Region>,
+    irqs: Vec<(u32, u32)>,
+    bars: BarShadow,
+    /// Trigger eventfds the client assigned, per (index, vector): held so
+    /// airlock's table matches what the kernel signals.
+    triggers: HashMap<(u32, u32), File>,
+    /// Mask/unmask notifier eventfds (INTx resample), per (index, vector, action).
+    notifiers: HashMap<(u32, u32, u32), File>,
+}
+
+impl Drop for VfioPci {
+    fn drop(&mut self) {
+        self.quiesce();
+    }
+}
+
+fn sysfs(bdf: &str) -> PathBuf {
+    Path::new("/sys/bus/pci/devices").join(bdf)
+}
+
+impl VfioPci {
+    pub fn open(bdf: &str, mediate_bars: bool) -> Result<VfioPci, VfioError> {
+        let path = sysfs(bdf);
+        if !path.exists() {
+            return Err(VfioError::NoDevice { bdf: bdf.into() });
+        }
+        let driver = std::fs::read_link(path.join("driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "none".into());
+        if driver != "vfio-pci" {
+            return Err(VfioError::NotVfioPci {
+                bdf: bdf.into(),
+                driver,
+            });
+        }
+        let group = std::fs::read_link(path.join("iommu_group"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .ok_or(VfioError::NoIommuGroup { bdf: bdf.into() })?;
+        let container = Arc::new(VfioContainer::new(None).map_err(|e| VfioError::Container {
+            bdf: bdf.into(),
+            why: format!("{e}"),
+        })?);
+        let device = VfioDevice::new(&path, container.clone()).map_err(|e| VfioError::Attach {
+            bdf: bdf.into(),
+            group: group.clone(),
+            why: format!("{e}"),
+        })?;
+        let q = |what: &str| {
+            let what = what.to_string();
+            let bdf = bdf.to_string();
+            move |source| VfioError::Query { bdf, what, source }
+        };
+        // SAFETY: the fd is owned by `device`, which lives as long as this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
+        let (flags, num_regions, num_irqs) = ioctl::device_info(fd).map_err(q("device info"))?;
+        let mut regions = Vec::new();
+        for i in 0..num_regions.min(100) {
+            // Absent regions (no VGA, no ROM) answer EINVAL: they are empty.
+            let info = ioctl::region_info(fd, i).unwrap_or(RegionInfo {
+                index: i,
+                ..Default::default()
+            });
+            regions.push(Region {
+                info,
+                areas: Vec::new(),
+            });
+        }
+        let mut irqs = Vec::new();
+        for i in 0..num_irqs.min(50) {
+            irqs.push(ioctl::irq_info(fd, i).unwrap_or((0, 0)));
+        }
+        let mut dev = VfioPci {
+            name: format!("vfio {bdf}"),
+            container,
+            device,
+            flags,
+            regions,
+            irqs,
+            bars: BarShadow::new(
+                [BarInfo {
+                    register: 0,
+                    size: 0,
+                }; 6],
+                0,
+            ),
+            triggers: HashMap::new(),
+            notifiers: HashMap::new(),
+        };
+        let mut bars = [BarInfo {
+            register: 0,
+            size: 0,
+        }; 6];
+        for (i, bar) in bars.iter_mut().enumerate() {
+            let mut b = [0u8; 4];
+            dev.config_read_raw(0x10 + 4 * i, &mut b)
+                .map_err(q("config read"))?;
+            *bar = BarInfo {
+                register: u32::from_le_bytes(b),
+                size: dev.regions.get(i).map_or(0, |r| r.info.size),
+            };
+        }
+        let rom = dev.regions.get(6).map_or(0, |r| r.info.size);
+        dev.bars = BarShadow::new(bars, rom);
+        if !mediate_bars {
+            let holes = dev.msix_holes().map_err(q("config read"))?;
+            for i in 0..6.min(dev.regions.len()) {
+                let r = &dev.regions[i].info;
+                if r.flags & REGION_INFO_FLAG_MMAP == 0 || r.size == 0 {
+                    continue;
+                }
+                let kernel: Vec<SparseArea> = r
+                    .caps
+                    .iter()
+                    .find_map(|c| match c {
+                        RegionCap::SparseMmap(a) => Some(a.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| {
+                        vec![SparseArea {
+                            offset: 0,
+                            size: r.size,
+                        }]
+                    });
+                let mine: Vec<Hole> = holes
+                    .iter()
+                    .filter(|(bar, _)| *bar == i)
+                    .map(|(_, h)| *h)
+                    .collect();
+                dev.regions[i].areas = mmap_areas(&kernel, &mine);
+            }
+        }
+        Ok(dev)
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the fd is owned by self.device, alive as long as &self.
+        unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
+    }
+
+    fn file(&self) -> std::mem::ManuallyDrop<File> {
+        // The device fd viewed as a File for positional I/O; ManuallyDrop
+        // keeps this view from closing the fd VfioDevice owns.
+        // SAFETY: the fd stays open while self lives; the File is never dropped.
+        std::mem::ManuallyDrop::new(unsafe {
+            <File as std::os::fd::FromRawFd>::from_raw_fd(self.device.as_raw_fd())
+        })
+    }
+
+    fn config_read_raw(&self, offset: usize, out: &mut [u8]) -> std::io::Result<()> {
+        let base = self
+            .regions
+            .get(PCI_CONFIG_REGION_INDEX as usize)
+            .map_or(0, |r| r.info.offset);
+        self.file().read_exact_at(out, base + offset as u64)
+    }
+
+    fn config_write_raw(&self, offset: usize, data: &[u8]) -> std::io::Result<()> {
+        let base = self
+            .regions
+            .get(PCI_CONFIG_REGION_INDEX as usize)
+            .map_or(0, |r| r.info.offset);
+        self.file().write_all_at(data, base + offset as u64)
+    }
+
+    /// The MSI-X table and PBA as (BAR, byte range), from the capability.
+    fn msix_holes(&self) -> std::io::Result<Vec<(usize, Hole)>> {
+        let mut b = [0u8; 1];
+        self.config_read_raw(0x34, &mut b)?;
+        let mut at = b[0] as usize & !3;
+        for _ in 0..48 {
+            if at < 0x40 {
+                break;
+            }
+            let mut h = [0u8; 12];
+            self.config_read_raw(at, &mut h)?;
+            if h[0] == crate::pci::CAP_ID_MSIX {
+                let n = (u16::from_le_bytes([h[2], h[3]]) & 0x7ff) as u64 + 1;
+                let table = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+                let pba = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+                let t = (table & !7) as u64;
+                let p = (pba & !7) as u64;
+                return Ok(vec![
+                    (
+                        (table & 7) as usize,
+                        Hole {
+                            start: t,
+                            end: t + n * 16,
+                        },
+                    ),
+                    (
+                        (pba & 7) as usize,
+                        Hole {
+                            start: p,
+                            end: p + n.div_ceil(64) * 8,
+                        },
+                    ),
+                ]);
+            }
+            at = h[1] as usize & !3;
+        }
+        Ok(Vec::new())
+    }
+
+    fn os(&self, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DeviceError + '_ {
+        let what = what.into();
+        move |source| DeviceError::Os {
+            device: self.name.clone(),
+            what,
+            source,
+        }
+    }
+
+    fn irq_err(&self, e: IrqError) -> DeviceError {
+        DeviceError::Irq(e, self.name.clone())
+    }
+
+    fn region_base(&self, region: u32) -> u64 {
+        self.regions
+            .get(region as usize)
+            .map_or(0, |r| r.info.offset)
+    }
+}
+
+impl Device for VfioPci {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn flags(&self) -> u32 {
+        DEVICE_FLAGS_PCI | (self.flags & DEVICE_FLAGS_RESET)
+    }
+
+    fn num_regions(&self) -> u32 {
+        self.regions.len() as u32
+    }
+
+    fn region(&self, index: u32) -> Option<RegionDesc<'_>> {
+        let r = self.regions.get(index as usize)?;
+        let rw = r.info.flags & (REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE);
+        if r.areas.is_empty() {
+            return Some(RegionDesc {
+                flags: rw,
+                size: r.info.size,
+                offset: 0,
+                caps: Vec::new(),
+                fd: None,
+            });
+        }
+        Some(RegionDesc {
+            flags: rw | REGION_INFO_FLAG_MMAP,
+            size: r.info.size,
+            // The client mmaps the VFIO device fd, so it needs the kernel's offset.
+            offset: r.info.offset,
+            caps: vec![RegionCap::SparseMmap(r.areas.clone())],
+            fd: Some(self.fd()),
+        })
+    }
+
+    fn num_irqs(&self) -> u32 {
+        self.irqs.len() as u32
+    }
+
+    fn irq_info(&self, index: u32) -> Option<(u32, u32)> {
+        self.irqs.get(index as usize).copied()
+    }
+
+    fn set_irqs(&mut self, set: IrqSet) -> Result<(), DeviceError> {
+        let (_, have) = self.irq_info(set.index).ok_or_else(|| {
+            self.irq_err(IrqError::NoSuchIndex {
+                index: set.index,
+                count: self.irqs.len(),
+            })
+        })?;
+        let disable_all =
+            set.action == IrqAction::Trigger && set.count == 0 && matches!(set.data, IrqData::None);
+        if !disable_all && set.start + set.count > have {
+            return Err(self.irq_err(IrqError::Range {
+                index: set.index,
+                start: set.start,
+                count: set.count,
+                have,
+            }));
+        }
+        let action = match set.action {
+            IrqAction::Mask => IRQ_SET_ACTION_MASK,
+            IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
+            IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
+        };
+        let (dflag, data, files): (u32, Vec<u8>, Vec<Option<File>>) = match set.data {
+            IrqData::None => (IRQ_SET_DATA_NONE, vec![], vec![]),
+            IrqData::Bool(v) => (
+                IRQ_SET_DATA_BOOL,
+                v.iter().map(|b| *b as u8).collect(),
+                vec![],
+            ),
+            IrqData::Eventfds(fds) if fds.is_empty() => (
+                IRQ_SET_DATA_EVENTFD,
+                (0..set.count).flat_map(|_| (-1i32).to_ne_bytes()).collect(),
+                (0..set.count).map(|_| None).collect(),
+            ),
+            IrqData::Eventfds(fds) => (
+                IRQ_SET_DATA_EVENTFD,
+                fds.iter()
+                    .flat_map(|f| f.as_raw_fd().to_ne_bytes())
+                    .collect(),
+                fds.into_iter()
+                    .map(|f: OwnedFd| Some(File::from(f)))
+                    .collect(),
+            ),
+        };
+        ioctl::set_irqs(
+            self.fd(),
+            dflag | action,
+            set.index,
+            set.start,
+            set.count,
+            &data,
+        )
+        .map_err(self.os(format!(
+            "VFIO_DEVICE_SET_IRQS index {} [{}, +{})",
+            set.index, set.start, set.count
+        )))?;
+        // The kernel holds its own references now; airlock's table mirrors them.
+        if disable_all {
+            self.triggers.retain(|(i, _), _| *i != set.index);
+            self.notifiers.retain(|(i, _, _), _| *i != set.index);
+        } else if dflag == IRQ_SET_DATA_EVENTFD {
+            for (k, f) in files.into_iter().enumerate() {
+                let v = set.start + k as u32;
+                match (action, f) {
+                    (IRQ_SET_ACTION_TRIGGER, Some(f)) => {
+                        self.triggers.insert((set.index, v), f);
+                    }
+                    (IRQ_SET_ACTION_TRIGGER, None) => {
+                        self.triggers.remove(&(set.index, v));
+                    }
+                    (a, Some(f)) => {
+                        self.notifiers.insert((set.index, v, a), f);
+                    }
+                    (a, None) => {
+                        self.notifiers.remove(&(set.index, v, a));
+                    }
+                }
+            }
+        }
+        debug!(device = %self.name, index = set.index, start = set.start, count = set.count, "SET_IRQS passed to VFIO");
+        Ok(())
+    }
+
+    fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        if region == PCI_CONFIG_REGION_INDEX {
+            self.config_read_raw(offset as usize, data)
+                .map_err(self.os("config read"))?;
+            self.bars.overlay(offset as usize, data);
+            return Ok(());
+        }
+        let at = self.region_base(region) + offset;
+        self.file()
+            .read_exact_at(data, at)
+            .map_err(self.os(format!("read region {region} at {offset:#x}")))
+    }
+
+    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if region == PCI_CONFIG_REGION_INDEX {
+            let runs: Vec<(usize, Vec<u8>)> = self
+                .bars
+                .absorb(offset as usize, data)
+                .into_iter()
+                .map(|(o, d)| (o, d.to_vec()))
+                .collect();
+            for (o, d) in runs {
+                self.config_write_raw(o, &d)
+                    .map_err(self.os("config write"))?;
+            }
+            return Ok(());
+        }
+        let at = self.region_base(region) + offset;
+        self.file()
+            .write_all_at(data, at)
+            .map_err(self.os(format!("write region {region} at {offset:#x}")))
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        if self.flags & DEVICE_FLAGS_RESET == 0 {
+            return Err(DeviceError::NoReset(self.name.clone()));
+        }
+        ioctl::reset(self.fd()).map_err(self.os("VFIO_DEVICE_RESET"))
+    }
+
+    /// Bus mastering off, every interrupt torn down, then a reset if the
+    /// device has one. The session unmaps DMA right after.
+    fn quiesce(&mut self) {
+        let mut cmd = [0u8; 2];
+        if self.config_read_raw(crate::pci::COMMAND, &mut cmd).is_ok() {
+            let v = u16::from_le_bytes(cmd) & !crate::pci::COMMAND_MASTER;
+            if let Err(e) = self.config_write_raw(crate::pci::COMMAND, &v.to_le_bytes()) {
+                warn!(device = %self.name, "cannot clear bus mastering: {e}");
+            }
+        }
+        for (index, &(_, count)) in self.irqs.iter().enumerate() {
+            if count > 0 {
+                let _ = ioctl::set_irqs(
+                    self.fd(),
+                    IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER,
+                    index as u32,
+                    0,
+                    0,
+                    &[],
+                );
+            }
+        }
+        self.triggers.clear();
+        self.notifiers.clear();
+        if self.flags & DEVICE_FLAGS_RESET != 0 {
+            if let Err(e) = ioctl::reset(self.fd()) {
+                debug!(device = %self.name, "reset after disconnect failed: {e}");
+            }
+        }
+    }
+
+    fn dma_mapped(
+        &mut self,
+        iova: u64,
+        size: u64,
+        host: Option<u64>,
+        flags: u32,
+    ) -> Result<(), DeviceError> {
+        let host = host.ok_or_else(|| DeviceError::NeedsSharedMemory {
+            device: self.name.clone(),
+            iova,
+            size,
+        })?;
+        let mut vflags = 0;
+        if flags & DMA_MAP_FLAG_READ != 0 {
+            vflags |= ioctl::VFIO_DMA_MAP_FLAG_READ;
+        }
+        if flags & DMA_MAP_FLAG_WRITE != 0 {
+            vflags |= ioctl::VFIO_DMA_MAP_FLAG_WRITE;
+        }
+        ioctl::iommu_map(self.container.as_fd_borrowed(), host, iova, size, vflags)
+            .map_err(self.os(format!("VFIO_IOMMU_MAP_DMA [{iova:#x}, +{size:#x})")))
+    }
+
+    fn dma_unmapped(&mut self, iova: u64, size: u64) {
+        if let Err(e) = ioctl::iommu_unmap(self.container.as_fd_borrowed(), iova, size) {
+            warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) failed: {e}");
+        }
+    }
+}
+
+/// Borrowing the container's fd (vfio-ioctls exposes only AsRawFd).
+trait ContainerFd {
+    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
+}
+
+impl ContainerFd for Arc<VfioContainer> {
+    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
+        // SAFETY: the container owns the fd for as long as &self lives.
+        unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
+    }
+}
