@@ -39,6 +39,25 @@ struct InFlight {
     awaiting: Option<(u16, usize)>,
 }
 
+/// What one connection asked for, logged when it ends: it shows, e.g.,
+/// that BAR accesses went through the mmap fast path (no REGION_* for it).
+#[derive(Default, Debug)]
+struct Stats {
+    messages: u64,
+    /// REGION_READ / REGION_WRITE (incl. WRITE_MULTI entries) per region
+    /// index; the last slot counts indexes >= 9.
+    reads: [u64; 10],
+    writes: [u64; 10],
+    dma_maps: u64,
+    set_irqs: u64,
+}
+
+impl Stats {
+    fn slot(region: u32) -> usize {
+        (region as usize).min(9)
+    }
+}
+
 pub struct Session<'a> {
     sock: MessageSocket,
     device: &'a mut dyn Device,
@@ -48,6 +67,7 @@ pub struct Session<'a> {
     peer: Option<Peer>,
     inflight: Option<InFlight>,
     next_id: u16,
+    stats: Stats,
 }
 
 /// How a reply to the current command is produced.
@@ -75,6 +95,7 @@ impl<'a> Session<'a> {
             peer: None,
             inflight: None,
             next_id: 0,
+            stats: Stats::default(),
         }
     }
 
@@ -114,6 +135,12 @@ impl<'a> Session<'a> {
         self.device.quiesce();
         self.inflight = None;
         self.unmap_all();
+        let st = &self.stats;
+        info!(
+            device = self.device.name(),
+            "session ended: {} messages, region reads per index {:?}, region writes per index {:?}, {} DMA maps, {} SET_IRQS",
+            st.messages, st.reads, st.writes, st.dma_maps, st.set_irqs
+        );
     }
 
     /// Every map leaves the device first, then airlock's address space.
@@ -125,6 +152,7 @@ impl<'a> Session<'a> {
     }
 
     fn dispatch(&mut self, h: &Header, payload: &[u8], fds: Vec<OwnedFd>) {
+        self.stats.messages += 1;
         let req = match Request::decode(h, payload, fds, &self.limits) {
             Ok(r) => r,
             Err(e) => return self.reply_error(h, e.errno(), &e.to_string()),
@@ -164,6 +192,7 @@ impl<'a> Session<'a> {
                 Ok(Answer::Payload(reply.encode()))
             }
             Request::DmaMap { map, fd } => {
+                self.stats.dma_maps += 1;
                 let backed = fd.is_some();
                 self.dma.map(&map, fd).map_err(|e| {
                     warn!(device = %dev, "DMA_MAP refused: {e}");
@@ -283,10 +312,12 @@ impl<'a> Session<'a> {
                 ))
             }
             Request::SetIrqs(set) => {
+                self.stats.set_irqs += 1;
                 self.device.set_irqs(set).map_err(|e| fail(&e, e.errno()))?;
                 Ok(Answer::Payload(Vec::new()))
             }
             Request::RegionRead(a) => {
+                self.stats.reads[Stats::slot(a.region)] += 1;
                 self.check_access(&a, REGION_INFO_FLAG_READ)?;
                 let mut buf = vec![0u8; a.count as usize];
                 self.device
@@ -305,6 +336,7 @@ impl<'a> Session<'a> {
                 Ok(Answer::Sent)
             }
             Request::RegionWrite { access, data } => {
+                self.stats.writes[Stats::slot(access.region)] += 1;
                 self.check_access(&access, REGION_INFO_FLAG_WRITE)?;
                 self.device
                     .write(access.region, access.offset, data)
@@ -338,6 +370,7 @@ impl<'a> Session<'a> {
     }
 
     fn write_one(&mut self, w: &WriteOne) -> Result<(), (i32, String)> {
+        self.stats.writes[Stats::slot(w.region)] += 1;
         let a = RegionAccess {
             offset: w.offset,
             region: w.region,
