@@ -176,11 +176,7 @@ fn bar0_fast_path(p: &mut Probe) -> Outcome {
 
 /// Maps BAR0's mmap'able areas into p.dev. Ok(Some(reason)) means "skip".
 fn bar0_map(p: &mut Probe) -> Result<Option<String>, String> {
-    let (ri, fd) = p
-        .dev
-        .client
-        .region_info(PCI_BAR0_REGION_INDEX)
-        .map_err(|e| format!("GET_REGION_INFO 0: {e}"))?;
+    let (ri, fd) = p.dev.region_info(PCI_BAR0_REGION_INDEX)?;
     info(&format!(
         "bar0: size {:#x}, flags {:#x}, offset {:#x}, fd {}, caps {:?}",
         ri.size,

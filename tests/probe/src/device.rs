@@ -5,8 +5,11 @@
 
 use std::time::{Duration, Instant};
 
+use std::os::fd::OwnedFd;
+
 use airlock_protocol::client::Client;
-use airlock_protocol::device::{PCI_BAR0_REGION_INDEX, PCI_CONFIG_REGION_INDEX};
+use airlock_protocol::device::{RegionInfo, PCI_BAR0_REGION_INDEX, PCI_CONFIG_REGION_INDEX};
+use airlock_protocol::Command;
 
 use crate::os::Mapping;
 
@@ -73,6 +76,33 @@ impl Dev {
             .iter()
             .find(|a| off >= a.offset && off + len <= a.offset + a.map.len() as u64)
             .map(|a| (&a.map, (off - a.offset) as usize))
+    }
+
+    /// GET_REGION_INFO with the capability chain and the region fd.
+    ///
+    /// Not `Client::region_info`: its retry re-encodes the request with
+    /// `RegionInfo::encode_reply`, which writes argsz = 32 (the request's own
+    /// size) whatever argsz it meant, so the server never sees the larger
+    /// buffer and the caps and fd never arrive. This sends argsz explicitly.
+    pub fn region_info(&mut self, index: u32) -> Result<(RegionInfo, Option<OwnedFd>), String> {
+        let mut argsz = RegionInfo::SIZE as u32;
+        for _ in 0..2 {
+            let mut q = [0u8; RegionInfo::SIZE];
+            q[..4].copy_from_slice(&argsz.to_ne_bytes());
+            q[8..12].copy_from_slice(&index.to_ne_bytes());
+            let mut r = self
+                .client
+                .request(Command::DeviceGetRegionInfo, &q, &[])
+                .map_err(|e| perr(&format!("GET_REGION_INFO {index} (argsz {argsz})"), e))?;
+            let info = RegionInfo::decode_reply(&r.payload)
+                .map_err(|e| perr(&format!("GET_REGION_INFO {index} reply"), e))?;
+            if info.argsz > argsz {
+                argsz = info.argsz;
+                continue;
+            }
+            return Ok((info, r.fds.pop()));
+        }
+        Err(format!("GET_REGION_INFO {index}: argsz kept growing"))
     }
 
     /// A BAR0 register, through the mapping if one covers it.

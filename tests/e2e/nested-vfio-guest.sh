@@ -1,0 +1,87 @@
+#!/bin/sh
+# /test inside the L1 guest of tests/e2e/nested-vfio-x86_64.sh (busybox sh).
+# Binds QEMU's edu (1234:11e8) and an nvme (class 0x010802) to vfio-pci
+# behind the emulated intel-iommu, runs `airlock --vfio <edu>` and
+# airlock-probe against it. Arguments (kernel airlock.args=a,b) go to the probe.
+# Output: "INFO nested: ..." setup lines, the probe's lines, airlock's log
+# prefixed "airlock| ". Exit: the probe's status (1 on a setup failure).
+
+say() { echo "INFO nested: $*"; }
+fail() { echo "FAIL $*"; echo "0 passed, 1 failed"; exit 1; }
+
+say "kernel $(uname -r); cmdline: $(cat /proc/cmdline)"
+say "$(grep -c ^processor /proc/cpuinfo) cpu(s), uptime $(cut -d' ' -f1 /proc/uptime) s"
+[ -d /sys/class/iommu ] && say "iommus: $(ls /sys/class/iommu | tr '\n' ' ')"
+dmesg | grep -iE 'DMAR: (IOMMU enabled|Intel\(R\) Virtualization)|remapping' | head -n 4 |
+    while read -r l; do say "dmesg: $l"; done
+
+edu="" nvme=""
+for d in /sys/bus/pci/devices/*; do
+    id="$(cat "$d/vendor"):$(cat "$d/device")"
+    [ "$id" = "0x1234:0x11e8" ] && edu=${d##*/}
+    [ "$(cat "$d/class")" = "0x010802" ] && nvme=${d##*/}
+done
+[ -n "$edu" ] || fail "nested-setup: no edu (1234:11e8) in /sys/bus/pci/devices"
+[ -n "$nvme" ] || fail "nested-setup: no nvme (class 0x010802) in /sys/bus/pci/devices"
+
+driver_of() { [ -e "$1/driver" ] && basename "$(readlink "$1/driver")"; }
+
+# bind BDF: unbind from any other driver, then bind to vfio-pci.
+bind() {
+    d=/sys/bus/pci/devices/$1
+    drv=$(driver_of "$d")
+    [ "$drv" = vfio-pci ] && return 0
+    if [ -n "$drv" ]; then
+        say "$1: unbinding from $drv"
+        echo "$1" >"$d/driver/unbind" || return 1
+    fi
+    echo vfio-pci >"$d/driver_override" || return 1
+    echo "$1" >/sys/bus/pci/drivers_probe
+    [ "$(driver_of "$d")" = vfio-pci ]
+}
+
+# vfio_ready NAME BDF: bound to vfio-pci, in an IOMMU group, /dev/vfio/<group> there.
+vfio_ready() {
+    d=/sys/bus/pci/devices/$2
+    bind "$2" || fail "nested-setup: $1 $2 did not bind to vfio-pci (driver: $(driver_of "$d"))"
+    [ -e "$d/iommu_group" ] || fail "nested-setup: $1 $2 has no iommu_group"
+    g=$(basename "$(readlink "$d/iommu_group")")
+    [ -c "/dev/vfio/$g" ] || fail "nested-setup: /dev/vfio/$g missing for $1 $2"
+    say "$1 $2: driver vfio-pci, iommu group $g ($(ls "$d/iommu_group/devices" | tr '\n' ' ')), /dev/vfio/$g present"
+}
+vfio_ready edu "$edu"
+vfio_ready nvme "$nvme"
+say "/proc/interrupts: $(head -n 1 /proc/interrupts | tr -s ' ')"
+say "airlock --print-capabilities: $(/bin/airlock --print-capabilities 2>&1)"
+
+AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/edu.sock \
+    </dev/null >/tmp/airlock.log 2>&1 &
+pid=$!
+i=0
+while [ ! -S /tmp/edu.sock ] && kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+show_log() { sed 's/^/airlock| /' /tmp/airlock.log; }
+if [ ! -S /tmp/edu.sock ]; then
+    kill $pid 2>/dev/null
+    wait $pid
+    rc=$?
+    show_log
+    if grep -q -- "unexpected argument '--vfio'" /tmp/airlock.log; then
+        fail "airlock --vfio not supported by this build"
+    fi
+    fail "nested-setup: airlock --vfio $edu did not listen within 30 s (exit $rc; log above)"
+fi
+say "airlock (pid $pid) listening after $(cut -d' ' -f1 /proc/uptime) s of uptime"
+
+/bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid "$@"
+rc=$?
+
+say "after the probe: $(grep -E 'vfio|DMAR' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
+dmesg | grep -iE 'DMAR.*(fault|fail)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
+kill $pid 2>/dev/null
+wait $pid
+say "airlock exited with $? after SIGTERM"
+show_log
+exit $rc
