@@ -13,7 +13,7 @@ use airlock_protocol::irqs::{IrqAction, IrqData};
 
 use crate::args::Args;
 use crate::device::*;
-use crate::os::{context_switches, EventFd, Mapping, Memfd};
+use crate::os::{context_switches, in_child, pread, ChildEnd, EventFd, Mapping, Memfd};
 use crate::report::{info, Outcome, Report};
 
 const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
@@ -192,6 +192,19 @@ fn bar0_map(p: &mut Probe) -> Result<Option<String>, String> {
         ));
     }
     let fd = fd.ok_or("BAR0 has FLAG_MMAP but GET_REGION_INFO carried no fd")?;
+    // What else the fd opens: on vfio-pci, config space sits at 7 << 40.
+    let mut id = [0u8; 4];
+    info(&format!(
+        "bar0-fast-path: the region fd read at the vfio-pci config offset (7 << 40): {}",
+        match pread(fd.as_fd(), 7 << 40, &mut id) {
+            Ok(()) => format!(
+                "vendor:device {:04x}:{:04x} (the client holds the whole VFIO device fd)",
+                u16::from_le_bytes([id[0], id[1]]),
+                u16::from_le_bytes([id[2], id[3]])
+            ),
+            Err(e) => format!("refused ({e})"),
+        }
+    ));
     let areas: Vec<SparseArea> = ri
         .caps
         .iter()
@@ -405,6 +418,9 @@ fn disconnect_quiesces(p: Probe) -> Result<(), String> {
     let Probe { args, mut dev, mem } = p;
     // Leave bus mastering on so the check below means something.
     dev.enable_bus_master()?;
+    // Keep BAR0's mappings past the disconnect: whether they still reach the
+    // device afterwards is reported below (INFO).
+    let stale = std::mem::take(&mut dev.bar0);
     drop(dev);
     drop(mem);
     let t = Instant::now();
@@ -419,8 +435,27 @@ fn disconnect_quiesces(p: Probe) -> Result<(), String> {
             "bus master still on after the client left (command {cmd:#06x})"
         ));
     }
-    match dev.msg_read32(REG_IDENT)? {
+    let id = dev.msg_read32(REG_IDENT)?;
+    if let Some(a) = stale.iter().find(|a| a.offset == 0) {
+        info(&format!(
+            "disconnect-quiesces: the first client's BAR0 mapping after it left: {}",
+            stale_access(&a.map)
+        ));
+    }
+    match id {
         IDENT => Ok(()),
         v => Err(format!("ident {v:#010x} on the second connection")),
+    }
+}
+
+/// What a read of ident through a mapping the previous client kept does.
+fn stale_access(m: &Mapping) -> String {
+    match in_child(|| i32::from(m.read32(0) != IDENT), Duration::from_secs(5)) {
+        Ok(ChildEnd::Exited(0)) => "still reaches the device (ident reads back)".into(),
+        Ok(ChildEnd::Exited(_)) => "reads something other than ident".into(),
+        Ok(ChildEnd::Signaled(libc::SIGBUS)) => "revoked (SIGBUS)".into(),
+        Ok(ChildEnd::Signaled(s)) => format!("child killed by signal {s}"),
+        Ok(ChildEnd::TimedOut) => "read hung for 5 s".into(),
+        Err(e) => format!("not measured: {e}"),
     }
 }

@@ -193,3 +193,70 @@ pub fn context_switches(pid: u32) -> Result<u64, String> {
     }
     Ok(total)
 }
+
+/// How a forked child ended.
+#[derive(Debug)]
+pub enum ChildEnd {
+    Exited(i32),
+    Signaled(i32),
+    TimedOut,
+}
+
+/// Runs `f` in a forked child (so a SIGBUS or a hang cannot take the probe
+/// down) and reports how it ended. The probe is single-threaded, so the
+/// child may run ordinary code.
+pub fn in_child(f: impl FnOnce() -> i32, timeout: Duration) -> Result<ChildEnd, String> {
+    // SAFETY: fork in a single-threaded process; the child only runs `f`
+    // and then _exit, never returning into the parent's code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let code = f();
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let start = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for our own child; status is a live local.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            if libc::WIFSIGNALED(status) {
+                return Ok(ChildEnd::Signaled(libc::WTERMSIG(status)));
+            }
+            return Ok(ChildEnd::Exited(libc::WEXITSTATUS(status)));
+        }
+        if r < 0 {
+            return Err(format!("waitpid: {}", io::Error::last_os_error()));
+        }
+        if start.elapsed() >= timeout {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return Ok(ChildEnd::TimedOut);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// pread of `buf.len()` bytes at `offset` of `fd`.
+pub fn pread(fd: BorrowedFd<'_>, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+    // SAFETY: buf is a live, writable slice of exactly buf.len() bytes.
+    let n = unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            offset as libc::off_t,
+        )
+    };
+    match n {
+        n if n < 0 => Err(io::Error::last_os_error().to_string()),
+        n if n as usize != buf.len() => Err(format!("short read ({n} bytes)")),
+        _ => Ok(()),
+    }
+}
