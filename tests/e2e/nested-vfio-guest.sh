@@ -54,7 +54,14 @@ vfio_ready nvme "$nvme"
 say "/proc/interrupts: $(head -n 1 /proc/interrupts | tr -s ' ')"
 say "airlock --print-capabilities: $(/bin/airlock --print-capabilities 2>&1)"
 
-AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/edu.sock \
+# Extra airlock arguments: kernel parameter airlock.extra=a,b (e.g. --mediate-bars).
+extra=
+for w in $(cat /proc/cmdline); do
+    case "$w" in airlock.extra=*) extra=$(echo "${w#airlock.extra=}" | tr , ' ') ;; esac
+done
+[ -n "$extra" ] && say "airlock extra arguments: $extra"
+# shellcheck disable=SC2086 # $extra is split on purpose
+AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/edu.sock $extra \
     </dev/null >/tmp/airlock.log 2>&1 &
 pid=$!
 i=0

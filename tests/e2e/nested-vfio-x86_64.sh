@@ -14,6 +14,7 @@
 #        GUEST_TIMEOUT    seconds before QEMU is killed (default 600)
 #        GUEST_SMP        L1 vCPUs (default 2: airlock and the probe run side by side)
 #        NESTED_AIRLOCK   a static airlock binary to test instead of this tree's build
+#        NESTED_AIRLOCK_ARGS  extra airlock arguments, space-separated (e.g. --mediate-bars)
 # Output: setup notes, the probe's PASS/FAIL/SKIP/INFO lines, timings, and last
 # the probe's "N passed, M failed[, K skipped]". Exit 0 iff the probe passed;
 # 124 on timeout; 77 if it could not run (no cargo).
@@ -75,6 +76,7 @@ truncate -s 16M "$disk"
 # Probe arguments travel on the kernel command line (airlock.args=a,b).
 args=$(IFS=,; echo "$*")
 [[ $args != *[[:space:]]* ]] || die "probe arguments may not contain spaces"
+extra=$(echo ${NESTED_AIRLOCK_ARGS:-} | tr ' ' ,)
 
 # --- boot L1 ------------------------------------------------------------------
 console="$LOG_DIR/console.log"
@@ -89,7 +91,7 @@ setsid "$repo/scripts/qemu" x86_64 -accel tcg \
     -device nvme,serial=airlock0,drive=nvm \
     -drive "if=none,id=nvm,file=$disk,format=raw" \
     -kernel "$AIRLOCK_CACHE/guest/amd64/vmlinux" -initrd "$cpio" \
-    -append "console=ttyS0 quiet panic=-1 intel_iommu=on${args:+ airlock.args=$args}" \
+    -append "console=ttyS0 quiet panic=-1 intel_iommu=on${args:+ airlock.args=$args}${extra:+ airlock.extra=$extra}" \
     </dev/null >"$console" 2>&1 &
 qpid=$!
 note "L1: q35 + intel-iommu(intremap) + edu + nvme, TCG, $smp vCPUs, 1 GiB; console: $console"
