@@ -78,7 +78,6 @@ fn main() {
             &Listener::local(l),
             Box::new(Edu::new()),
             airlock::server_limits(1 << 20),
-            None,
         );
     });
     let mut c = Client::connect(&path).unwrap();

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use airlock::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind};
 use airlock::device::{edu::Edu, vfio::VfioPci, Device};
-use airlock::server::{serve, Listener, Signals};
+use airlock::server::{install_stop_signals, serve, Listener};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -44,17 +44,12 @@ fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         } => (listen, device, max_data_xfer),
     };
     // Acquire everything first: signals, socket, device.
-    let signals = Signals::install()?;
+    install_stop_signals()?;
     let listener = Listener::open(&listen)?;
     let device: Box<dyn Device> = match kind {
         DeviceKind::Emulated(EmulatedKind::Edu) => Box::new(Edu::new()),
         DeviceKind::Vfio { bdf, mediate_bars } => Box::new(VfioPci::open(&bdf, mediate_bars)?),
     };
-    serve(
-        &listener,
-        device,
-        airlock::server_limits(max_data_xfer),
-        Some(&signals),
-    )?;
+    serve(&listener, device, airlock::server_limits(max_data_xfer))?;
     Ok(())
 }

@@ -1,12 +1,18 @@
-//! The listening socket and the accept loop: one client at a time, each
-//! served on its own thread with blocking reads; between clients the device
-//! is quiesced. SIGTERM/SIGINT end the loop cleanly and remove the socket.
+//! The listening socket and the accept loop: one client at a time, served
+//! on this thread with blocking reads; between clients the device is
+//! quiesced. The serving process never creates a thread or process, so the
+//! sandbox can forbid clone outright.
+//!
+//! SIGTERM/SIGINT set a stop flag and shut the active connection down, so
+//! a blocked read returns, the session quiesces the device, and the loop
+//! ends; the socket path is then removed by whoever created it.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use thiserror::Error;
 use tracing::{info, warn};
@@ -28,11 +34,11 @@ pub enum ServerError {
     BadFd { fd: RawFd, why: String },
     #[error("signal setup failed: {0}")]
     Signals(io::Error),
-    #[error("accept failed: {0}")]
-    Accept(io::Error),
+    #[error("waiting for clients failed: {0}")]
+    Poll(io::Error),
 }
 
-/// A listening socket; removes its path on drop when airlock created it.
+/// A listening socket; removes its path on drop when it owns the path.
 pub struct Listener {
     listener: UnixListener,
     path: Option<PathBuf>,
@@ -101,6 +107,12 @@ impl Listener {
         }
     }
 
+    /// Gives up removing the path on drop (a supervisor outside the
+    /// sandbox removes it instead); returns the path.
+    pub fn disown_path(&mut self) -> Option<PathBuf> {
+        self.path.take()
+    }
+
     pub fn describe(&self) -> String {
         match &self.path {
             Some(p) => p.display().to_string(),
@@ -117,79 +129,74 @@ impl Drop for Listener {
     }
 }
 
-/// SIGTERM/SIGINT as a readable fd: blocked for every thread, read here.
-pub struct Signals {
-    fd: OwnedFd,
+static STOP: AtomicBool = AtomicBool::new(false);
+static ACTIVE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(_sig: libc::c_int) {
+    // Async-signal-safe: two atomics and one syscall.
+    STOP.store(true, Ordering::SeqCst);
+    let fd = ACTIVE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: shutdown on a socket fd has no memory arguments.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
 }
 
-impl Signals {
-    pub fn install() -> Result<Signals, ServerError> {
-        // SAFETY: sigset operations write only into `set`, which we own.
+/// Installs the SIGTERM/SIGINT handler (without SA_RESTART, so a blocked
+/// poll returns EINTR).
+pub fn install_stop_signals() -> Result<(), ServerError> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is valid; we set a plain handler whose
+        // body is async-signal-safe.
         unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            // Blocked before any thread is spawned, so all threads inherit it.
-            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_stop_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
                 return Err(ServerError::Signals(io::Error::last_os_error()));
             }
-            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
-            if fd < 0 {
-                return Err(ServerError::Signals(io::Error::last_os_error()));
-            }
-            Ok(Signals {
-                fd: OwnedFd::from_raw_fd(fd),
-            })
         }
     }
+    Ok(())
 }
 
-/// Waits until one of `fds` is readable; returns their readiness.
-fn wait_readable(fds: &[RawFd]) -> io::Result<Vec<bool>> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: p is a live array of p.len() pollfds.
-        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+fn wait_for_client(fd: RawFd) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: p is one live pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, -1) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
         }
-        return Ok(p.iter().map(|x| x.revents != 0).collect());
+        return Err(e);
     }
+    Ok(true)
 }
 
-/// Serves clients one after another until a signal arrives (or, with
-/// `signals` None, forever). Returns the device for reuse by the caller.
+/// Serves clients one after another until a stop signal arrives (with no
+/// handler installed: forever). Returns the device for reuse.
 pub fn serve(
     listener: &Listener,
     mut device: Box<dyn Device>,
     limits: ServerLimits,
-    signals: Option<&Signals>,
 ) -> Result<Box<dyn Device>, ServerError> {
-    let sigfd = signals.map(|s| s.fd.as_raw_fd());
     info!(
         device = device.name(),
         "listening on {}",
         listener.describe()
     );
-    loop {
-        let mut watch = vec![listener.listener.as_raw_fd()];
-        watch.extend(sigfd);
-        let ready = wait_readable(&watch).map_err(ServerError::Accept)?;
-        if ready.get(1).copied().unwrap_or(false) {
-            info!("signal received, shutting down");
-            return Ok(device);
+    while !stop_requested() {
+        if !wait_for_client(listener.listener.as_raw_fd()).map_err(ServerError::Poll)? {
+            continue;
         }
         let stream = match listener.listener.accept() {
             Ok((s, _)) => s,
@@ -199,47 +206,15 @@ pub fn serve(
                 continue;
             }
         };
-        info!(device = device.name(), "client connected");
-        let (dev, stopped) = serve_one(stream, device, limits, sigfd)?;
-        device = dev;
-        info!(device = device.name(), "client left; device quiesced");
-        if stopped {
-            info!("signal received, shutting down");
-            return Ok(device);
+        ACTIVE.store(stream.as_raw_fd(), Ordering::SeqCst);
+        if stop_requested() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
+        info!(device = device.name(), "client connected");
+        Session::new(stream, device.as_mut(), limits).run();
+        ACTIVE.store(-1, Ordering::SeqCst);
+        info!(device = device.name(), "client left; device quiesced");
     }
-}
-
-/// Runs one session on its own thread; a signal meanwhile shuts the
-/// connection so the session ends (and quiesces) before we return.
-fn serve_one(
-    stream: UnixStream,
-    device: Box<dyn Device>,
-    limits: ServerLimits,
-    sigfd: Option<RawFd>,
-) -> Result<(Box<dyn Device>, bool), ServerError> {
-    let control = stream.try_clone().map_err(ServerError::Accept)?;
-    let done = crate::irq::eventfd().map_err(ServerError::Accept)?;
-    let done_w = done.try_clone().map_err(ServerError::Accept)?;
-    let worker = std::thread::Builder::new()
-        .name("airlock-session".into())
-        .spawn(move || {
-            let mut device = device;
-            Session::new(stream, device.as_mut(), limits).run();
-            let _ = io::Write::write(&mut std::fs::File::from(done_w), &1u64.to_ne_bytes());
-            device
-        })
-        .map_err(ServerError::Accept)?;
-    let mut watch = vec![done.as_fd().as_raw_fd()];
-    watch.extend(sigfd);
-    let ready = wait_readable(&watch).map_err(ServerError::Accept)?;
-    let stopped = ready.get(1).copied().unwrap_or(false) && !ready[0];
-    if stopped {
-        let _ = control.shutdown(std::net::Shutdown::Both);
-    }
-    let device = worker.join().unwrap_or_else(|_| {
-        // A panicking session is a bug; the device state is unknown.
-        std::process::abort()
-    });
-    Ok((device, stopped))
+    info!("stop signal received, shutting down");
+    Ok(device)
 }

@@ -48,7 +48,6 @@ pub fn start_edu(tag: &str) -> Server {
             &listener,
             Box::new(Edu::new()),
             airlock::server_limits(1 << 20),
-            None,
         );
     });
     Server { path, _dir: dir }

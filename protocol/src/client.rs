@@ -251,12 +251,8 @@ impl Client {
     ) -> Result<(RegionInfo, Option<OwnedFd>), ProtocolError> {
         let mut argsz = RegionInfo::SIZE as u32;
         for _ in 0..2 {
-            let q = RegionInfo {
-                argsz,
-                index,
-                ..Default::default()
-            };
-            let mut r = self.request(Command::DeviceGetRegionInfo, &q.encode_reply(argsz), &[])?;
+            let q = RegionInfo::encode_request(argsz, index);
+            let mut r = self.request(Command::DeviceGetRegionInfo, &q, &[])?;
             let info = RegionInfo::decode_reply(&r.payload)?;
             if info.argsz > argsz {
                 argsz = info.argsz;

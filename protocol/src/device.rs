@@ -209,6 +209,13 @@ impl RegionInfo {
         Ok(info)
     }
 
+    /// Encodes a request: only argsz (the reply room offered) and index matter.
+    pub fn encode_request(argsz: u32, index: u32) -> Vec<u8> {
+        let mut w = Writer::with_capacity(Self::SIZE);
+        w.u32(argsz).u32(0).u32(index).u32(0).u64(0).u64(0);
+        w.into_vec()
+    }
+
     /// Size of the full reply payload with every capability.
     pub fn full_size(&self) -> usize {
         Self::SIZE + self.caps.iter().map(|c| 8 + c.body().len()).sum::<usize>()

@@ -469,12 +469,17 @@ impl Device for VfioPci {
         ioctl::reset(self.fd()).map_err(self.os("VFIO_DEVICE_RESET"))
     }
 
-    /// Bus mastering off, every interrupt torn down, then a reset if the
-    /// device has one. The session unmaps DMA right after.
+    /// Bus mastering and decoding off, every interrupt torn down, then a
+    /// reset if the device has one. The session unmaps DMA right after.
+    /// Turning memory decoding off makes VFIO zap the client's BAR mmaps,
+    /// so a departed client's mapping faults instead of reaching the device
+    /// (until a next client enables decoding again: see README, fast path).
     fn quiesce(&mut self) {
         let mut cmd = [0u8; 2];
         if self.config_read_raw(crate::pci::COMMAND, &mut cmd).is_ok() {
-            let v = u16::from_le_bytes(cmd) & !crate::pci::COMMAND_MASTER;
+            let off =
+                crate::pci::COMMAND_MASTER | crate::pci::COMMAND_MEMORY | crate::pci::COMMAND_IO;
+            let v = u16::from_le_bytes(cmd) & !off;
             if let Err(e) = self.config_write_raw(crate::pci::COMMAND, &v.to_le_bytes()) {
                 warn!(device = %self.name, "cannot clear bus mastering: {e}");
             }
