@@ -10,9 +10,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("AIRLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let config = match Config::try_from(Args::parse()) {
@@ -29,6 +28,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// AIRLOCK_LOG (tracing's filter syntax), info by default. vfio-ioctls
+/// warns about absent optional IRQ indexes on every open, so it is held at
+/// error unless the filter names it.
+fn log_filter() -> EnvFilter {
+    let spec = std::env::var("AIRLOCK_LOG").unwrap_or_else(|_| "info".into());
+    let spec = if spec.contains("vfio_ioctls") {
+        spec
+    } else {
+        format!("{spec},vfio_ioctls=error")
+    };
+    EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info,vfio_ioctls=error"))
 }
 
 fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {

@@ -435,13 +435,20 @@ fn disconnect_quiesces(p: Probe) -> Result<(), String> {
             "bus master still on after the client left (command {cmd:#06x})"
         ));
     }
-    let id = dev.msg_read32(REG_IDENT)?;
+    info(&format!(
+        "disconnect-quiesces: command register after the client left {cmd:#06x} (memory decoding {})",
+        if cmd & CMD_MEMORY != 0 { "on" } else { "off" }
+    ));
     if let Some(a) = stale.iter().find(|a| a.offset == 0) {
         info(&format!(
             "disconnect-quiesces: the first client's BAR0 mapping after it left: {}",
             stale_access(&a.map)
         ));
     }
+    // A quiesced device is like a reset one: decoding may be off, so the
+    // new client turns it on, as a guest driver would, before MMIO.
+    dev.set_config16(4, cmd | CMD_MEMORY)?;
+    let id = dev.msg_read32(REG_IDENT)?;
     match id {
         IDENT => Ok(()),
         v => Err(format!("ident {v:#010x} on the second connection")),
