@@ -40,13 +40,46 @@ pub struct Args {
     /// Print a JSON description of device kinds and features, then exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Confine the serving process (namespaces, empty root, no capabilities, seccomp).
+    #[arg(long, value_enum, default_value_t = SandboxMode::On, value_name = "on|off")]
+    pub sandbox: SandboxMode,
+    /// Serve as this user and group instead of root (sandbox on only).
+    #[arg(long, value_name = "UID:GID")]
+    pub user: Option<String>,
+    /// RLIMIT_MEMLOCK for the server: at least the guest RAM VFIO must pin
+    /// (default: unlimited with --vfio, 0 with --emulate).
+    #[arg(long, value_name = "BYTES")]
+    pub memlock: Option<u64>,
+    /// Test only: after confinement, attempt a forbidden operation.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, value_enum, value_name = "FAULT")]
+    pub inject_fault: Option<Fault>,
     /// Largest data transfer per REGION/DMA message, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
     pub max_data_xfer: u64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SandboxMode {
+    On,
+    Off,
+}
+
+/// Forbidden operations the fault-injection build can attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Fault {
+    OpenPasswd,
+    SocketInet,
+    Execve,
+    Ptrace,
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error("--user {0:?} is not UID:GID (numbers, e.g. 1000:1000)")]
+    BadUser(String),
+    #[error("--user needs the sandbox (drop --sandbox off)")]
+    UserWithoutSandbox,
     #[error("give exactly one of --socket-path PATH or --fd N")]
     Listen,
     #[error("name a device to serve: --emulate edu or --vfio <PCI address>")]
@@ -100,7 +133,22 @@ pub enum Config {
         listen: Listen,
         device: DeviceKind,
         max_data_xfer: u64,
+        /// None: --sandbox off.
+        sandbox: Option<SandboxConfig>,
     },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxConfig {
+    pub user: Option<(u32, u32)>,
+    pub memlock: Option<u64>,
+    pub fault: Option<Fault>,
+}
+
+fn parse_user(s: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = || ConfigError::BadUser(s.to_string());
+    let (u, g) = s.split_once(':').ok_or_else(bad)?;
+    Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
 }
 
 impl TryFrom<Args> for Config {
@@ -127,10 +175,25 @@ impl TryFrom<Args> for Config {
         if !(4096..=64 << 20).contains(&a.max_data_xfer) {
             return Err(ConfigError::BadXfer(a.max_data_xfer));
         }
+        #[cfg(feature = "fault-injection")]
+        let fault = a.inject_fault;
+        #[cfg(not(feature = "fault-injection"))]
+        let fault = None;
+        let user = a.user.as_deref().map(parse_user).transpose()?;
+        let sandbox = match a.sandbox {
+            SandboxMode::On => Some(SandboxConfig {
+                user,
+                memlock: a.memlock,
+                fault,
+            }),
+            SandboxMode::Off if user.is_some() => return Err(ConfigError::UserWithoutSandbox),
+            SandboxMode::Off => None,
+        };
         Ok(Config::Serve {
             listen,
             device,
             max_data_xfer: a.max_data_xfer,
+            sandbox,
         })
     }
 }
@@ -144,7 +207,7 @@ pub fn capabilities_json() -> serde_json::Value {
         "devices": { "emulate": ["edu"], "vfio": true },
         "features": ["socket-path", "fd", "dma-map-fd", "dma-messages", "intx", "msi", "msix",
                      "reset", "write-multiple", "posted-writes", "vfio-mmap-fast-path",
-                     "mediate-bars", "irqfd-passthrough"]
+                     "mediate-bars", "irqfd-passthrough", "sandbox"]
     })
 }
 
@@ -165,7 +228,12 @@ mod tests {
             Ok(Config::Serve {
                 listen: Listen::Path("/tmp/a.sock".into()),
                 device: DeviceKind::Emulated(EmulatedKind::Edu),
-                max_data_xfer: 1 << 20
+                max_data_xfer: 1 << 20,
+                sandbox: Some(SandboxConfig {
+                    user: None,
+                    memlock: None,
+                    fault: None
+                }),
             })
         );
     }
@@ -213,6 +281,49 @@ mod tests {
             parse(&["--socket-path", "/x", "--vfio", "0000:0g:04.0"]),
             Err(ConfigError::BadAddress("0000:0g:04.0".into()))
         );
+    }
+
+    #[test]
+    fn sandbox_is_on_by_default_and_user_needs_it() {
+        let Ok(Config::Serve { sandbox, .. }) = parse(&[
+            "--socket-path",
+            "/x",
+            "--emulate",
+            "edu",
+            "--user",
+            "1000:100",
+        ]) else {
+            panic!("serve config expected")
+        };
+        assert_eq!(sandbox.unwrap().user, Some((1000, 100)));
+        assert_eq!(
+            parse(&[
+                "--socket-path",
+                "/x",
+                "--emulate",
+                "edu",
+                "--sandbox",
+                "off",
+                "--user",
+                "1:1"
+            ]),
+            Err(ConfigError::UserWithoutSandbox)
+        );
+        assert_eq!(
+            parse(&["--socket-path", "/x", "--emulate", "edu", "--user", "bob"]),
+            Err(ConfigError::BadUser("bob".into()))
+        );
+        let Ok(Config::Serve { sandbox, .. }) = parse(&[
+            "--socket-path",
+            "/x",
+            "--emulate",
+            "edu",
+            "--sandbox",
+            "off",
+        ]) else {
+            panic!("serve config expected")
+        };
+        assert!(sandbox.is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod dma;
 pub mod irq;
 pub mod negotiate;
 pub mod pci;
+pub mod sandbox;
 pub mod server;
 pub mod session;
 

@@ -42,6 +42,8 @@ pub enum ServerError {
 pub struct Listener {
     listener: UnixListener,
     path: Option<PathBuf>,
+    /// Whether drop removes `path` (false once a supervisor took that over).
+    owns_path: bool,
 }
 
 impl Listener {
@@ -69,6 +71,7 @@ impl Listener {
         Ok(Listener {
             listener,
             path: Some(path.into()),
+            owns_path: true,
         })
     }
 
@@ -97,6 +100,7 @@ impl Listener {
         Ok(Listener {
             listener,
             path: None,
+            owns_path: false,
         })
     }
 
@@ -104,13 +108,14 @@ impl Listener {
         Listener {
             listener,
             path: None,
+            owns_path: false,
         }
     }
 
     /// Gives up removing the path on drop (a supervisor outside the
-    /// sandbox removes it instead); returns the path.
-    pub fn disown_path(&mut self) -> Option<PathBuf> {
-        self.path.take()
+    /// sandbox removes it instead).
+    pub fn disown_path(&mut self) {
+        self.owns_path = false;
     }
 
     pub fn describe(&self) -> String {
@@ -123,7 +128,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Some(p) = &self.path {
+        if let (Some(p), true) = (&self.path, self.owns_path) {
             let _ = std::fs::remove_file(p);
         }
     }

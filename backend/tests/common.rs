@@ -15,7 +15,7 @@ use airlock_protocol::client::Client;
 
 pub struct Server {
     pub path: PathBuf,
-    _dir: TempDir,
+    pub _dir: TempDir,
 }
 
 pub struct TempDir(pub PathBuf);

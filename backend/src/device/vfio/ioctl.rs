@@ -14,6 +14,7 @@ const VFIO_BASE: u64 = 100;
 const fn vfio_io(nr: u64) -> u64 {
     (VFIO_TYPE << 8) | (VFIO_BASE + nr)
 }
+pub const VFIO_GROUP_UNSET_CONTAINER: u64 = vfio_io(5);
 pub const VFIO_DEVICE_GET_INFO: u64 = vfio_io(7);
 pub const VFIO_DEVICE_GET_REGION_INFO: u64 = vfio_io(8);
 pub const VFIO_DEVICE_GET_IRQ_INFO: u64 = vfio_io(9);
