@@ -7,6 +7,9 @@
 //! per operation (getrusage of the whole process, client and server) is
 //! printed too: it is steadier than latency on these machines.
 //!
+//! The airlock binary is measured too, REGION_READ with the sandbox off
+//! and on (the sandbox needs root; without it that row is skipped).
+//!
 //!     cargo bench -p airlock --bench roundtrip [-- ROUNDS OPS]
 
 use std::io::{Read, Write};
@@ -124,6 +127,43 @@ fn main() {
     let mut warm = vec![0u8; fl_rep];
     for _ in 0..ops {
         exchange(&mut floor_client, &read_req, &mut warm);
+    }
+
+    // The real binary, sandbox off and on.
+    let mut children = Vec::new();
+    let mut binary = |tag: &str, sandbox: &str| -> Option<UnixStream> {
+        let sock = dir.join(format!("{tag}.sock"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args([
+                "--socket-path",
+                sock.to_str().unwrap(),
+                "--emulate",
+                "edu",
+                "--sandbox",
+                sandbox,
+            ])
+            .env("AIRLOCK_LOG", "warn")
+            .spawn()
+            .ok()?;
+        children.push(child);
+        for _ in 0..500 {
+            if let Ok(mut c) = Client::connect(&sock) {
+                c.negotiate(Client::qemu_capabilities()).ok()?;
+                return c.socket().stream().try_clone().ok();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        None
+    };
+    let bin_off = binary("off", "off");
+    // SAFETY: geteuid has no arguments.
+    let bin_on = if unsafe { libc::geteuid() } == 0 {
+        binary("on", "on")
+    } else {
+        None
+    };
+    if bin_on.is_none() {
+        println!("SKIP sandbox-on row: not root or the sandbox could not start");
     }
 
     let mut methods = vec![

@@ -270,7 +270,12 @@ mod tests {
                     bdf: "0000:00:04.0".into(),
                     mediate_bars: true
                 },
-                max_data_xfer: 1 << 20
+                max_data_xfer: 1 << 20,
+                sandbox: Some(SandboxConfig {
+                    user: None,
+                    memlock: None,
+                    fault: None
+                }),
             })
         );
         assert_eq!(

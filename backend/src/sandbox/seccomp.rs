@@ -32,6 +32,7 @@ const COMMON: &[(libc::c_long, &str)] = &[
     (libc::SYS_fstat, "checking a DMA_MAP fd is a regular file"),
     (libc::SYS_newfstatat, "same, newer libc"),
     (libc::SYS_statx, "same, newest libc"),
+    (libc::SYS_lseek, "vm-memory sizing a DMA_MAP fd"),
     (libc::SYS_mmap, "DMA maps, allocator"),
     (libc::SYS_munmap, "DMA unmaps, allocator"),
     (libc::SYS_mremap, "allocator"),

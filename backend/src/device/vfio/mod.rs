@@ -75,8 +75,11 @@ struct Region {
 pub struct VfioPci {
     name: String,
     container: Arc<VfioContainer>,
-    /// Holds its own reference to the container, so the container outlives it.
-    device: VfioDevice,
+    /// Holds its own reference to the container, so the container outlives
+    /// it. Never dropped: vfio-ioctls' drop re-reads sysfs to find the
+    /// group, which the sandbox hides; a VfioPci lives until the process
+    /// exits, and the kernel then releases device, group and container.
+    device: std::mem::ManuallyDrop<VfioDevice>,
     flags: u32,
     regions: Vec<Region>,
     irqs: Vec<(u32, u32)>,
@@ -154,7 +157,7 @@ impl VfioPci {
         let mut dev = VfioPci {
             name: format!("vfio {bdf}"),
             container,
-            device,
+            device: std::mem::ManuallyDrop::new(device),
             flags,
             regions,
             irqs,
