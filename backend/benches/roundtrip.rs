@@ -10,7 +10,12 @@
 //! The airlock binary is measured too, REGION_READ with the sandbox off
 //! and on (the sandbox needs root; without it that row is skipped).
 //!
-//!     cargo bench -p airlock --bench roundtrip [-- ROUNDS OPS]
+//! Everything (this process, its threads, the spawned binaries) is pinned
+//! to CPU 0 unless `unpinned` is given: on these 2-vCPU VMs a wakeup of an
+//! idle other vCPU sometimes costs ~40 us, and which process lands where
+//! changes from run to run, swamping the differences being measured.
+//!
+//!     cargo bench -p airlock --bench roundtrip [-- ROUNDS OPS] [unpinned]
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -69,6 +74,15 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    let pinned = !std::env::args().any(|a| a == "unpinned");
+    if pinned {
+        // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
     let rounds = args.first().copied().unwrap_or(31);
     let ops = args.get(1).copied().unwrap_or(2000);
 
@@ -166,6 +180,7 @@ fn main() {
         println!("SKIP sandbox-on row: not root or the sandbox could not start");
     }
 
+    let read_req_bin = read_req.clone();
     let mut methods = vec![
         Method {
             name: "raw AF_UNIX floor",
@@ -178,7 +193,7 @@ fn main() {
         Method {
             name: "airlock REGION_READ",
             stream: stream.try_clone().unwrap(),
-            request: read_req,
+            request: read_req.clone(),
             reply_len: read_reply,
             per_op_us: vec![],
             cpu_per_op_us: vec![],
@@ -192,6 +207,21 @@ fn main() {
             cpu_per_op_us: vec![],
         },
     ];
+    for (name, s) in [
+        ("binary READ sandbox off", bin_off),
+        ("binary READ sandbox on", bin_on),
+    ] {
+        if let Some(stream) = s {
+            methods.push(Method {
+                name,
+                stream,
+                request: read_req_bin.clone(),
+                reply_len: read_reply,
+                per_op_us: vec![],
+                cpu_per_op_us: vec![],
+            });
+        }
+    }
     for _ in 0..rounds {
         for m in methods.iter_mut() {
             m.round(ops);
@@ -199,22 +229,32 @@ fn main() {
     }
     let floor = median(&mut methods[0].per_op_us.clone());
     let floor_cpu = median(&mut methods[0].cpu_per_op_us.clone());
-    println!("round trips: {rounds} interleaved rounds x {ops} ops; medians of per-round means");
     println!(
-        "{:<22} {:>12} {:>10} {:>14} {:>10}",
+        "round trips: {rounds} interleaved rounds x {ops} ops; medians of per-round means; {}",
+        if pinned { "all on CPU 0" } else { "unpinned" }
+    );
+    println!("(cpu us/op is this process's CPU: for the binary rows only the client's share)");
+    println!(
+        "{:<26} {:>12} {:>10} {:>14} {:>10}",
         "method", "median us", "x floor", "cpu us/op", "x floor"
     );
     for m in methods.iter_mut() {
         let lat = median(&mut m.per_op_us);
         let cpu = median(&mut m.cpu_per_op_us);
         println!(
-            "{:<22} {:>12.2} {:>10.3} {:>14.2} {:>10.3}",
+            "{:<26} {:>12.2} {:>10.3} {:>14.2} {:>10.3}",
             m.name,
             lat,
             lat / floor,
             cpu,
             cpu / floor_cpu
         );
+    }
+    drop(methods);
+    for mut c in children {
+        // SAFETY: kill with a pid we spawned.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = c.wait();
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -136,6 +136,7 @@ pub fn build(p: Profile) -> Result<BpfProgram, SandboxError> {
         .map_err(|e: seccompiler::BackendError| err(e))
 }
 
+/// Installs the filter on this (the only) thread.
 pub fn apply(p: Profile) -> Result<(), SandboxError> {
     let prog = build(p)?;
     seccompiler::apply_filter(&prog).map_err(|e| SandboxError::Seccomp(e.to_string()))
