@@ -1,18 +1,22 @@
 #!/bin/sh
-# /test inside the L1 guest of tests/e2e/nested-vfio-x86_64.sh (busybox sh).
-# Binds QEMU's edu (1234:11e8) and an nvme (class 0x010802) to vfio-pci
-# behind the emulated intel-iommu, runs `airlock --vfio <edu>` and
-# airlock-probe against it. Arguments (kernel airlock.args=a,b) go to the probe.
+# /test inside the L1 guest of tests/e2e/nested-vfio-x86_64.sh and
+# tests/e2e/nested-vfio-aarch64.sh (busybox sh).
+# Binds QEMU's edu (1234:11e8) to vfio-pci behind the emulated IOMMU
+# (intel-iommu on x86_64, SMMUv3 on aarch64), plus an nvme (class 0x010802;
+# required on x86_64 only), prints each group's reserved IOVA regions, runs
+# `airlock --vfio <edu>` and airlock-probe against it. Arguments (kernel
+# airlock.args=a,b) go to the probe.
 # Output: "INFO nested: ..." setup lines, the probe's lines, airlock's log
 # prefixed "airlock| ". Exit: the probe's status (1 on a setup failure).
 
 say() { echo "INFO nested: $*"; }
 fail() { echo "FAIL $*"; echo "0 passed, 1 failed"; exit 1; }
 
-say "kernel $(uname -r); cmdline: $(cat /proc/cmdline)"
+arch=$(uname -m)
+say "kernel $(uname -r) ($arch); cmdline: $(cat /proc/cmdline)"
 say "$(grep -c ^processor /proc/cpuinfo) cpu(s), uptime $(cut -d' ' -f1 /proc/uptime) s"
 [ -d /sys/class/iommu ] && say "iommus: $(ls /sys/class/iommu | tr '\n' ' ')"
-dmesg | grep -iE 'DMAR: (IOMMU enabled|Intel\(R\) Virtualization)|remapping' | head -n 4 |
+dmesg | grep -iE 'DMAR: (IOMMU enabled|Intel\(R\) Virtualization)|remapping|arm-smmu-v3.*(ias|msi)|ITS.*(Device Table|@)' | head -n 6 |
     while read -r l; do say "dmesg: $l"; done
 
 edu="" nvme=""
@@ -22,7 +26,7 @@ for d in /sys/bus/pci/devices/*; do
     [ "$(cat "$d/class")" = "0x010802" ] && nvme=${d##*/}
 done
 [ -n "$edu" ] || fail "nested-setup: no edu (1234:11e8) in /sys/bus/pci/devices"
-[ -n "$nvme" ] || fail "nested-setup: no nvme (class 0x010802) in /sys/bus/pci/devices"
+[ -n "$nvme" ] || [ "$arch" != x86_64 ] || fail "nested-setup: no nvme (class 0x010802) in /sys/bus/pci/devices"
 
 driver_of() { [ -e "$1/driver" ] && basename "$(readlink "$1/driver")"; }
 
@@ -48,9 +52,10 @@ vfio_ready() {
     g=$(basename "$(readlink "$d/iommu_group")")
     [ -c "/dev/vfio/$g" ] || fail "nested-setup: /dev/vfio/$g missing for $1 $2"
     say "$1 $2: driver vfio-pci, iommu group $g ($(ls "$d/iommu_group/devices" | tr '\n' ' ')), /dev/vfio/$g present"
+    say "$1 $2: /sys/kernel/iommu_groups/$g/reserved_regions: $(tr '\n' ';' <"/sys/kernel/iommu_groups/$g/reserved_regions")"
 }
 vfio_ready edu "$edu"
-vfio_ready nvme "$nvme"
+[ -n "$nvme" ] && vfio_ready nvme "$nvme"
 say "/proc/interrupts: $(head -n 1 /proc/interrupts | tr -s ' ')"
 say "airlock --print-capabilities: $(/bin/airlock --print-capabilities 2>&1)"
 
@@ -85,8 +90,8 @@ say "airlock (pid $pid) listening after $(cut -d' ' -f1 /proc/uptime) s of uptim
 /bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid "$@"
 rc=$?
 
-say "after the probe: $(grep -E 'vfio|DMAR' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
-dmesg | grep -iE 'DMAR.*(fault|fail)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
+say "after the probe: $(grep -E 'vfio|DMAR|smmu' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
+dmesg | grep -iE 'DMAR.*(fault|fail)|smmu.*(event|fault)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
 kill $pid 2>/dev/null
 wait $pid
 say "airlock exited with $? after SIGTERM"

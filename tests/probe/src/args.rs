@@ -1,5 +1,6 @@
 //! Command line: `--socket PATH [--airlock-pid PID] [--iterations N]
-//! [--skip NAME]...` (also `--opt=value`; --skip values may be comma-separated).
+//! [--msi-window START:SIZE] [--skip NAME]...` (also `--opt=value`; --skip
+//! values may be comma-separated; START and SIZE decimal or 0x-hex).
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Args {
@@ -7,16 +8,39 @@ pub struct Args {
     pub airlock_pid: Option<u32>,
     pub iterations: u32,
     pub skip: Vec<String>,
+    /// The host's MSI doorbell window (IOVA start, size): DMA_MAP into it
+    /// must be refused (check dma-map-msi-window-refused runs only if set).
+    pub msi_window: Option<(u64, u64)>,
 }
 
-pub const USAGE: &str =
-    "usage: airlock-probe --socket PATH [--airlock-pid PID] [--iterations N] [--skip NAME]...";
+pub const USAGE: &str = "usage: airlock-probe --socket PATH [--airlock-pid PID] [--iterations N] \
+     [--msi-window START:SIZE] [--skip NAME]...";
+
+/// A number in decimal or 0x-hex.
+fn number64(v: &str) -> Option<u64> {
+    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+/// START:SIZE, SIZE non-zero and START + SIZE within u64.
+fn window(v: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("--msi-window: {v:?} is not START:SIZE (e.g. 0x8000000:0x100000)");
+    let (a, b) = v.split_once(':').ok_or_else(bad)?;
+    let (start, size) = (number64(a).ok_or_else(bad)?, number64(b).ok_or_else(bad)?);
+    if size == 0 || start.checked_add(size).is_none() {
+        return Err(bad());
+    }
+    Ok((start, size))
+}
 
 pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
     let mut socket = None;
     let mut airlock_pid = None;
     let mut iterations = 1000;
     let mut skip = Vec::new();
+    let mut msi_window = None;
     let mut it = argv.into_iter();
     while let Some(arg) = it.next() {
         if arg.is_empty() {
@@ -53,6 +77,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
                     .filter(|s| !s.is_empty())
                     .map(str::to_string),
             ),
+            "--msi-window" => msi_window = Some(window(&value("--msi-window")?)?),
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {arg:?}")),
         }
@@ -62,6 +87,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
         airlock_pid,
         iterations,
         skip,
+        msi_window,
     })
 }
 
@@ -83,6 +109,7 @@ mod tests {
                 airlock_pid: None,
                 iterations: 1000,
                 skip: vec![],
+                msi_window: None,
             }
         );
     }
@@ -98,12 +125,14 @@ mod tests {
             "msi",
             "--skip=dma,bar0-fast-path",
             "",
+            "--msi-window=0x8000000:1048576",
         ])
         .unwrap();
         assert_eq!(a.socket, "/s");
         assert_eq!(a.airlock_pid, Some(42));
         assert_eq!(a.iterations, 200);
         assert_eq!(a.skip, vec!["msi", "dma", "bar0-fast-path"]);
+        assert_eq!(a.msi_window, Some((0x800_0000, 0x10_0000)));
     }
 
     #[test]
@@ -115,6 +144,15 @@ mod tests {
         assert!(p(&["--socket", "/s", "--iterations", "-5"]).is_err());
         assert!(p(&["--socket", "/s", "--skip="]).is_err());
         assert!(p(&["--socket", "/s", "--frobnicate"]).is_err());
+        for w in [
+            "0x8000000",
+            "0x8000000:0",
+            "x:1",
+            "1:0xg",
+            "0xffffffffffffffff:2",
+        ] {
+            assert!(p(&["--socket", "/s", "--msi-window", w]).is_err(), "{w}");
+        }
         assert_eq!(p(&["--help"]), Err(String::new()));
     }
 }

@@ -1,6 +1,6 @@
 //! The checks, in order: negotiate, ident, liveness, factorial,
 //! bar0-fast-path, dma, msi (+ msi-no-wakeups), dma-unmapped-blocked,
-//! disconnect-quiesces. Each returns an Outcome; state that later checks
+//! dma-map-msi-window-refused (only with --msi-window), disconnect-quiesces. Each returns an Outcome; state that later checks
 //! reuse (the connection, BAR0's mappings, the first DMA map) lives in Probe.
 
 use std::os::fd::AsFd;
@@ -56,6 +56,11 @@ pub fn run(report: &mut Report, args: &Args) {
     report.check("dma-unmapped-blocked", || {
         dma_unmapped_blocked(&mut p).into()
     });
+    if let Some((start, size)) = args.msi_window {
+        report.check("dma-map-msi-window-refused", || {
+            dma_map_msi_window_refused(&mut p, start, size).into()
+        });
+    }
     report.check("disconnect-quiesces", || disconnect_quiesces(p).into());
 }
 
@@ -362,6 +367,9 @@ fn msi_loop(p: &mut Probe, n: u32, grew: &mut Option<u64>) -> Result<(), String>
         if let Some(extra) = e.take() {
             return Err(format!("{extra} spurious interrupt(s) after the last ack"));
         }
+        // While the vector is still enabled: how the host kernel routes it
+        // (IR-PCI-MSI behind intel-iommu, ITS-MSI behind an arm64 GICv3 ITS).
+        show_interrupts("msi: /proc/interrupts while enabled");
         Ok(())
     })();
     let off = d
@@ -411,6 +419,58 @@ fn dma_unmapped_blocked(p: &mut Probe) -> Result<(), String> {
             "dma-unmapped-blocked: DMA error register {e:#x}, cleared"
         ));
     }
+    Ok(())
+}
+
+/// Prints the /proc/interrupts lines of VFIO's vectors (as INFO lines).
+fn show_interrupts(what: &str) {
+    match std::fs::read_to_string("/proc/interrupts") {
+        Ok(s) => {
+            let lines: Vec<String> = s
+                .lines()
+                .filter(|l| l.contains("vfio"))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect();
+            if lines.is_empty() {
+                info(&format!("{what}: no vfio line"));
+            }
+            for l in lines {
+                info(&format!("{what}: {l}"));
+            }
+        }
+        Err(e) => info(&format!("{what}: not readable ({e})")),
+    }
+}
+
+/// DMA_MAP of 64 KiB at the start of the host's MSI doorbell window must get
+/// an error reply (non-zero errno); the same map just past the window must
+/// succeed. Both are undone.
+fn dma_map_msi_window_refused(p: &mut Probe, start: u64, size: u64) -> Result<(), String> {
+    const LEN: usize = 64 << 10;
+    let mem = Memfd::new(c"airlock-probe-msi-window", LEN)?;
+    let c = &mut p.dev.client;
+    match c.dma_map(start, LEN as u64, 0, RW, Some(mem.fd.as_fd())) {
+        Err(airlock_protocol::ProtocolError::Remote { errno }) if errno != 0 => info(&format!(
+            "dma-map-msi-window-refused: DMA_MAP {start:#x}+{LEN:#x} refused with errno {errno} ({})",
+            std::io::Error::from_raw_os_error(errno as i32)
+        )),
+        Err(e) => return Err(format!("DMA_MAP {start:#x}+{LEN:#x}: {e} (wanted an error reply with an errno)")),
+        Ok(()) => {
+            let undo = c.dma_unmap(start, LEN as u64, 0);
+            return Err(format!(
+                "DMA_MAP {start:#x}+{LEN:#x} inside the MSI window {start:#x}+{size:#x} succeeded{}",
+                match undo {
+                    Ok(_) => String::new(),
+                    Err(e) => format!(" (and DMA_UNMAP failed: {e})"),
+                }
+            ));
+        }
+    }
+    let outside = start + size;
+    c.dma_map(outside, LEN as u64, 0, RW, Some(mem.fd.as_fd()))
+        .map_err(|e| format!("DMA_MAP {outside:#x}+{LEN:#x} just past the MSI window: {e}"))?;
+    c.dma_unmap(outside, LEN as u64, 0)
+        .map_err(|e| format!("DMA_UNMAP {outside:#x}+{LEN:#x}: {e}"))?;
     Ok(())
 }
 
