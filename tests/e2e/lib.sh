@@ -2,6 +2,8 @@
 # Shared helpers for the end-to-end scripts (tests/e2e/*.sh) and scripts/demo.
 # Source it after setting E2E_NAME (names the default log directory); do not run it.
 #
+#   E2E_ARCH          guest architecture: x86_64 (default) or aarch64 (set it
+#                     before sourcing; the host airlock is always x86_64)
 #   AIRLOCK_LOG_DIR   where logs go (default: <repo>/logs/$E2E_NAME)
 #   AIRLOCK_CACHE     downloads (QEMU root, guest kernels), see scripts/lib.sh
 #
@@ -17,7 +19,8 @@ LOG_DIR=$(cd "$LOG_DIR" && pwd)
 # Sockets live in a short private directory (unix socket paths max 107 bytes).
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/airlock-e2e.XXXXXX")
 AIRLOCK_BIN="$E2E_REPO/target/release/airlock"
-GUEST_TARGET=x86_64-unknown-linux-gnu
+E2E_ARCH=${E2E_ARCH:-x86_64}
+GUEST_TARGET=$E2E_ARCH-unknown-linux-gnu
 GUEST_BIN="$E2E_REPO/target/$GUEST_TARGET/release/airlock-guest-test"
 IMG_DIR="$E2E_REPO/target/airlock-e2e"
 export NO_COLOR=1 # plain airlock logs
@@ -86,6 +89,10 @@ e2e_prereqs() {
         skip_exit "guest kernel setup failed (see $LOG_DIR/setup.log)"
     command -v python3 >/dev/null || need_host_pkgs python3:python3-minimal >>"$LOG_DIR/setup.log" 2>&1 ||
         skip_exit "python3 missing (for QMP)"
+    if [[ $E2E_ARCH != x86_64 ]]; then
+        "$E2E_REPO/scripts/setup-cross.sh" "$E2E_ARCH" >>"$LOG_DIR/setup.log" 2>&1 ||
+            skip_exit "no $E2E_ARCH cross build (scripts/setup-cross.sh failed; see $LOG_DIR/setup.log)"
+    fi
 }
 
 # e2e_build: airlock (release) and the static guest test program.
@@ -95,14 +102,18 @@ e2e_build() {
     : >"$LOG_DIR/build.log"
     (cd "$E2E_REPO" && cargo build --release -p airlock) >>"$LOG_DIR/build.log" 2>&1 ||
         { tail -n 30 "$LOG_DIR/build.log"; die "building airlock failed (see $LOG_DIR/build.log)"; }
+    # Cross targets link with Debian's cross gcc (scripts/setup-cross.sh).
     (cd "$E2E_REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-aarch64-linux-gnu-gcc} \
         cargo build --release -p airlock-guest-test --target "$GUEST_TARGET") >>"$LOG_DIR/build.log" 2>&1 ||
         { tail -n 30 "$LOG_DIR/build.log"; die "building the guest program failed (see $LOG_DIR/build.log)"; }
     note "built airlock and airlock-guest-test in $(elapsed "$t0") s"
 }
 
-# initramfs NAME SRC:DST...: build $IMG_DIR/NAME.cpio (x86_64) unless it is
-# newer than every source; prints its path.
+# initramfs NAME SRC:DST...: build $IMG_DIR/NAME.cpio ($E2E_ARCH) unless it is
+# newer than every source; prints its path. mkinitramfs reads env knobs
+# (AIRLOCK_UNSAFE_INTERRUPTS...) that the freshness check cannot see: give
+# each variant its own NAME.
 initramfs() {
     local name=$1 out="$IMG_DIR/$1.cpio" spec fresh=1
     shift
@@ -110,7 +121,7 @@ initramfs() {
     [[ -f $out && $out -nt "$E2E_REPO/scripts/mkinitramfs" ]] || fresh=0
     for spec in "$@"; do [[ $fresh == 1 && $out -nt ${spec%%:*} ]] || fresh=0; done
     if [[ $fresh == 0 ]]; then
-        "$E2E_REPO/scripts/mkinitramfs" x86_64 "$out" "$@" >>"$LOG_DIR/build.log" 2>&1 ||
+        "$E2E_REPO/scripts/mkinitramfs" "$E2E_ARCH" "$out" "$@" >>"$LOG_DIR/build.log" 2>&1 ||
             die "mkinitramfs $name failed (see $LOG_DIR/build.log)"
     fi
     printf '%s\n' "$out"
@@ -153,8 +164,9 @@ color_line() {
 }
 
 # start_guest VAR NAME CPIO [qemu args...]: boot the guest in the background
-# (scripts/boot-guest: q35, TCG, shared memfd RAM, virtio-iommu); console and
-# QEMU's stderr go to $LOG_DIR/NAME.console.log. Sets GUEST_T0.
+# (scripts/boot-guest $E2E_ARCH: q35 or virt, TCG, shared memfd RAM,
+# virtio-iommu); console and QEMU's stderr go to $LOG_DIR/NAME.console.log.
+# Sets GUEST_T0.
 start_guest() {
     local -n _gpid=$1
     local name=$2 cpio=$3
@@ -163,7 +175,7 @@ start_guest() {
     : >"$GUEST_LOG"
     GUEST_T0=$(now)
     spawn _gpid env GUEST_TIMEOUT="${GUEST_TIMEOUT:-120}" \
-        "$E2E_REPO/scripts/boot-guest" x86_64 "$cpio" "$@" </dev/null >"$GUEST_LOG" 2>&1
+        "$E2E_REPO/scripts/boot-guest" "$E2E_ARCH" "$cpio" "$@" </dev/null >"$GUEST_LOG" 2>&1
 }
 
 # run_guest NAME CPIO [qemu args...]: boot, echo result lines as they arrive,

@@ -238,6 +238,7 @@ impl Ctx<'_> {
             self.bar.write32(edu::IRQ_RAISE, 1);
             efd.wait(TIMEOUT).map_err(|e| format!("after raise: {e}"))?;
             self.bar.write32(edu::IRQ_ACK, 1);
+            print_vfio_interrupts("msi");
             self.irq_status_clear()
         })();
         let d = dev.irq_disable(vfio::PCI_MSI_IRQ_INDEX);
@@ -291,6 +292,7 @@ impl Ctx<'_> {
                 })())
             });
         }
+        print_vfio_interrupts("msix");
         if let Err(e) = dev.irq_disable(vfio::PCI_MSIX_IRQ_INDEX) {
             report.record("msix-disable", Outcome::Fail(e));
         }
@@ -388,6 +390,27 @@ impl Ctx<'_> {
         } else {
             Err(errs.join("; "))
         }
+    }
+}
+
+/// Prints the guest's /proc/interrupts lines for VFIO's vectors as
+/// `INFO interrupts <label>: <line>` (whitespace collapsed). VFIO requests
+/// those irqs only while the index is enabled, so call it before disabling.
+/// The line names the interrupt controller (e.g. ITS-MSI, GICv2m-MSI, PCI-MSI).
+fn print_vfio_interrupts(label: &str) {
+    match std::fs::read_to_string("/proc/interrupts") {
+        Ok(s) => {
+            let mut any = false;
+            for l in s.lines().filter(|l| l.contains("vfio")) {
+                any = true;
+                let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+                info(&format!("interrupts {label}: {l}"));
+            }
+            if !any {
+                info(&format!("interrupts {label}: no vfio lines in /proc/interrupts"));
+            }
+        }
+        Err(e) => info(&format!("interrupts {label}: /proc/interrupts: {e}")),
     }
 }
 
