@@ -1,0 +1,95 @@
+#!/bin/sh
+# /test inside the L1 guest of tests/e2e/nested-l2-nvme-x86_64.sh (busybox sh).
+# Binds the nvme (class 0x010802) to vfio-pci behind the emulated intel-iommu,
+# starts `airlock --vfio <nvme> --socket-path /tmp/nvme.sock`, then runs the
+# L2 QEMU from /opt/qemu (through its own loader) with vfio-user-pci on that
+# socket, PVH kernel /l2/vmlinux and initramfs /l2/initrd.cpio
+# (tests/e2e/nested-l2-nvme-l2.sh is its /init).
+# Kernel parameters: l2.mem=SIZE (L2 RAM, default 256M), airlock.extra=a,b
+# (extra airlock arguments).
+# Output: "INFO l1: ..." lines, every L2 console line prefixed "l2| ",
+# airlock's log prefixed "airlock| ". Exit: L2's AIRLOCK-L2-EXIT status
+# (1 on a setup failure or if L2 printed none).
+
+up() { read -r u _ </proc/uptime; echo "$u"; }
+dt() { awk -v a="$1" -v b="${2:-$(up)}" 'BEGIN { printf "%.1f", b - a }'; }
+say() { echo "INFO l1: $*"; }
+fail() { echo "FAIL $*"; echo "0 passed, 1 failed"; exit 1; }
+
+say "start at uptime $(up) s; kernel $(uname -r); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
+dmesg | grep -iE 'DMAR: IOMMU enabled|DMAR-IR: Enabled' | while read -r l; do say "dmesg: $l"; done
+
+l2mem=256M extra=
+for w in $(cat /proc/cmdline); do
+    case "$w" in
+        l2.mem=*) l2mem=${w#l2.mem=} ;;
+        airlock.extra=*) extra=$(echo "${w#airlock.extra=}" | tr , ' ') ;;
+    esac
+done
+
+nvme=""
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/class")" = "0x010802" ] && nvme=${d##*/}
+done
+[ -n "$nvme" ] || fail "l1-setup: no nvme (class 0x010802) in /sys/bus/pci/devices"
+d=/sys/bus/pci/devices/$nvme
+if [ -e "$d/driver" ]; then
+    echo "$nvme" >"$d/driver/unbind"
+fi
+echo vfio-pci >"$d/driver_override"
+echo "$nvme" >/sys/bus/pci/drivers_probe
+[ "$(basename "$(readlink "$d/driver")")" = vfio-pci ] || fail "l1-setup: nvme $nvme did not bind to vfio-pci"
+g=$(basename "$(readlink "$d/iommu_group")")
+[ -c "/dev/vfio/$g" ] || fail "l1-setup: /dev/vfio/$g missing for $nvme"
+say "nvme $nvme: vfio-pci, iommu group $g"
+
+# shellcheck disable=SC2086 # $extra is split on purpose
+AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$nvme" --socket-path /tmp/nvme.sock $extra \
+    </dev/null >/tmp/airlock.log 2>&1 &
+apid=$!
+i=0
+while [ ! -S /tmp/nvme.sock ] && kill -0 $apid 2>/dev/null && [ $i -lt 300 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+show_log() { sed 's/^/airlock| /' /tmp/airlock.log; }
+if [ ! -S /tmp/nvme.sock ]; then
+    kill $apid 2>/dev/null
+    show_log
+    fail "l1-setup: airlock --vfio $nvme did not listen within 30 s"
+fi
+say "airlock (pid $apid) listening at uptime $(up) s${extra:+ (extra: $extra)}"
+
+cr=$(printf '\r')
+say "starting L2 QEMU at uptime $(up) s: TCG, q35, $l2mem memfd share=on, vfio-user-pci on /tmp/nvme.sock"
+t2=$(up)
+export QEMU_MODULE_DIR=/opt/qemu/modules
+mkdir -p "$QEMU_MODULE_DIR"
+# Every L2 console line goes to L1's console right away, prefixed "l2| ".
+{
+    /opt/qemu/lib/ld-linux-x86-64.so.2 --library-path /opt/qemu/lib --argv0 qemu-system-x86_64 \
+        /opt/qemu/bin/qemu-system-x86_64 -L /opt/qemu/share \
+        -accel tcg -M q35 -m "$l2mem" \
+        -object "memory-backend-memfd,id=mem,size=$l2mem,share=on" -machine memory-backend=mem \
+        -nographic -nodefaults -serial stdio -no-reboot \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/tmp/nvme.sock"}}' \
+        -kernel /l2/vmlinux -initrd /l2/initrd.cpio \
+        -append "console=ttyS0 quiet panic=-1" </dev/null 2>&1
+    echo "AIRLOCK-L2-QEMU-RC $?"
+} | while IFS= read -r l; do
+    l=${l%"$cr"}
+    case "$l" in
+        AIRLOCK-L2-QEMU-RC*) echo "$l" >/tmp/l2.rc ;;
+        *) echo "l2| $l"; echo "$l" >>/tmp/l2.log ;;
+    esac
+done
+qrc=$(cut -d' ' -f2 /tmp/l2.rc 2>/dev/null)
+say "L2 QEMU exited with ${qrc:-?} at uptime $(up) s, $(dt "$t2") s after its start"
+
+rc=$(sed -n 's/^AIRLOCK-L2-EXIT \([0-9]*\).*/\1/p' /tmp/l2.log 2>/dev/null | tail -n 1)
+kill $apid 2>/dev/null
+wait $apid
+say "airlock exited with $? after SIGTERM"
+dmesg | grep -iE 'DMAR.*(fault|fail)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
+show_log
+exit "${rc:-1}"

@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# tests/e2e/nested-l2-nvme-x86_64.sh: a Linux nvme driver doing I/O through
+# airlock on real VFIO, two levels deep. A long-running demonstration (minutes),
+# not part of scripts/test.
+#
+#   host ── QEMU 11.1 (TCG) ── L1: Debian 6.12, q35 + intel-iommu(intremap,
+#   caching-mode) + QEMU nvme (a 16 MiB raw image filled with pattern A)
+#     L1: nvme bound to vfio-pci; `airlock --vfio <nvme> --socket-path /tmp/nvme.sock`
+#     L1: L2 QEMU 11.1 (the same trixie build, a minimal bundle: binary, its
+#         shared libraries, loader, SeaBIOS + pvh.bin), TCG, q35, 256 MiB shared
+#         memfd RAM, -device vfio-user-pci on airlock's socket
+#       L2: Debian 6.12 (PVH vmlinux), /init insmods nvme-core + nvme and, with
+#           O_DIRECT dd: reads pattern A, writes pattern B, reads B back.
+#   After L1 powers off, the host checks the raw image: B where L2 wrote it,
+#   A everywhere else.
+#
+# Usage: tests/e2e/nested-l2-nvme-x86_64.sh
+# Env:   AIRLOCK_LOG_DIR   logs (default logs/e2e-nested-l2-nvme/): console.log
+#                          (L1 console; L2's console lines prefixed "l2| "),
+#                          airlock.log (airlock in L1), build.log, setup.log, nvme.img
+#        GUEST_TIMEOUT     seconds before L1's QEMU is killed (default 1500)
+#        L1_MEM, L2_MEM    guest RAM (default 2G, 256M)
+#        NESTED_AIRLOCK    a static airlock binary to use instead of this tree's build
+#        NESTED_AIRLOCK_ARGS  airlock arguments, space-separated (default
+#                          --mediate-bars; set it empty for the mmap fast path)
+# Output: progress (L1 INFO lines, every L2 console line), L2's PASS/FAIL lines,
+# the host's disk checks, timings, and last "N passed, M failed" (L2's and the
+# host's checks together). Exit 0 iff all passed; 124 on timeout; 77 if it
+# could not run (no cargo).
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+. "$repo/scripts/lib.sh"
+
+t_start=$EPOCHREALTIME
+elapsed() { awk -v a="$1" -v b="${2:-$EPOCHREALTIME}" 'BEGIN { printf "%.1f", b - a }'; }
+LOG_DIR=${AIRLOCK_LOG_DIR:-$repo/logs/e2e-nested-l2-nvme}
+mkdir -p "$LOG_DIR"
+LOG_DIR=$(cd "$LOG_DIR" && pwd)
+timeout_s=${GUEST_TIMEOUT:-1500}
+l1_mem=${L1_MEM:-2G}
+l2_mem=${L2_MEM:-256M}
+target=x86_64-unknown-linux-gnu
+work=$(mktemp -d "${TMPDIR:-/tmp}/airlock-l2nvme.XXXXXX")
+qpid=""
+
+stop_qemu() {
+    [[ -n $qpid ]] || return 0
+    local i
+    kill -TERM -- "-$qpid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do kill -0 "$qpid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$qpid" 2>/dev/null || true
+    { wait "$qpid"; } 2>/dev/null || true
+    qpid=""
+}
+trap 'stop_qemu; rm -rf "$work"' EXIT
+trap 'echo "interrupted" >&2; exit 130' INT
+trap 'exit 143' TERM
+note() { printf '   %s\n' "$*"; }
+
+# --- setup and build ----------------------------------------------------------
+command -v cargo >/dev/null || { echo "SKIP nested-l2-nvme: cargo not found"; exit 77; }
+: >"$LOG_DIR/setup.log"
+[[ -f $AIRLOCK_CACHE/qemu-root.stamp ]] || "$repo/scripts/setup-qemu.sh" >>"$LOG_DIR/setup.log" 2>&1 ||
+    die "QEMU setup failed (see $LOG_DIR/setup.log)"
+[[ -f $AIRLOCK_CACHE/guest/.stamp ]] || "$repo/scripts/setup-guest.sh" >>"$LOG_DIR/setup.log" 2>&1 ||
+    die "guest kernel setup failed (see $LOG_DIR/setup.log)"
+need_host_pkgs cpio:cpio modprobe:kmod xz:xz-utils zstd:zstd sha256sum:coreutils cmp:diffutils
+t0=$EPOCHREALTIME
+: >"$LOG_DIR/build.log"
+if [[ -z ${NESTED_AIRLOCK:-} ]]; then
+    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release -p airlock --target "$target") >>"$LOG_DIR/build.log" 2>&1 ||
+        { tail -n 30 "$LOG_DIR/build.log"; die "static build failed (see $LOG_DIR/build.log)"; }
+    airlock_bin="$repo/target/$target/release/airlock"
+    note "built static airlock in $(elapsed "$t0") s"
+else
+    airlock_bin=$NESTED_AIRLOCK
+fi
+
+# --- the disk: pattern A (one line per 512-byte sector, numbered) ------------
+disk="$LOG_DIR/nvme.img"
+disk_mib=16 a_mib=4 b_off_mib=8 b_mib=1
+awk -v n=$((disk_mib * 2048)) 'BEGIN {
+    pad = sprintf("%480s", ""); gsub(/ /, ".", pad)
+    for (i = 0; i < n; i++) printf "airlock pattern A sector %06d %s\n", i, substr(pad, 1, 511 - 32)
+}' >"$disk"
+(($(stat -c %s "$disk") == disk_mib * 1048576)) || die "pattern A image has the wrong size"
+a_sum=$(head -c $((a_mib * 1048576)) "$disk" | sha256sum | cut -d' ' -f1)
+# Pattern B, as L2 makes it (yes | head: SIGPIPE is the normal end of yes).
+pattern_b() { yes airlock-l2-pattern-B | head -c $((b_mib * 1048576)) || true; }
+b_sum=$(pattern_b | sha256sum | cut -d' ' -f1)
+# What the disk must hold after L2: A, with B spliced in.
+expect_img="$work/expect.img"
+cp "$disk" "$expect_img"
+pattern_b | dd of="$expect_img" bs=1M seek=$b_off_mib conv=notrunc status=none
+
+# --- L2 initramfs: busybox, nvme modules, /init, /expect ---------------------
+g="$AIRLOCK_CACHE/guest/amd64"
+kver=$(cat "$g/kver")
+mk_l2_cpio() {
+    local out=$1 st="$work/l2" a m path f base
+    rm -rf "$st"
+    mkdir -p "$st"/{bin,dev,proc,sys,tmp,etc,lib/modules}
+    install -m 0755 "$g/busybox" "$st/bin/busybox"
+    for a in $("$g/busybox" --list); do [[ $a == busybox ]] || ln -sf busybox "$st/bin/$a"; done
+    ln -s bin "$st/sbin"
+    mknod -m 0600 "$st/dev/console" c 5 1 2>/dev/null || true
+    : >"$st/etc/modules.order"
+    for m in nvme; do
+        while read -r kind path _; do
+            [[ $kind == insmod ]] || continue
+            f=${path##*/}
+            case "$f" in
+                *.ko.xz) base=${f%.xz}; xz -dc "$path" >"$st/lib/modules/$base" ;;
+                *.ko.zst) base=${f%.zst}; zstd -dcq "$path" >"$st/lib/modules/$base" ;;
+                *.ko) base=$f; cp "$path" "$st/lib/modules/$base" ;;
+                *) die "unexpected module file $path" ;;
+            esac
+            grep -qx "$base" "$st/etc/modules.order" || echo "$base" >>"$st/etc/modules.order"
+        done < <(modprobe -d "$g/root" -S "$kver" --show-depends "$m")
+    done
+    install -m 0755 "$repo/tests/e2e/nested-l2-nvme-l2.sh" "$st/init"
+    printf 'A_MIB=%s B_OFF_MIB=%s B_MIB=%s A_SUM=%s B_SUM=%s\n' \
+        "$a_mib" "$b_off_mib" "$b_mib" "$a_sum" "$b_sum" >"$st/expect"
+    (cd "$st" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$out"
+}
+l2_cpio="$work/l2.cpio"
+mk_l2_cpio "$l2_cpio"
+
+# --- the L2 QEMU bundle: binary, its libraries (by soname), loader, firmware -
+qr="$AIRLOCK_CACHE/qemu-root"
+ql="$qr/usr/lib/x86_64-linux-gnu"
+bundle=()   # SRC:DST for mkinitramfs
+qemu_bin="$qr/usr/bin/qemu-system-x86_64"
+bundle+=("$qemu_bin:/opt/qemu/bin/qemu-system-x86_64" "$ql/ld-linux-x86-64.so.2:/opt/qemu/lib/ld-linux-x86-64.so.2")
+while read -r soname _ path _; do
+    [[ $path == /* && $soname != */* ]] || continue
+    bundle+=("$(readlink -f "$path"):/opt/qemu/lib/$soname")
+done < <("$ql/ld-linux-x86-64.so.2" --library-path "$ql" --list "$qemu_bin")
+# q35 with -kernel <PVH vmlinux>: SeaBIOS (bios-256k.bin) runs pvh.bin as its
+# option ROM; with -nodefaults nothing else is needed.
+# kvmvapic.bin: q35 asks for it even under TCG (an error line, not fatal).
+for fw in "$qr/usr/share/seabios/bios-256k.bin" "$qr/usr/share/qemu/pvh.bin" "$qr/usr/share/qemu/kvmvapic.bin"; do
+    bundle+=("$(readlink -f "$fw"):/opt/qemu/share/${fw##*/}")
+done
+bundle_bytes=0
+for s in "${bundle[@]}"; do bundle_bytes=$((bundle_bytes + $(stat -L -c %s "${s%%:*}"))); done
+note "L2 QEMU bundle: ${#bundle[@]} files, $((bundle_bytes / 1048576)) MiB; L2 initramfs $(($(stat -c %s "$l2_cpio") / 1024)) KiB"
+
+cpio="$work/l1.cpio"
+AIRLOCK_UNSAFE_INTERRUPTS=0 "$repo/scripts/mkinitramfs" x86_64 "$cpio" \
+    "$airlock_bin:/bin/airlock" "$repo/tests/e2e/nested-l2-nvme-l1.sh:/test" \
+    "$g/vmlinux:/l2/vmlinux" "$l2_cpio:/l2/initrd.cpio" "${bundle[@]}" >>"$LOG_DIR/build.log" 2>&1 ||
+    die "mkinitramfs failed (see $LOG_DIR/build.log)"
+note "L1 initramfs $(($(stat -c %s "$cpio") / 1048576)) MiB (uncompressed; holds L2's vmlinux, initramfs and QEMU)"
+# Default --mediate-bars: see "Known problem" at the top.
+airlock_args=${NESTED_AIRLOCK_ARGS---mediate-bars}
+extra=$(echo $airlock_args | tr ' ' ,)
+
+# --- boot L1 ------------------------------------------------------------------
+console="$LOG_DIR/console.log"
+: >"$console"
+t_boot=$EPOCHREALTIME
+setsid "$repo/scripts/qemu" x86_64 -accel tcg \
+    -M q35,kernel-irqchip=split -cpu max -smp 2 -m "$l1_mem" \
+    -nographic -nodefaults -serial stdio -no-reboot \
+    -device intel-iommu,intremap=on,caching-mode=on \
+    -device nvme,serial=airlock-l2,drive=nvm \
+    -drive "if=none,id=nvm,file=$disk,format=raw" \
+    -kernel "$g/vmlinux" -initrd "$cpio" \
+    -append "console=ttyS0 quiet panic=-1 intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}" \
+    </dev/null >"$console" 2>&1 &
+qpid=$!
+note "L1: q35 + intel-iommu(intremap, caching-mode) + nvme (${disk_mib} MiB), TCG, 2 vCPUs, $l1_mem; console: $console"
+note "timeout ${timeout_s} s; L2 runs TCG inside TCG: its boot takes minutes"
+
+# Stream interesting lines as they arrive; note when milestones first appear.
+declare -A seen_at=()
+milestone() { [[ -n ${seen_at[$1]:-} ]] || seen_at[$1]=$EPOCHREALTIME; }
+shown=0 marker="" timed_out=0 last_progress=$EPOCHREALTIME
+lines() {
+    tr -d '\r' <"$console" |
+        grep -aE '^((PASS|FAIL|INFO) |[0-9]+ passed, [0-9]+ failed|l2\| |AIRLOCK-GUEST-EXIT )' || true
+}
+while :; do
+    mapfile -t got < <(lines)
+    for ((i = shown; i < ${#got[@]}; i++)); do
+        l=${got[i]}
+        case "$l" in
+            "INFO l1:"*) milestone l1 ;;&
+            "INFO l1: airlock"*listening*) milestone airlock ;;&
+            "INFO l1: starting L2"*) milestone l2start ;;&
+            "l2| INFO l2: init"*) milestone l2init ;;&
+            "l2| PASS l2-nvme-probe"* | "l2| FAIL l2-nvme-probe"*) milestone l2probe ;;&
+            "l2| INFO l2: nvme phase start"*) milestone io_start ;;&
+            "l2| INFO l2: nvme phase took"*) milestone io_end ;;&
+            "l2| AIRLOCK-L2-EXIT"*) milestone l2exit ;;&
+            "INFO l1: L2 QEMU exited"*) milestone l2gone ;;&
+            *) ;;
+        esac
+        printf '   %s\n' "$l"
+        last_progress=$EPOCHREALTIME
+    done
+    shown=${#got[@]}
+    marker=$(printf '%s\n' "${got[@]}" | grep -aE '^AIRLOCK-GUEST-EXIT [0-9]+$' | tail -n1 || true)
+    [[ -n $marker ]] && break
+    kill -0 "$qpid" 2>/dev/null || break
+    now=$EPOCHREALTIME
+    if ((${now%[.,]*} - ${t_boot%[.,]*} >= timeout_s)); then
+        timed_out=1
+        break
+    fi
+    if ((${now%[.,]*} - ${last_progress%[.,]*} >= 60)); then
+        note "... still running ($(elapsed "$t_boot") s since L1 start; last console line: $(tr -d '\r' <"$console" | tail -n1 | cut -c1-100))"
+        last_progress=$now
+    fi
+    sleep 0.2
+done
+t_end=$EPOCHREALTIME
+for ((i = 0; i < 100 && ${#marker} > 0; i++)); do kill -0 "$qpid" 2>/dev/null || break; sleep 0.1; done
+stop_qemu   # L1's QEMU has exited (or is killed) before the image is read
+mapfile -t got < <(lines)
+for ((i = shown; i < ${#got[@]}; i++)); do printf '   %s\n' "${got[i]}"; done
+tr -d '\r' <"$console" | sed -n 's/^airlock| //p' >"$LOG_DIR/airlock.log"
+
+# --- results ------------------------------------------------------------------
+l2_summary=$(printf '%s\n' "${got[@]}" | sed -n 's/^l2| \([0-9]* passed, [0-9]* failed\)$/\1/p' | tail -n1)
+p=$(printf '%s\n' "${got[@]}" | grep -cE '^(l2\| )?PASS ' || true)
+f=$(printf '%s\n' "${got[@]}" | grep -cE '^(l2\| )?FAIL ' || true)
+hp=0 hf=0
+hpass() { echo "PASS $*"; hp=$((hp + 1)); }
+hfail() { echo "FAIL $*"; hf=$((hf + 1)); }
+if ((timed_out)); then
+    hfail "nested-l2-nvme: timeout after $timeout_s s (console: $console)"
+elif [[ -z $marker ]]; then
+    hfail "nested-l2-nvme: L1 stopped without an AIRLOCK-GUEST-EXIT line (console: $console)"
+    tail -n 5 "$console" | sed 's/^/   | /'
+elif [[ -z $l2_summary ]]; then
+    hfail "nested-l2-nvme: L2 printed no summary (console: $console)"
+fi
+if [[ -n ${seen_at[l2exit]:-} ]]; then
+    # The host's view of the disk after L1's QEMU exited (flushed on exit).
+    bsum=$(dd if="$disk" bs=1M skip=$b_off_mib count=$b_mib status=none | sha256sum | cut -d' ' -f1)
+    if [[ $bsum == "$b_sum" ]]; then
+        hpass "host-disk-pattern-b: the raw image holds L2's pattern B at $b_off_mib MiB"
+    else
+        hfail "host-disk-pattern-b: sha256 $bsum at $b_off_mib MiB, want $b_sum"
+    fi
+    if cmp -s "$disk" "$expect_img"; then
+        hpass "host-disk-rest: every other byte of the image is still pattern A"
+    else
+        hfail "host-disk-rest: image differs from A+B: $(cmp "$disk" "$expect_img" 2>&1 | head -n1)"
+    fi
+fi
+if { ((f + hf)) || [[ -z $l2_summary ]]; } && [[ -s $LOG_DIR/airlock.log ]]; then
+    echo "airlock's log in L1 ($LOG_DIR/airlock.log):"
+    sed 's/^/   | /' "$LOG_DIR/airlock.log" | tail -n 40
+fi
+
+span() { # span NAME FROM TO: "NAME X s" if both milestones were seen
+    local a=${seen_at[$2]:-} b=${seen_at[$3]:-}
+    [[ $2 == boot ]] && a=$t_boot
+    [[ $3 == end ]] && b=$t_end
+    if [[ -n $a && -n $b ]]; then printf '%s %s s' "$1" "$(elapsed "$a" "$b")"; else printf '%s -' "$1"; fi
+}
+echo "INFO timings (host clock): $(span 'L1 boot to /test' boot l1); $(span 'L1 /test to airlock listening' l1 airlock);" \
+    "$(span 'L2 QEMU start to L2 /init' l2start l2init); $(span 'L2 /init to nvme ready' l2init l2probe);" \
+    "$(span 'nvme read/write phase' io_start io_end); $(span 'L2 QEMU start to L2 exit' l2start l2gone);" \
+    "$(span 'L1 QEMU start to end' boot end); whole script $(elapsed "$t_start") s"
+[[ -n $l2_summary ]] && echo "INFO L2 result: $l2_summary"
+rc=0
+((f + hf == 0)) || rc=1
+[[ -n $l2_summary ]] || rc=1
+((timed_out)) && rc=124
+echo "$((p + hp)) passed, $((f + hf)) failed"
+exit "$rc"
