@@ -226,7 +226,7 @@ while :; do
         break
     fi
     if ((${now%[.,]*} - ${last_progress%[.,]*} >= 60)); then
-        note "... still running ($(elapsed "$t_boot") s since L1 start; last console line: $(tr -d '\r' <"$console" | tail -n1 | cut -c1-100))"
+        note "... still running ($(elapsed "$t_boot") s since L1 start; last console line: $(tail -n1 "$console" | tr -d '\r\033' | cut -c1-100))"
         last_progress=$now
     fi
     sleep 0.2
