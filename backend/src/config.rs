@@ -37,6 +37,21 @@ pub struct Args {
     /// Never hand QEMU the device fd: every BAR access goes through airlock (no mmap fast path).
     #[arg(long, requires = "vfio")]
     pub mediate_bars: bool,
+    /// Run even if the host cannot isolate the device's MSIs (no interrupt
+    /// remapping, GICv2m): unsafe, the device can forge other devices' interrupts.
+    #[arg(long, requires = "vfio")]
+    pub allow_unsafe_interrupts: bool,
+    /// Keep guest DMA out of this IOVA window too (e.g. the guest's own MSI
+    /// doorbell); repeatable. START and SIZE in hex (0x...) or decimal.
+    #[arg(long, value_name = "START:SIZE")]
+    pub reserve_iova: Vec<String>,
+    /// Print the QEMU arguments for this device and socket (one per line,
+    /// comments start with #), then exit.
+    #[arg(long)]
+    pub print_qemu_args: bool,
+    /// Guest RAM size for --print-qemu-args.
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    pub guest_ram: String,
     /// Print a JSON description of device kinds and features, then exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -88,6 +103,8 @@ pub enum ConfigError {
     BadAddress(String),
     #[error("--fd {0} is not a valid descriptor number (must be >= 3: 0-2 are stdio)")]
     BadFd(RawFd),
+    #[error("{0}")]
+    Window(#[from] crate::msi::WindowError),
     #[error("--max-data-xfer {0} must be between 4096 and 64 MiB (QEMU's ceiling)")]
     BadXfer(u64),
 }
@@ -101,7 +118,11 @@ pub enum Listen {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
     Emulated(EmulatedKind),
-    Vfio { bdf: String, mediate_bars: bool },
+    Vfio {
+        bdf: String,
+        mediate_bars: bool,
+        allow_unsafe_interrupts: bool,
+    },
 }
 
 /// Normalizes a PCI address to DDDD:BB:DD.F (a missing domain is 0000).
@@ -135,6 +156,14 @@ pub enum Config {
         max_data_xfer: u64,
         /// None: --sandbox off.
         sandbox: Option<SandboxConfig>,
+        /// --reserve-iova windows.
+        windows: Vec<crate::msi::DoorbellWindow>,
+    },
+    PrintQemuArgs {
+        listen: Listen,
+        device: DeviceKind,
+        windows: Vec<crate::msi::DoorbellWindow>,
+        guest_ram: String,
     },
 }
 
@@ -169,6 +198,7 @@ impl TryFrom<Args> for Config {
             (None, Some(bdf)) => DeviceKind::Vfio {
                 bdf: parse_bdf(&bdf)?,
                 mediate_bars: a.mediate_bars,
+                allow_unsafe_interrupts: a.allow_unsafe_interrupts,
             },
             _ => return Err(ConfigError::NoDevice),
         };
@@ -189,11 +219,25 @@ impl TryFrom<Args> for Config {
             SandboxMode::Off if user.is_some() => return Err(ConfigError::UserWithoutSandbox),
             SandboxMode::Off => None,
         };
+        let windows = a
+            .reserve_iova
+            .iter()
+            .map(|w| crate::msi::parse_reserve(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        if a.print_qemu_args {
+            return Ok(Config::PrintQemuArgs {
+                listen,
+                device,
+                windows,
+                guest_ram: a.guest_ram,
+            });
+        }
         Ok(Config::Serve {
             listen,
             device,
             max_data_xfer: a.max_data_xfer,
             sandbox,
+            windows,
         })
     }
 }
@@ -207,7 +251,8 @@ pub fn capabilities_json() -> serde_json::Value {
         "devices": { "emulate": ["edu"], "vfio": true },
         "features": ["socket-path", "fd", "dma-map-fd", "dma-messages", "intx", "msi", "msix",
                      "reset", "write-multiple", "posted-writes", "vfio-mmap-fast-path",
-                     "mediate-bars", "irqfd-passthrough", "sandbox"]
+                     "mediate-bars", "irqfd-passthrough", "sandbox",
+                     "reserve-iova", "iova-ranges", "msi-isolation-check", "print-qemu-args"]
     })
 }
 
@@ -234,6 +279,7 @@ mod tests {
                     memlock: None,
                     fault: None
                 }),
+                windows: vec![],
             })
         );
     }
@@ -268,7 +314,8 @@ mod tests {
                 listen: Listen::Path("/x".into()),
                 device: DeviceKind::Vfio {
                     bdf: "0000:00:04.0".into(),
-                    mediate_bars: true
+                    mediate_bars: true,
+                    allow_unsafe_interrupts: false,
                 },
                 max_data_xfer: 1 << 20,
                 sandbox: Some(SandboxConfig {
@@ -276,6 +323,7 @@ mod tests {
                     memlock: None,
                     fault: None
                 }),
+                windows: vec![],
             })
         );
         assert_eq!(

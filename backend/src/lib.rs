@@ -6,8 +6,10 @@ pub mod config;
 pub mod device;
 pub mod dma;
 pub mod irq;
+pub mod msi;
 pub mod negotiate;
 pub mod pci;
+pub mod qemu_args;
 pub mod sandbox;
 pub mod server;
 pub mod session;
@@ -20,5 +22,6 @@ pub fn server_limits(max_data_xfer: u64) -> negotiate::ServerLimits {
         max_msg_fds: QEMU_MAX_MSG_FDS as u32,
         max_data_xfer,
         max_dma_maps: 65535,
+        windows: Vec::new(),
     }
 }

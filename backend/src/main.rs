@@ -44,10 +44,39 @@ fn log_filter() -> EnvFilter {
     EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info,vfio_ioctls=error"))
 }
 
+fn open_device(kind: DeviceKind) -> Result<(Box<dyn Device>, Profile), Box<dyn std::error::Error>> {
+    Ok(match kind {
+        DeviceKind::Emulated(EmulatedKind::Edu) => (Box::new(Edu::new()), Profile::Emulated),
+        DeviceKind::Vfio {
+            bdf,
+            mediate_bars,
+            allow_unsafe_interrupts,
+        } => (
+            Box::new(VfioPci::open(&bdf, mediate_bars, allow_unsafe_interrupts)?),
+            Profile::Vfio,
+        ),
+    })
+}
+
 fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let (listen, kind, max_data_xfer, sandbox_config) = match config {
+    let (listen, kind, max_data_xfer, sandbox_config, windows) = match config {
         Config::PrintCapabilities => {
             println!("{}", capabilities_json());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Config::PrintQemuArgs {
+            listen,
+            device,
+            mut windows,
+            guest_ram,
+        } => {
+            let (dev, _) = open_device(device)?;
+            let mut all = dev.iova_windows();
+            all.append(&mut windows);
+            print!(
+                "{}",
+                airlock::qemu_args::qemu_args(&listen, dev.name(), &all, &guest_ram)
+            );
             return Ok(ExitCode::SUCCESS);
         }
         Config::Serve {
@@ -55,7 +84,8 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
             device,
             max_data_xfer,
             sandbox,
-        } => (listen, device, max_data_xfer, sandbox),
+            windows,
+        } => (listen, device, max_data_xfer, sandbox, windows),
     };
     if sandbox_config.is_some() {
         let path = match &listen {
@@ -69,12 +99,7 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // Acquire everything first: signals, socket, device.
     install_stop_signals()?;
     let mut listener = Listener::open(&listen)?;
-    let (device, profile): (Box<dyn Device>, Profile) = match kind {
-        DeviceKind::Emulated(EmulatedKind::Edu) => (Box::new(Edu::new()), Profile::Emulated),
-        DeviceKind::Vfio { bdf, mediate_bars } => {
-            (Box::new(VfioPci::open(&bdf, mediate_bars)?), Profile::Vfio)
-        }
-    };
+    let (device, profile) = open_device(kind)?;
     // Then confine.
     if let Some(sc) = sandbox_config {
         // The supervisor, outside the empty root, removes the socket path.
@@ -96,7 +121,9 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
         tracing::warn!("sandbox off: the server runs with airlock's full privileges");
     }
     // Then serve.
-    serve(&listener, device, airlock::server_limits(max_data_xfer))?;
+    let mut limits = airlock::server_limits(max_data_xfer);
+    limits.windows = windows;
+    serve(&listener, device, limits)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -9,14 +9,25 @@
 use airlock_protocol::version::{Capabilities, Version, MAJOR, MINOR};
 use airlock_protocol::ProtocolError;
 
-use crate::dma::PAGE_SIZE;
+use airlock_protocol::version::IovaRange;
 
-/// What airlock itself can take.
-#[derive(Clone, Copy, Debug)]
+use crate::dma::PAGE_SIZE;
+use crate::msi::{usable_ranges, DoorbellWindow};
+
+/// What airlock itself can take, and the IOVA windows it keeps clear.
+#[derive(Clone, Debug)]
 pub struct ServerLimits {
     pub max_msg_fds: u32,
     pub max_data_xfer: u64,
     pub max_dma_maps: u64,
+    /// --reserve-iova windows (the device adds its own host windows).
+    pub windows: Vec<DoorbellWindow>,
+}
+
+/// The IOVA space the client may use, for the iova_ranges capability.
+pub struct IovaSpace<'a> {
+    pub host: Option<&'a [IovaRange]>,
+    pub windows: &'a [DoorbellWindow],
 }
 
 /// What the client told us about itself (spec defaults when absent).
@@ -40,6 +51,7 @@ impl Default for Peer {
 pub fn negotiate(
     proposal: &Version,
     ours: &ServerLimits,
+    space: &IovaSpace<'_>,
 ) -> Result<(Version, Peer), ProtocolError> {
     if proposal.major != MAJOR {
         return Err(ProtocolError::BadVersion {
@@ -77,6 +89,23 @@ pub fn negotiate(
     }
     if theirs.write_multiple == Some(true) {
         reply.write_multiple = Some(true);
+    }
+    // Only for a client that proposed it: stock QEMU warns about keys it
+    // did not propose. A non-empty proposal narrows the answer further.
+    if let Some(proposed) = &theirs.iova_ranges {
+        let mut usable = usable_ranges(space.host, space.windows);
+        if !proposed.is_empty() {
+            usable = usable
+                .iter()
+                .flat_map(|u| {
+                    proposed.iter().filter_map(move |p| {
+                        let (start, end) = (u.start.max(p.start), u.end.min(p.end));
+                        (start <= end).then_some(IovaRange { start, end })
+                    })
+                })
+                .collect();
+        }
+        reply.iova_ranges = Some(usable);
     }
     Ok((
         Version {

@@ -216,7 +216,7 @@ pub fn serve(
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
         info!(device = device.name(), "client connected");
-        Session::new(stream, device.as_mut(), limits).run();
+        Session::new(stream, device.as_mut(), limits.clone()).run();
         ACTIVE.store(-1, Ordering::SeqCst);
         info!(device = device.name(), "client left; device quiesced");
     }

@@ -25,7 +25,8 @@ use tracing::{debug, info, warn};
 
 use crate::device::{Device, DmaJob};
 use crate::dma::{DmaError, DmaSpace, Segment};
-use crate::negotiate::{negotiate, Peer, ServerLimits};
+use crate::msi::DoorbellWindow;
+use crate::negotiate::{negotiate, IovaSpace, Peer, ServerLimits};
 
 /// A DMA being carried out with DMA_READ/DMA_WRITE messages.
 struct InFlight {
@@ -68,6 +69,8 @@ pub struct Session<'a> {
     inflight: Option<InFlight>,
     next_id: u16,
     stats: Stats,
+    /// Every IOVA window DMA_MAP must avoid: the device's and --reserve-iova's.
+    windows: Vec<DoorbellWindow>,
 }
 
 /// How a reply to the current command is produced.
@@ -86,7 +89,13 @@ fn fail(e: impl std::fmt::Display, errno: i32) -> (i32, String) {
 
 impl<'a> Session<'a> {
     pub fn new(stream: UnixStream, device: &'a mut dyn Device, server: ServerLimits) -> Self {
+        if let Some(w) = device.connect_warning() {
+            warn!("{w}");
+        }
+        let mut windows = device.iova_windows();
+        windows.extend(server.windows.iter().cloned());
         Session {
+            windows,
             sock: MessageSocket::new(stream),
             device,
             dma: DmaSpace::new(server.max_dma_maps as usize),
@@ -185,7 +194,13 @@ impl<'a> Session<'a> {
                 if self.peer.is_some() {
                     return Err((libc::EINVAL, "VERSION was already negotiated".into()));
                 }
-                let (reply, peer) = negotiate(&v, &self.server).map_err(|e| fail(&e, e.errno()))?;
+                let host = self.device.usable_iova();
+                let space = IovaSpace {
+                    host: host.as_deref(),
+                    windows: &self.windows,
+                };
+                let (reply, peer) =
+                    negotiate(&v, &self.server, &space).map_err(|e| fail(&e, e.errno()))?;
                 info!(device = %dev, "client negotiated vfio-user 0.0");
                 debug!(?peer, "client limits");
                 self.peer = Some(peer);
@@ -193,6 +208,16 @@ impl<'a> Session<'a> {
             }
             Request::DmaMap { map, fd } => {
                 self.stats.dma_maps += 1;
+                if let Some(w) = self.windows.iter().find(|w| w.overlaps(map.iova, map.size)) {
+                    let why = format!(
+                        "{dev}: DMA_MAP [{:#x}, +{:#x}) refused: it overlaps the IOVA window {w}: {}. Fix: keep guest RAM and guest IOVAs out of it (without a vIOMMU, place guest RAM elsewhere; with one, the guest's IOMMU driver must reserve the window: a client can learn the usable ranges by proposing the iova_ranges capability)",
+                        map.iova,
+                        map.size,
+                        w.meaning()
+                    );
+                    warn!("{why}");
+                    return Err((libc::EINVAL, why));
+                }
                 let backed = fd.is_some();
                 self.dma.map(&map, fd).map_err(|e| {
                     warn!(device = %dev, "DMA_MAP refused: {e}");

@@ -39,16 +39,17 @@ pub fn tempdir(tag: &str) -> TempDir {
 
 /// Starts airlock --emulate edu in-process on a fresh socket.
 pub fn start_edu(tag: &str) -> Server {
+    start_edu_with(tag, airlock::server_limits(1 << 20))
+}
+
+/// The same with chosen limits (e.g. --reserve-iova windows).
+pub fn start_edu_with(tag: &str, limits: airlock::negotiate::ServerLimits) -> Server {
     let dir = tempdir(tag);
     let path = dir.0.join("edu.sock");
     let l = UnixListener::bind(&path).unwrap();
     std::thread::spawn(move || {
         let listener = Listener::local(l);
-        let _ = serve(
-            &listener,
-            Box::new(Edu::new()),
-            airlock::server_limits(1 << 20),
-        );
+        let _ = serve(&listener, Box::new(Edu::new()), limits);
     });
     Server { path, _dir: dir }
 }

@@ -236,7 +236,14 @@ impl RegionInfo {
         w.u32(full as u32)
             .u32(flags)
             .u32(self.index)
-            .u32(if with_caps { Self::SIZE as u32 } else { 0 })
+            // With capabilities that did not fit, VFIO leaves cap_offset 0,
+            // but QEMU's vfio-user client rejects CAPS with an offset below
+            // 32 before it asks again; 32 is where the chain will start.
+            .u32(if self.caps.is_empty() {
+                0
+            } else {
+                Self::SIZE as u32
+            })
             .u64(self.size)
             .u64(self.offset);
         if with_caps {
@@ -267,7 +274,12 @@ impl RegionInfo {
             offset: r.u64()?,
             caps: Vec::new(),
         };
-        let mut at = info.cap_offset as usize;
+        // A reply shorter than its argsz left the capabilities out.
+        let mut at = if info.argsz as usize > payload.len() {
+            0
+        } else {
+            info.cap_offset as usize
+        };
         while at != 0 && info.caps.len() < MAX_CAPS {
             if at < Self::SIZE {
                 return Err(ProtocolError::BadReply {

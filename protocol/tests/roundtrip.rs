@@ -170,7 +170,7 @@ fn region_info_round_trips_with_a_capability_chain_and_truncates_when_argsz_is_s
     let back = RegionInfo::decode_reply(&short).unwrap();
     assert_eq!(
         (back.argsz as usize, back.cap_offset, back.caps.len()),
-        (info.full_size(), 0, 0)
+        (info.full_size(), 32, 0)
     );
     let req = RegionInfo {
         argsz: 32,

@@ -106,6 +106,18 @@ pub trait Device: Send {
     /// The client takes [iova, iova + size) back; called before airlock
     /// unmaps its own mapping, so the device can no longer reach it.
     fn dma_unmapped(&mut self, _iova: u64, _size: u64) {}
+    /// IOVA windows the host keeps for itself (e.g. the MSI doorbell).
+    fn iova_windows(&self) -> Vec<crate::msi::DoorbellWindow> {
+        Vec::new()
+    }
+    /// The host IOMMU's usable IOVA ranges (None: the whole space).
+    fn usable_iova(&self) -> Option<Vec<airlock_protocol::version::IovaRange>> {
+        None
+    }
+    /// A warning to log at every client connect (e.g. unsafe interrupts).
+    fn connect_warning(&self) -> Option<String> {
+        None
+    }
     /// The next DMA the device has queued, if any.
     fn take_dma(&mut self) -> Option<DmaJob> {
         None

@@ -147,3 +147,59 @@ pub fn iommu_unmap(container: BorrowedFd<'_>, iova: u64, size: u64) -> io::Resul
     // bitmap flag is set.
     unsafe { ioctl_buf(container, VFIO_IOMMU_UNMAP_DMA, &mut b) }
 }
+
+const VFIO_IOMMU_INFO_CAPS: u32 = 1 << 1;
+const VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE: u16 = 1;
+
+/// The container's usable IOVA ranges (VFIO_IOMMU_GET_INFO's IOVA-range
+/// capability), end inclusive; None if the kernel does not report them.
+pub fn iommu_iova_ranges(
+    container: BorrowedFd<'_>,
+) -> io::Result<Option<Vec<airlock_protocol::version::IovaRange>>> {
+    let mut size = 24usize;
+    for _ in 0..3 {
+        let mut b = vec![0u8; size];
+        // SAFETY: struct vfio_iommu_type1_info is 24 bytes; argsz (= b.len())
+        // bounds what the kernel writes after it.
+        unsafe { ioctl_buf(container, VFIO_IOMMU_GET_INFO, &mut b)? };
+        let need = u32_at(&b, 0) as usize;
+        if need > size {
+            size = need;
+            continue;
+        }
+        if u32_at(&b, 4) & VFIO_IOMMU_INFO_CAPS == 0 {
+            return Ok(None);
+        }
+        let mut at = u32_at(&b, 16) as usize;
+        for _ in 0..16 {
+            if at < 24 || at + 16 > b.len() {
+                break;
+            }
+            let id = u16::from_ne_bytes([b[at], b[at + 1]]);
+            let next = u32_at(&b, at + 4) as usize;
+            if id == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE {
+                let n = u32_at(&b, at + 8) as usize;
+                let mut out = Vec::new();
+                for i in 0..n {
+                    let o = at + 16 + i * 16;
+                    if o + 16 > b.len() {
+                        break;
+                    }
+                    let u64_at =
+                        |p: usize| u64::from_ne_bytes(b[p..p + 8].try_into().unwrap_or([0; 8]));
+                    out.push(airlock_protocol::version::IovaRange {
+                        start: u64_at(o),
+                        end: u64_at(o + 8),
+                    });
+                }
+                return Ok(Some(out));
+            }
+            if next <= at {
+                break;
+            }
+            at = next;
+        }
+        return Ok(None);
+    }
+    Ok(None)
+}

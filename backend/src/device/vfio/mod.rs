@@ -14,6 +14,7 @@
 
 mod config;
 pub mod ioctl;
+pub mod isolation;
 pub mod sparse;
 
 use std::collections::HashMap;
@@ -37,9 +38,12 @@ use tracing::{debug, warn};
 use vfio_ioctls::{VfioContainer, VfioDevice};
 
 use self::config::{BarInfo, BarShadow};
+use self::isolation::MsiIsolation;
 use self::sparse::{mmap_areas, Hole};
 use super::{Device, DeviceError, RegionDesc};
 use crate::irq::IrqError;
+use crate::msi::{self, DoorbellWindow};
+use airlock_protocol::version::IovaRange;
 
 #[derive(Debug, Error)]
 pub enum VfioError {
@@ -57,6 +61,8 @@ pub enum VfioError {
         group: String,
         why: String,
     },
+    #[error("{bdf}: the host cannot isolate this device's MSIs (no interrupt remapping on x86, or a GICv2m-style MSI frame without ITS DeviceID isolation on ARM): the device could forge interrupts as other devices. Refusing; pass --allow-unsafe-interrupts to run anyway")]
+    UnsafeInterrupts { bdf: String },
     #[error("{bdf}: VFIO query failed: {what}: {source}")]
     Query {
         bdf: String,
@@ -87,6 +93,13 @@ pub struct VfioPci {
     /// Trigger eventfds the client assigned, per (index, vector): held so
     /// airlock's table matches what the kernel signals.
     triggers: HashMap<(u32, u32), File>,
+    /// IOVA windows DMA must avoid (host reserved regions and holes).
+    windows: Vec<DoorbellWindow>,
+    /// The host IOMMU's usable IOVA ranges, if VFIO reports them.
+    usable: Option<Vec<IovaRange>>,
+    isolation: MsiIsolation,
+    /// DMA maps that are in the IOMMU, as (iova, size).
+    iommu_maps: std::collections::HashSet<(u64, u64)>,
     /// Mask/unmask notifier eventfds (INTx resample), per (index, vector, action).
     notifiers: HashMap<(u32, u32, u32), File>,
 }
@@ -102,7 +115,11 @@ fn sysfs(bdf: &str) -> PathBuf {
 }
 
 impl VfioPci {
-    pub fn open(bdf: &str, mediate_bars: bool) -> Result<VfioPci, VfioError> {
+    pub fn open(
+        bdf: &str,
+        mediate_bars: bool,
+        allow_unsafe_interrupts: bool,
+    ) -> Result<VfioPci, VfioError> {
         let path = sysfs(bdf);
         if !path.exists() {
             return Err(VfioError::NoDevice { bdf: bdf.into() });
@@ -121,15 +138,8 @@ impl VfioPci {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .ok_or(VfioError::NoIommuGroup { bdf: bdf.into() })?;
-        let container = Arc::new(VfioContainer::new(None).map_err(|e| VfioError::Container {
-            bdf: bdf.into(),
-            why: format!("{e}"),
-        })?);
-        let device = VfioDevice::new(&path, container.clone()).map_err(|e| VfioError::Attach {
-            bdf: bdf.into(),
-            group: group.clone(),
-            why: format!("{e}"),
-        })?;
+        let (container, device, isolation) =
+            isolation::attach_checked(bdf, &path, &group, allow_unsafe_interrupts)?;
         let q = |what: &str| {
             let what = what.to_string();
             let bdf = bdf.to_string();
@@ -170,7 +180,26 @@ impl VfioPci {
             ),
             triggers: HashMap::new(),
             notifiers: HashMap::new(),
+            windows: Vec::new(),
+            usable: None,
+            isolation,
+            iommu_maps: Default::default(),
         };
+        dev.usable = ioctl::iommu_iova_ranges(dev.container.as_fd_borrowed()).unwrap_or(None);
+        dev.windows = msi::read_reserved_regions(&group);
+        if let Some(u) = &dev.usable {
+            for h in msi::holes(u) {
+                if !dev
+                    .windows
+                    .iter()
+                    .any(|w| w.start == h.start && w.end == h.end)
+                {
+                    dev.windows.push(h);
+                }
+            }
+        }
+        let list: Vec<String> = dev.windows.iter().map(|w| w.to_string()).collect();
+        tracing::info!(device = %dev.name, "IOVA windows DMA must avoid: {}; MSI isolation: {:?}", if list.is_empty() { "none".into() } else { list.join(", ") }, dev.isolation);
         let mut bars = [BarInfo {
             register: 0,
             size: 0,
@@ -515,11 +544,21 @@ impl Device for VfioPci {
         host: Option<u64>,
         flags: u32,
     ) -> Result<(), DeviceError> {
-        let host = host.ok_or_else(|| DeviceError::NeedsSharedMemory {
-            device: self.name.clone(),
-            iova,
-            size,
-        })?;
+        let Some(host) = host else {
+            // QEMU maps its firmware ROMs (read-only, no fd) too; the device
+            // never DMAs there, so they are recorded but kept out of the
+            // IOMMU. Writable memory without an fd is guest RAM that is not
+            // shared: the device could not reach it, so that is refused.
+            if flags & DMA_MAP_FLAG_WRITE == 0 {
+                debug!(device = %self.name, "read-only DMA_MAP [{iova:#x}, +{size:#x}) without fd (firmware ROM): not mapped for the device");
+                return Ok(());
+            }
+            return Err(DeviceError::NeedsSharedMemory {
+                device: self.name.clone(),
+                iova,
+                size,
+            });
+        };
         let mut vflags = 0;
         if flags & DMA_MAP_FLAG_READ != 0 {
             vflags |= ioctl::VFIO_DMA_MAP_FLAG_READ;
@@ -528,10 +567,15 @@ impl Device for VfioPci {
             vflags |= ioctl::VFIO_DMA_MAP_FLAG_WRITE;
         }
         ioctl::iommu_map(self.container.as_fd_borrowed(), host, iova, size, vflags)
-            .map_err(self.os(format!("VFIO_IOMMU_MAP_DMA [{iova:#x}, +{size:#x})")))
+            .map_err(self.os(format!("VFIO_IOMMU_MAP_DMA [{iova:#x}, +{size:#x})")))?;
+        self.iommu_maps.insert((iova, size));
+        Ok(())
     }
 
     fn dma_unmapped(&mut self, iova: u64, size: u64) {
+        if !self.iommu_maps.remove(&(iova, size)) {
+            return;
+        }
         if let Err(e) = ioctl::iommu_unmap(self.container.as_fd_borrowed(), iova, size) {
             warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) failed: {e}");
         }
