@@ -47,7 +47,13 @@ rm -f "$LOG_DIR"/*.console.log "$LOG_DIR"/*.results "$LOG_DIR"/airlock*.log
 section "a. guest VFIO -> vfio-user-pci -> airlock --emulate edu"
 sock="$RUN_DIR/edu.sock"
 start_airlock apid "$sock" "$LOG_DIR/airlock-a.log"
-run_guest a-airlock "$test_cpio" -device "$(vfio_user_dev "$sock")"
+# QEMU's side comes from airlock itself (--print-qemu-args): the memfd
+# share=on RAM backend and the vfio-user-pci device for this socket.
+mapfile -t qemu_args < <("$AIRLOCK_BIN" --print-qemu-args --socket-path "$sock" --emulate edu --guest-ram 512M | grep -v '^#')
+note "QEMU arguments from airlock --print-qemu-args: ${qemu_args[*]}"
+export GUEST_RAM_FROM_ARGS=1
+run_guest a-airlock "$test_cpio" "${qemu_args[@]}"
+unset GUEST_RAM_FROM_ARGS
 a_sum=$(summary_line "$GUEST_RESULTS" || true)
 a_boot=$GUEST_BOOT_S a_total=$GUEST_TOTAL_S a_ns=$(mmio_ns "$GUEST_RESULTS")
 stop_pid "$apid"

@@ -537,6 +537,23 @@ impl Device for VfioPci {
         }
     }
 
+    fn iova_windows(&self) -> Vec<DoorbellWindow> {
+        self.windows.clone()
+    }
+
+    fn usable_iova(&self) -> Option<Vec<IovaRange>> {
+        self.usable.clone()
+    }
+
+    fn connect_warning(&self) -> Option<String> {
+        (self.isolation == MsiIsolation::Unsafe).then(|| {
+            format!(
+                "{}: the host cannot isolate this device's MSIs; serving only because of --allow-unsafe-interrupts (the device can forge other devices' interrupts)",
+                self.name
+            )
+        })
+    }
+
     fn dma_mapped(
         &mut self,
         iova: u64,
