@@ -407,7 +407,9 @@ fn print_vfio_interrupts(label: &str) {
                 info(&format!("interrupts {label}: {l}"));
             }
             if !any {
-                info(&format!("interrupts {label}: no vfio lines in /proc/interrupts"));
+                info(&format!(
+                    "interrupts {label}: no vfio lines in /proc/interrupts"
+                ));
             }
         }
         Err(e) => info(&format!("interrupts {label}: /proc/interrupts: {e}")),
