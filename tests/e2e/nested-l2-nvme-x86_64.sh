@@ -14,19 +14,11 @@
 #   After L1 powers off, the host checks the raw image: B where L2 wrote it,
 #   A everywhere else.
 #
-# Known problem (airlock, 2026-11): without --mediate-bars QEMU 11.1 refuses
-# the device at realize: "vfio vfio-user:/tmp/nvme.sock: failed to get region 0
-# info: Invalid argument". QEMU first asks GET_REGION_INFO with argsz 32; for a
-# region with capabilities (the sparse-mmap list) airlock's truncated reply
-# sets FLAG_CAPS with cap_offset 0 (as the kernel does), and QEMU's vfio-user
-# client rejects any CAPS reply whose cap_offset < 32 before it re-asks
-# (hw/vfio-user/device.c). So this script passes --mediate-bars by default
-# (no mmap fast path: every BAR access is a vfio-user message);
-# NESTED_AIRLOCK_ARGS= (empty) tries the fast path.
-# Harmless noise: QEMU also DMA_MAPs its fd-less ROMs (0xfffc0000 +256K
-# pc.bios, 0xc0000-0xfffff pc.rom / PAM pieces); airlock refuses them (EINVAL,
-# later unmaps ENOENT) and QEMU logs "error reply on async request command 2 /
-# 3" but goes on; the guest never DMAs there.
+# airlock serves the nvme with the mmap fast path by default (QEMU maps the
+# BAR pages outside the MSI-X table and PBA); NESTED_AIRLOCK_ARGS=--mediate-bars
+# sends every BAR access through airlock instead. (Before the fix of
+# 2026-11-22 QEMU rejected airlock's truncated region-info reply, whose
+# cap_offset was 0, so this script used --mediate-bars.)
 #
 # Usage: tests/e2e/nested-l2-nvme-x86_64.sh
 # Env:   AIRLOCK_LOG_DIR   logs (default logs/e2e-nested-l2-nvme/): console.log
@@ -35,8 +27,8 @@
 #        GUEST_TIMEOUT     seconds before L1's QEMU is killed (default 1500)
 #        L1_MEM, L2_MEM    guest RAM (default 2G, 256M)
 #        NESTED_AIRLOCK    a static airlock binary to use instead of this tree's build
-#        NESTED_AIRLOCK_ARGS  airlock arguments, space-separated (default
-#                          --mediate-bars; set it empty for the mmap fast path)
+#        NESTED_AIRLOCK_ARGS  airlock arguments, space-separated (default none:
+#                          the mmap fast path; --mediate-bars to route every BAR access)
 # Output: progress (L1 INFO lines, every L2 console line), L2's PASS/FAIL lines,
 # the host's disk checks, timings, and last "N passed, M failed" (L2's and the
 # host's checks together). Exit 0 iff all passed; 124 on timeout; 77 if it
@@ -167,8 +159,8 @@ AIRLOCK_UNSAFE_INTERRUPTS=0 "$repo/scripts/mkinitramfs" x86_64 "$cpio" \
     "$g/vmlinux:/l2/vmlinux" "$l2_cpio:/l2/initrd.cpio" "${bundle[@]}" >>"$LOG_DIR/build.log" 2>&1 ||
     die "mkinitramfs failed (see $LOG_DIR/build.log)"
 note "L1 initramfs $(($(stat -c %s "$cpio") / 1048576)) MiB (uncompressed; holds L2's vmlinux, initramfs and QEMU)"
-# Default --mediate-bars: see "Known problem" at the top.
-airlock_args=${NESTED_AIRLOCK_ARGS---mediate-bars}
+# Default: the mmap fast path (see the top).
+airlock_args=${NESTED_AIRLOCK_ARGS-}
 extra=$(echo $airlock_args | tr ' ' ,)
 
 # --- boot L1 ------------------------------------------------------------------
