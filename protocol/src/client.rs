@@ -173,11 +173,14 @@ impl Client {
         };
         let r = self.request(Command::Version, &v.encode(), &[])?;
         let reply = Version::decode(&r.payload)?;
-        if let Some(c) = &reply.capabilities {
-            if let Some(x) = c.max_data_xfer_size {
-                self.limits =
-                    Limits::new(x.min(self.limits.max_data_xfer.max(x)), self.limits.max_fds);
-            }
+        // The server's max_data_xfer_size bounds what it sends us, so it is
+        // also the largest data message this client must accept.
+        if let Some(x) = reply
+            .capabilities
+            .as_ref()
+            .and_then(|c| c.max_data_xfer_size)
+        {
+            self.limits = Limits::new(x, self.limits.max_fds);
         }
         Ok(reply)
     }
