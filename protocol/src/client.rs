@@ -180,7 +180,7 @@ impl Client {
             .as_ref()
             .and_then(|c| c.max_data_xfer_size)
         {
-            self.limits = Limits::new(x, self.limits.max_fds);
+            self.limits = Limits::new(x.min(64 << 20), self.limits.max_fds);
         }
         Ok(reply)
     }
