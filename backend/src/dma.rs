@@ -98,14 +98,6 @@ impl DmaSpace {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.maps.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.maps.is_empty()
-    }
-
     pub fn map(&mut self, m: &DmaMap, fd: Option<OwnedFd>) -> Result<(), DmaError> {
         let (iova, size) = (m.iova, m.size);
         if size == 0 {

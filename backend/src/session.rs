@@ -8,7 +8,7 @@
 //! drained) because QEMU's client aborts when its unread input is reset.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -71,6 +71,8 @@ pub struct Session<'a> {
     stats: Stats,
     /// Every IOVA window DMA_MAP must avoid: the device's and --reserve-iova's.
     windows: Vec<DoorbellWindow>,
+    /// The device's name for errors, shared so a message costs no allocation.
+    name: std::sync::Arc<str>,
 }
 
 /// How a reply to the current command is produced.
@@ -96,6 +98,7 @@ impl<'a> Session<'a> {
         windows.extend(server.windows.iter().cloned());
         Session {
             windows,
+            name: device.name().into(),
             sock: MessageSocket::new(stream),
             device,
             dma: DmaSpace::new(server.max_dma_maps as usize),
@@ -188,7 +191,7 @@ impl<'a> Session<'a> {
     }
 
     fn handle(&mut self, h: &Header, req: Request<'_>) -> Handled {
-        let dev = self.device.name().to_string();
+        let dev = self.name.clone();
         match req {
             Request::Version(v) => {
                 if self.peer.is_some() {
@@ -410,25 +413,25 @@ impl<'a> Session<'a> {
     /// Region exists, allows the access, and [offset, offset+count) fits.
     fn check_access(&self, a: &RegionAccess, need: u32) -> Result<(), (i32, String)> {
         let dev = self.device.name();
-        let d = self.device.region(a.region).ok_or_else(|| {
+        let (flags, size) = self.device.region_limits(a.region).ok_or_else(|| {
             (
                 libc::EINVAL,
                 format!("{dev}: region {} does not exist", a.region),
             )
         })?;
-        if d.flags & need == 0 {
+        if flags & need == 0 {
             return Err((
                 libc::EINVAL,
                 format!("{dev}: region {} does not allow this access", a.region),
             ));
         }
         // Decoding checked offset + count does not overflow.
-        if a.offset + a.count as u64 > d.size {
+        if a.offset + a.count as u64 > size {
             return Err((
                 libc::EINVAL,
                 format!(
                     "{dev}: access [{:#x}, +{:#x}) is outside region {} of size {:#x}",
-                    a.offset, a.count, a.region, d.size
+                    a.offset, a.count, a.region, size
                 ),
             ));
         }
@@ -626,9 +629,5 @@ impl<'a> Session<'a> {
         }
         f.done += chunk;
         self.advance();
-    }
-
-    pub fn raw_fd(&self) -> i32 {
-        self.sock.stream().as_raw_fd()
     }
 }

@@ -81,6 +81,11 @@ pub trait Device: Send {
     fn num_regions(&self) -> u32;
     /// None for an index past num_regions.
     fn region(&self, index: u32) -> Option<RegionDesc<'_>>;
+    /// (flags, size) of a region, for the per-access bounds check; devices
+    /// whose `region` allocates (capability lists) answer it directly.
+    fn region_limits(&self, index: u32) -> Option<(u32, u64)> {
+        self.region(index).map(|d| (d.flags, d.size))
+    }
     fn num_irqs(&self) -> u32;
     /// (flags, count) of an IRQ index.
     fn irq_info(&self, index: u32) -> Option<(u32, u32)>;

@@ -370,6 +370,19 @@ impl Device for VfioPci {
         })
     }
 
+    fn region_limits(&self, index: u32) -> Option<(u32, u64)> {
+        let r = self.regions.get(index as usize)?;
+        let mmap = if r.areas.is_empty() {
+            0
+        } else {
+            REGION_INFO_FLAG_MMAP
+        };
+        Some((
+            r.info.flags & (REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE) | mmap,
+            r.info.size,
+        ))
+    }
+
     fn num_irqs(&self) -> u32 {
         self.irqs.len() as u32
     }
