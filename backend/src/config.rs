@@ -125,6 +125,16 @@ pub enum DeviceKind {
     },
 }
 
+impl std::fmt::Display for DeviceKind {
+    /// The name the device goes by in logs (as `Device::name`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceKind::Emulated(EmulatedKind::Edu) => write!(f, "edu"),
+            DeviceKind::Vfio { bdf, .. } => write!(f, "vfio {bdf}"),
+        }
+    }
+}
+
 /// Normalizes a PCI address to DDDD:BB:DD.F (a missing domain is 0000).
 pub fn parse_bdf(s: &str) -> Result<String, ConfigError> {
     let bad = || ConfigError::BadAddress(s.to_string());

@@ -1,20 +1,24 @@
 //! The DMA space: what the client mapped for the device, by IOVA.
 //!
-//! fd-backed maps are mmapped here (vm-memory) and reached directly; maps
+//! A map that came with an fd is reached through that fd with
+//! pread/pwrite, never through a mapping: a client can shrink its file
+//! after DMA_MAP, and a load or store past the end of a mapped file would
+//! kill the server with SIGBUS, while pread/pwrite just come up short.
+//! Only a device that needs a host address (VFIO pins it into the IOMMU)
+//! gets the fd mmapped; airlock's CPU never touches that mapping (VFIO
+//! pinned the pages, so shrinking the file cannot pull them away). Maps
 //! without an fd are recorded so the server can reach them with
-//! DMA_READ/DMA_WRITE messages. Removing a map munmaps it before the unmap
-//! is acknowledged, so no device access can reach memory after the client
-//! took it back.
+//! DMA_READ/DMA_WRITE messages. Removing a map closes and munmaps it before
+//! the unmap is acknowledged, so no device access can reach memory after
+//! the client took it back.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 
 use airlock_protocol::dma::{DmaMap, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use thiserror::Error;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestRegionMmap, MemoryRegionAddress, MmapRegion,
-};
 
 /// Page size offered in VERSION (pgsizes); maps must be aligned to it.
 pub const PAGE_SIZE: u64 = 4096;
@@ -52,6 +56,8 @@ pub enum DmaError {
     Permission { iova: u64, dir: &'static str },
     #[error("DMA at {iova:#x} failed in the client: errno {errno}")]
     Client { iova: u64, errno: i32 },
+    #[error("DMA at {iova:#x}: the client's memory file no longer covers it ({source}); did the client shrink it after DMA_MAP?")]
+    Backing { iova: u64, source: std::io::Error },
 }
 
 impl DmaError {
@@ -64,6 +70,7 @@ impl DmaError {
             DmaError::Unmapped { .. } => libc::EFAULT,
             DmaError::Permission { .. } => libc::EPERM,
             DmaError::Client { errno, .. } => *errno,
+            DmaError::Backing { .. } => libc::EFAULT,
             _ => libc::EINVAL,
         }
     }
@@ -72,8 +79,31 @@ impl DmaError {
 struct Mapping {
     size: u64,
     flags: u32,
-    /// None: the client sent no fd; reach it with DMA_READ/DMA_WRITE.
-    memory: Option<GuestRegionMmap>,
+    backing: Backing,
+}
+
+enum Backing {
+    /// The client sent no fd; reach it with DMA_READ/DMA_WRITE.
+    Messages,
+    /// Reached with pread/pwrite at `offset` + (address - map start).
+    File { file: File, offset: u64 },
+    /// mmapped for a device that needs a host address (the fd is closed:
+    /// the mapping keeps the file).
+    Host(HostMapping),
+}
+
+/// A shared mapping of a client's file, unmapped on drop.
+struct HostMapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; nothing else
+        // unmaps it, and the device dropped it (dma_unmapped) before us.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }
 
 /// A contiguous piece of a DMA access that falls in one map.
@@ -88,13 +118,16 @@ pub enum Segment {
 pub struct DmaSpace {
     maps: BTreeMap<u64, Mapping>,
     max_maps: usize,
+    /// mmap fd-backed maps (for a device that needs host addresses).
+    host_mappings: bool,
 }
 
 impl DmaSpace {
-    pub fn new(max_maps: usize) -> Self {
+    pub fn new(max_maps: usize, host_mappings: bool) -> Self {
         DmaSpace {
             maps: BTreeMap::new(),
             max_maps,
+            host_mappings,
         }
     }
 
@@ -124,16 +157,26 @@ impl DmaSpace {
         if self.maps.len() >= self.max_maps {
             return Err(DmaError::TooMany(self.max_maps));
         }
-        let memory = match fd {
-            None => None,
-            Some(fd) => Some(mmap_backing(m, fd)?),
+        let backing = match fd {
+            None => Backing::Messages,
+            Some(fd) => {
+                let file = checked_backing(m, fd)?;
+                if self.host_mappings {
+                    Backing::Host(mmap_backing(m, &file)?)
+                } else {
+                    Backing::File {
+                        file,
+                        offset: m.offset,
+                    }
+                }
+            }
         };
         self.maps.insert(
             iova,
             Mapping {
                 size,
                 flags: m.flags,
-                memory,
+                backing,
             },
         );
         Ok(())
@@ -167,8 +210,10 @@ impl DmaSpace {
 
     /// Where airlock mapped the map starting at `iova` (None without an fd).
     pub fn host_address(&self, iova: u64) -> Option<u64> {
-        let m = self.maps.get(&iova)?.memory.as_ref()?;
-        Some(m.as_ptr() as u64)
+        match &self.maps.get(&iova)?.backing {
+            Backing::Host(h) => Some(h.ptr as u64),
+            _ => None,
+        }
     }
 
     /// Splits an access into per-map segments, checking every byte is
@@ -202,7 +247,7 @@ impl DmaSpace {
                 });
             }
             let n = (base + m.size).min(end) - at;
-            out.push(if m.memory.is_some() {
+            out.push(if matches!(m.backing, Backing::File { .. }) {
                 Segment::Direct {
                     iova: at,
                     len: n as usize,
@@ -218,56 +263,74 @@ impl DmaSpace {
         Ok(out)
     }
 
-    fn region(&self, iova: u64) -> Option<(&GuestRegionMmap, u64)> {
-        let (&base, m) = self.maps.range(..=iova).next_back()?;
-        Some((m.memory.as_ref()?, iova - base))
+    /// The file and file offset behind a Direct segment at `iova`.
+    fn file_at(&self, iova: u64, len: usize) -> Result<(&File, u64), DmaError> {
+        let unmapped = DmaError::Unmapped {
+            iova,
+            len: len as u64,
+        };
+        let (&base, m) = self.maps.range(..=iova).next_back().ok_or(unmapped)?;
+        match &m.backing {
+            Backing::File { file, offset } => Ok((file, offset + (iova - base))),
+            _ => Err(DmaError::Unmapped {
+                iova,
+                len: len as u64,
+            }),
+        }
     }
 
-    /// Reads a Direct segment (as returned by `segments`).
+    /// Reads a Direct segment (as returned by `segments`). A file the
+    /// client shrank under the map reads short: an error, not a fault.
     pub fn read_direct(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        let (r, off) = self.region(iova).ok_or(DmaError::Unmapped {
-            iova,
-            len: buf.len() as u64,
-        })?;
-        r.read_slice(buf, MemoryRegionAddress(off))
-            .map_err(|_| DmaError::Unmapped {
-                iova,
-                len: buf.len() as u64,
-            })
+        let (file, at) = self.file_at(iova, buf.len())?;
+        file.read_exact_at(buf, at)
+            .map_err(|source| DmaError::Backing { iova, source })
     }
 
     /// Writes a Direct segment (as returned by `segments`).
     pub fn write_direct(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
-        let (r, off) = self.region(iova).ok_or(DmaError::Unmapped {
-            iova,
-            len: data.len() as u64,
-        })?;
-        r.write_slice(data, MemoryRegionAddress(off))
-            .map_err(|_| DmaError::Unmapped {
+        let (file, at) = self.file_at(iova, data.len())?;
+        // A write past a shrunken end would grow the file (or fail on a
+        // sealed memfd): refuse it the same way a short read is refused.
+        let end = at + data.len() as u64;
+        let len = file
+            .metadata()
+            .map_err(|source| DmaError::Backing { iova, source })?
+            .len();
+        if end > len {
+            return Err(DmaError::Backing {
                 iova,
-                len: data.len() as u64,
-            })
+                source: std::io::Error::from_raw_os_error(libc::EFAULT),
+            });
+        }
+        file.write_all_at(data, at)
+            .map_err(|source| DmaError::Backing { iova, source })
     }
 }
 
-/// mmaps the client's fd for a map, refusing fds that could SIGBUS us.
-fn mmap_backing(m: &DmaMap, fd: OwnedFd) -> Result<GuestRegionMmap, DmaError> {
+/// Takes the client's fd for a map if it is a regular file that covers
+/// offset + size now (a later shrink is survived, see the module doc).
+fn checked_backing(m: &DmaMap, fd: OwnedFd) -> Result<File, DmaError> {
     let bad = DmaError::BadBacking {
         iova: m.iova,
         size: m.size,
         offset: m.offset,
     };
-    // SAFETY: fstat only writes into the stat buffer we own.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is a valid open descriptor owned by `fd`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(bad);
+    let file = File::from(fd);
+    let meta = file.metadata().map_err(|_| bad)?;
+    // The offset + size sum was overflow-checked when decoding.
+    if !meta.file_type().is_file() || meta.len() < m.offset + m.size {
+        return Err(DmaError::BadBacking {
+            iova: m.iova,
+            size: m.size,
+            offset: m.offset,
+        });
     }
-    // An access past the file's end would SIGBUS the server: refuse it up
-    // front (the offset + size sum was overflow-checked when decoding).
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG || (st.st_size as u64) < m.offset + m.size {
-        return Err(bad);
-    }
+    Ok(file)
+}
+
+/// mmaps the client's file for a device that needs a host address.
+fn mmap_backing(m: &DmaMap, file: &File) -> Result<HostMapping, DmaError> {
     let mut prot = 0;
     if m.flags & DMA_MAP_FLAG_READ != 0 {
         prot |= libc::PROT_READ;
@@ -275,25 +338,29 @@ fn mmap_backing(m: &DmaMap, fd: OwnedFd) -> Result<GuestRegionMmap, DmaError> {
     if m.flags & DMA_MAP_FLAG_WRITE != 0 {
         prot |= libc::PROT_WRITE;
     }
-    let size = usize::try_from(m.size).map_err(|_| DmaError::BadBacking {
+    let err = |source| DmaError::Mmap {
         iova: m.iova,
         size: m.size,
-        offset: m.offset,
-    })?;
-    let region = MmapRegion::build(
-        Some(FileOffset::new(File::from(fd), m.offset)),
-        size,
-        prot,
-        libc::MAP_SHARED,
-    )
-    .map_err(|e| DmaError::Mmap {
-        iova: m.iova,
-        size: m.size,
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    GuestRegionMmap::new(region, GuestAddress(m.iova)).map_err(|e| DmaError::Mmap {
-        iova: m.iova,
-        size: m.size,
-        source: std::io::Error::other(e.to_string()),
-    })
+        source,
+    };
+    let len = usize::try_from(m.size)
+        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let offset = libc::off_t::try_from(m.offset)
+        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+    // SAFETY: a new shared mapping chosen by the kernel; file is a valid
+    // fd for the call. The result is checked and owned by HostMapping.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(HostMapping { ptr, len })
 }

@@ -29,7 +29,7 @@ use thiserror::Error;
 pub enum IrqError {
     #[error("irq index {index} does not exist (device has {count})")]
     NoSuchIndex { index: u32, count: usize },
-    #[error("irq index {index}: vectors [{start}, +{count}) exceed its {have} vectors")]
+    #[error("irq index {index}: vectors [{start}, +{count}) are not within its {have} vectors (count 0 only with ACTION_TRIGGER and DATA_NONE, which disables the index)")]
     Range {
         index: u32,
         start: u32,
@@ -38,6 +38,24 @@ pub enum IrqError {
     },
     #[error("irq index {index} does not support {what}")]
     Unsupported { index: u32, what: &'static str },
+}
+
+/// Kernel VFIO's range rule for SET_IRQS on an index of `have` vectors:
+/// start names a vector even when count is 0, and count 0 only means
+/// something as TRIGGER + DATA_NONE ("disable the index", returns true).
+pub fn check_range(set: &IrqSet, have: u32) -> Result<bool, IrqError> {
+    let disable_all =
+        set.action == IrqAction::Trigger && set.count == 0 && matches!(set.data, IrqData::None);
+    // Decoding checked start + count does not overflow.
+    if set.start >= have || (!disable_all && (set.count == 0 || set.start + set.count > have)) {
+        return Err(IrqError::Range {
+            index: set.index,
+            start: set.start,
+            count: set.count,
+            have,
+        });
+    }
+    Ok(disable_all)
 }
 
 impl IrqError {
@@ -191,22 +209,11 @@ impl IrqTable {
                 count,
             })?;
         let have = line.vectors.len() as u32;
-        let disable_all =
-            set.action == IrqAction::Trigger && set.count == 0 && matches!(set.data, IrqData::None);
-        if disable_all {
+        if check_range(&set, have)? {
             for v in &mut line.vectors {
                 *v = Vector::default();
             }
             return Ok(());
-        }
-        // Decoding checked start + count does not overflow.
-        if set.start + set.count > have {
-            return Err(IrqError::Range {
-                index: set.index,
-                start: set.start,
-                count: set.count,
-                have,
-            });
         }
         if set.action != IrqAction::Trigger && line.flags & IRQ_INFO_MASKABLE == 0 {
             return Err(IrqError::Unsupported {

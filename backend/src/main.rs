@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-use airlock::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind, Listen};
+use airlock::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind};
 use airlock::device::{edu::Edu, vfio::VfioPci, Device};
-use airlock::sandbox::{self, Policy, Profile, Role};
+use airlock::sandbox::{self, Policy, Profile, ServerStart};
 use airlock::server::{install_stop_signals, serve, Listener};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -87,44 +87,68 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
             windows,
         } => (listen, device, max_data_xfer, sandbox, windows),
     };
-    if sandbox_config.is_some() {
-        let path = match &listen {
-            Listen::Path(p) => Some(p.clone()),
-            Listen::Fd(_) => None,
-        };
-        if let Role::Supervisor(code) = sandbox::enter_pid_namespace(|| path)? {
-            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
-        }
+    // The socket first: with the sandbox its owner is the supervisor, so
+    // the path stays in place while servers come and go.
+    let listener = Listener::open(&listen)?;
+    let mut limits = airlock::server_limits(max_data_xfer);
+    limits.windows = windows;
+    if matches!(kind, DeviceKind::Vfio { .. }) {
+        limits.max_dma_maps = airlock::vfio_max_dma_maps(limits.max_dma_maps);
     }
-    // Acquire everything first: signals, socket, device.
+    let Some(sc) = sandbox_config else {
+        tracing::warn!("sandbox off: the server runs with airlock's full privileges");
+        install_stop_signals()?;
+        airlock::fit_dma_maps_to_nofile(&mut limits);
+        let (device, _) = open_device(kind)?;
+        serve(&listener, device, limits)?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    let name = kind.to_string();
+    let code = sandbox::supervise(&name, listener.raw_fd(), |start| {
+        match serve_confined(&listener, kind.clone(), &sc, limits.clone(), start) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("airlock: {e}");
+                1
+            }
+        }
+    })?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// The sandboxed server: open the device, confine, serve until stopped.
+fn serve_confined(
+    listener: &Listener,
+    kind: DeviceKind,
+    sc: &airlock::config::SandboxConfig,
+    mut limits: airlock::negotiate::ServerLimits,
+    start: &ServerStart<'_>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    // Acquire everything first: signals, device.
     install_stop_signals()?;
-    let mut listener = Listener::open(&listen)?;
     let (device, profile) = open_device(kind)?;
     // Then confine.
-    if let Some(sc) = sandbox_config {
-        // The supervisor, outside the empty root, removes the socket path.
-        listener.disown_path();
-        let (nofile, memlock) = match profile {
-            Profile::Emulated => (256, sc.memlock.unwrap_or(0)),
-            Profile::Vfio => (4096, sc.memlock.unwrap_or(u64::MAX)),
-        };
-        sandbox::confine(&Policy {
+    let nofile = airlock::fit_dma_maps_to_nofile(&mut limits);
+    let memlock = match profile {
+        Profile::Emulated => sc.memlock.unwrap_or(0),
+        Profile::Vfio => sc.memlock.unwrap_or(u64::MAX),
+    };
+    sandbox::confine(
+        &Policy {
             profile,
             user: sc.user,
             limits: sandbox::Limits { nofile, memlock },
-        })?;
-        #[cfg(feature = "fault-injection")]
-        if let Some(f) = sc.fault {
-            fault::attempt(f);
-        }
-    } else {
-        tracing::warn!("sandbox off: the server runs with airlock's full privileges");
+        },
+        start,
+    )?;
+    start.ready();
+    #[cfg(feature = "fault-injection")]
+    if let (Some(f), 0) = (sc.fault, start.generation) {
+        fault::attempt(f);
     }
     // Then serve.
-    let mut limits = airlock::server_limits(max_data_xfer);
-    limits.windows = windows;
-    serve(&listener, device, limits)?;
-    Ok(ExitCode::SUCCESS)
+    serve(listener, device, limits)?;
+    Ok(())
 }
 
 /// Test-only attempts at what the sandbox forbids.

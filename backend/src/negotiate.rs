@@ -36,6 +36,8 @@ pub struct Peer {
     pub max_msg_fds: u32,
     pub max_data_xfer: u64,
     pub max_dma_maps: u64,
+    /// Proposed write_multiple (REGION_WRITE_MULTI is refused otherwise).
+    pub write_multiple: bool,
 }
 
 impl Default for Peer {
@@ -44,6 +46,7 @@ impl Default for Peer {
             max_msg_fds: 1,
             max_data_xfer: 1 << 20,
             max_dma_maps: 65535,
+            write_multiple: false,
         }
     }
 }
@@ -89,6 +92,7 @@ pub fn negotiate(
     }
     if theirs.write_multiple == Some(true) {
         reply.write_multiple = Some(true);
+        peer.write_multiple = true;
     }
     // Only for a client that proposed it: stock QEMU warns about keys it
     // did not propose. A non-empty proposal narrows the answer further.

@@ -118,6 +118,10 @@ impl Listener {
         self.owns_path = false;
     }
 
+    pub fn raw_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
     pub fn describe(&self) -> String {
         match &self.path {
             Some(p) => p.display().to_string(),

@@ -36,8 +36,9 @@ struct InFlight {
     /// Bytes read so far (Read jobs) or the position in the data (Write).
     data: Vec<u8>,
     done: usize,
-    /// The message id we await a reply for, and the chunk it covers.
-    awaiting: Option<(u16, usize)>,
+    /// The message id we await a reply for, and the chunk (length, IOVA)
+    /// it covers.
+    awaiting: Option<(u16, usize, u64)>,
 }
 
 /// What one connection asked for, logged when it ends: it shows, e.g.,
@@ -96,12 +97,13 @@ impl<'a> Session<'a> {
         }
         let mut windows = device.iova_windows();
         windows.extend(server.windows.iter().cloned());
+        let host_mappings = device.needs_host_addresses();
         Session {
             windows,
             name: device.name().into(),
             sock: MessageSocket::new(stream),
             device,
-            dma: DmaSpace::new(server.max_dma_maps as usize),
+            dma: DmaSpace::new(server.max_dma_maps as usize, host_mappings),
             limits: Limits::new(server.max_data_xfer, server.max_msg_fds as usize),
             server,
             peer: None,
@@ -372,10 +374,14 @@ impl<'a> Session<'a> {
                 Ok(Answer::Payload(access.encode_fixed().to_vec()))
             }
             Request::RegionWriteMulti(writes) => {
-                if self.peer.is_some() {
-                    for w in &writes {
-                        self.write_one(w)?;
-                    }
+                if !self.peer.is_some_and(|p| p.write_multiple) {
+                    return Err((
+                        libc::EINVAL,
+                        "REGION_WRITE_MULTI needs the write_multiple capability, which this client did not propose in VERSION".into(),
+                    ));
+                }
+                for w in &writes {
+                    self.write_one(w)?;
                 }
                 Ok(Answer::Payload(
                     (writes.len() as u64).to_ne_bytes().to_vec(),
@@ -459,18 +465,7 @@ impl<'a> Session<'a> {
     /// Shut our side, then read until the client closes (bounded), so the
     /// client never sees its unread input reset.
     fn close_gracefully(&mut self) {
-        let s = self.sock.stream();
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut buf = [0u8; 4096];
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            use std::io::Read;
-            match (&*s).read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
+        self.sock.close_gracefully(Duration::from_secs(5));
     }
 
     // ---- device DMA -------------------------------------------------------
@@ -560,7 +555,7 @@ impl<'a> Session<'a> {
                     } else {
                         (Command::DmaRead, a.encode_read_request())
                     };
-                    f.awaiting = Some((id, chunk));
+                    f.awaiting = Some((id, chunk, iova));
                     let h = Header::command(id, cmd, body.len(), false);
                     if let Err(e) = self.sock.send(&h, &[&body], &[]) {
                         return self.fail_dma(DmaError::Client {
@@ -585,47 +580,61 @@ impl<'a> Session<'a> {
     fn on_reply(&mut self, h: &Header, payload: &[u8]) {
         let awaited = self.inflight.as_ref().and_then(|f| f.awaiting).map(|a| a.0);
         if awaited != Some(h.id) {
-            // A reply nobody asked for: the client has lost track of the
-            // conversation. Say so with an error reply to that id; go on.
-            warn!(
+            // A reply nobody awaits (e.g. to a DMA_READ a DEVICE_RESET
+            // abandoned) is dropped: answering a reply would put a message
+            // the client never asked for into its stream.
+            debug!(
                 device = self.device.name(),
-                "unsolicited reply id {} (command {})", h.id, h.cmd
+                "dropping a reply nobody awaits: id {} (command {})", h.id, h.cmd
             );
-            if let Err(e) = self.sock.send(&h.error_reply(libc::EINVAL), &[], &[]) {
-                debug!("error reply failed: {e}");
-            }
             return;
         }
         let Some(f) = self.inflight.as_mut() else {
             return;
         };
-        let Some((_, chunk)) = f.awaiting.take() else {
+        let Some((_, chunk, iova)) = f.awaiting.take() else {
             return;
         };
         let write = matches!(f.job, DmaJob::Write { .. });
         if h.is_error() {
-            let iova = match &f.job {
-                DmaJob::Read { iova, .. } | DmaJob::Write { iova, .. } => *iova,
-            };
             return self.fail_dma(DmaError::Client {
                 iova,
                 errno: h.error as i32,
             });
         }
-        if !write {
-            let parsed = DmaAccess::decode(payload, "DMA_READ reply")
-                .and_then(|(a, rest)| Ok((a, a.data(rest, "DMA_READ reply")?)));
-            match parsed {
-                Ok((a, data)) if a.count as usize == chunk => {
+        let want = if write {
+            Command::DmaWrite
+        } else {
+            Command::DmaRead
+        };
+        let checked = if h.cmd != want as u16 {
+            Err(format!("reply to message {} names command {}", h.id, h.cmd))
+        } else if write {
+            Ok(())
+        } else {
+            DmaAccess::decode(payload, "DMA_READ reply")
+                .and_then(|(a, rest)| Ok((a, a.data(rest, "DMA_READ reply")?)))
+                .map_err(|e| e.to_string())
+                .and_then(|(a, data)| {
+                    if a.iova != iova || a.count as usize != chunk {
+                        return Err(format!(
+                            "DMA_READ reply is for [{:#x}, +{:#x}), the request was [{iova:#x}, +{chunk:#x})",
+                            a.iova, a.count
+                        ));
+                    }
                     f.data[f.done..f.done + chunk].copy_from_slice(data);
-                }
-                _ => {
-                    return self.fail_dma(DmaError::Client {
-                        iova: 0,
-                        errno: libc::EPROTO,
-                    })
-                }
-            }
+                    Ok(())
+                })
+        };
+        if let Err(why) = checked {
+            warn!(
+                device = self.device.name(),
+                "device DMA at {iova:#x} failed: the client's reply is malformed ({why}); airlock expects QEMU's layout (address u64, count u32, data)"
+            );
+            return self.fail_dma(DmaError::Client {
+                iova,
+                errno: libc::EPROTO,
+            });
         }
         f.done += chunk;
         self.advance();

@@ -164,14 +164,24 @@ impl DmaAccess {
         Ok((a, rest))
     }
 
-    /// The data of a DMA_READ reply or DMA_WRITE request.
+    /// The data of a DMA_READ reply or DMA_WRITE request: exactly `count`
+    /// bytes, or `count` plus QEMU's 4 bytes of zero padding (its
+    /// sizeof(VFIOUserDMARW)). Anything else is an error, never data: a
+    /// reply in the spec text's layout (count u64, data at 16) has the same
+    /// size as QEMU's, and its non-zero tail tells it apart (see README,
+    /// spec conformance).
     pub fn data<'a>(&self, rest: &'a [u8], what: &'static str) -> Result<&'a [u8], ProtocolError> {
-        rest.get(..self.count as usize)
-            .ok_or(ProtocolError::DataMismatch {
+        let n = self.count as usize;
+        let exact = rest.len() == n;
+        let padded = rest.len() == n + DMA_RW_PAD && rest[n..].iter().all(|b| *b == 0);
+        if !(exact || padded) {
+            return Err(ProtocolError::DataMismatch {
                 what,
                 count: self.count as u64,
                 got: rest.len(),
-            })
+            });
+        }
+        Ok(&rest[..n])
     }
 
     /// DMA_READ reply: fixed part, data, padding (what QEMU sends back).

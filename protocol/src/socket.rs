@@ -136,6 +136,25 @@ impl MessageSocket {
         Ok(())
     }
 
+    /// Shuts the write side, then reads (recvmsg, dropping any fds) until
+    /// the peer closes or `limit` passes, so the peer never sees its unread
+    /// input reset (QEMU's client aborts on that). Never reads with read():
+    /// the sandbox allows recvmsg only.
+    pub fn close_gracefully(&self, limit: std::time::Duration) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let _ = self.stream.set_read_timeout(Some(limit));
+        let deadline = std::time::Instant::now() + limit;
+        let mut scratch = [0u8; 4096];
+        let mut fds = Vec::new();
+        let mut ctrunc = false;
+        while std::time::Instant::now() < deadline {
+            match self.recvmsg(&mut scratch, &mut fds, &mut ctrunc) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => fds.clear(),
+            }
+        }
+    }
+
     /// One recvmsg; received fds are owned at once so none can leak.
     fn recvmsg(
         &self,

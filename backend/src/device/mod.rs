@@ -108,6 +108,12 @@ pub trait Device: Send {
     ) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// Whether `dma_mapped` needs a host address for fd-backed maps (a
+    /// passthrough device pins it into the IOMMU); otherwise airlock never
+    /// mmaps client memory and reaches it with pread/pwrite.
+    fn needs_host_addresses(&self) -> bool {
+        false
+    }
     /// The client takes [iova, iova + size) back; called before airlock
     /// unmaps its own mapping, so the device can no longer reach it.
     fn dma_unmapped(&mut self, _iova: u64, _size: u64) {}

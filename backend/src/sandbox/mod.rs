@@ -1,27 +1,30 @@
 //! The per-device jail. airlock acquires everything first (socket, device,
 //! eventfds), then confines itself, then serves:
 //!
-//! 1. `enter_pid_namespace`: fork; the child is PID 1 of a new pid
-//!    namespace and becomes the server, the parent stays outside as a
-//!    supervisor that forwards SIGTERM/SIGINT and removes the socket path.
-//! 2. the child opens the socket and the device.
+//! 1. the supervisor opens the socket, then `supervise` starts the server
+//!    as PID 1 of a new pid namespace and stays outside: it forwards
+//!    SIGTERM/SIGINT, restarts a server that dies, and removes the socket
+//!    path at the end.
+//! 2. the server opens the device.
 //! 3. `confine`: new mount, net, ipc and uts namespaces; an empty read-only
 //!    root; rlimits; no capabilities; optionally another uid/gid;
-//!    no_new_privs; a seccomp allowlist that kills on anything else.
+//!    no_new_privs; a seccomp allowlist that traps anything else (the
+//!    server reports the call and exits; see violation.rs).
 
 mod privileges;
 mod root;
 pub mod seccomp;
+pub mod supervisor;
+pub mod violation;
 
 use std::io;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use thiserror::Error;
-use tracing::{error, info};
+use tracing::info;
 
 pub use privileges::Limits;
 pub use seccomp::Profile;
+pub use supervisor::{supervise, ServerStart};
 
 #[derive(Debug, Error)]
 pub enum SandboxError {
@@ -43,90 +46,9 @@ pub struct Policy {
     pub limits: Limits,
 }
 
-pub enum Role {
-    /// We are the sandboxed server (PID 1 of the new pid namespace).
-    Server,
-    /// We are the supervisor; the server's exit code once it ends.
-    Supervisor(i32),
-}
-
-static CHILD: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward(sig: libc::c_int) {
-    let pid = CHILD.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill has no memory arguments; async-signal-safe.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-/// Forks into a new pid namespace. In the supervisor this blocks until the
-/// server ends, then removes `socket_path` (the server cannot: its root is
-/// empty) and returns the exit code to use.
-pub fn enter_pid_namespace(
-    socket_path: impl FnOnce() -> Option<PathBuf>,
-) -> Result<Role, SandboxError> {
-    // SAFETY: unshare and fork take no pointers; only the main thread exists.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWPID) != 0 {
-            return Err(SandboxError::Step {
-                what: "creating a pid namespace",
-                source: io::Error::last_os_error(),
-            });
-        }
-    }
-    // SAFETY: single-threaded here, so the child may run arbitrary code.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(SandboxError::Step {
-            what: "fork into the pid namespace",
-            source: io::Error::last_os_error(),
-        });
-    }
-    if pid == 0 {
-        // The server dies with its supervisor.
-        // SAFETY: prctl with integer arguments only.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-        return Ok(Role::Server);
-    }
-    CHILD.store(pid, Ordering::SeqCst);
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: a zeroed sigaction with a handler that only calls kill.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = forward as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-    info!("sandbox: serving process is pid {pid} (host view), in its own pid namespace");
-    let mut status = 0;
-    loop {
-        // SAFETY: waitpid writes the status into our local.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid || (r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted) {
-            break;
-        }
-    }
-    if let Some(p) = socket_path() {
-        let _ = std::fs::remove_file(p);
-    }
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        let sig = libc::WTERMSIG(status);
-        if sig == libc::SIGSYS {
-            error!("the sandboxed server (pid {pid}) was killed by seccomp (SIGSYS): it made a system call outside its allowlist; this is a bug or an attack; --sandbox off shows which call");
-        } else {
-            error!("the sandboxed server (pid {pid}) was killed by signal {sig}");
-        }
-        128 + sig
-    };
-    Ok(Role::Supervisor(code))
-}
-
-/// Confines the server after setup and before it serves anyone.
-pub fn confine(policy: &Policy) -> Result<(), SandboxError> {
+/// Confines the server after setup and before it serves anyone; a
+/// seccomp violation is then recorded in `start`'s shared page.
+pub fn confine(policy: &Policy, start: &ServerStart<'_>) -> Result<(), SandboxError> {
     // SAFETY: unshare takes flags only.
     if unsafe {
         libc::unshare(
@@ -147,6 +69,13 @@ pub fn confine(policy: &Policy) -> Result<(), SandboxError> {
     }
     privileges::drop_capabilities()?;
     privileges::no_new_privs()?;
+    start
+        .record
+        .install_handler()
+        .map_err(|source| SandboxError::Step {
+            what: "installing the SIGSYS reporter",
+            source,
+        })?;
     seccomp::apply(policy.profile)?;
     let (syscalls, ioctls) = seccomp::counts(policy.profile);
     let memlock = if policy.limits.memlock == u64::MAX {

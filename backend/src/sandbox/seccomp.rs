@@ -1,5 +1,5 @@
 //! The seccomp allowlists, one per device kind. Anything not named here
-//! kills the process (SIGSYS). The serving process is single-threaded and
+//! traps (SIGSYS): the server's handler reports the call and exits. The serving process is single-threaded and
 //! opens nothing after setup, so open/socket/clone/execve/ptrace are absent.
 
 use std::collections::BTreeMap;
@@ -32,7 +32,9 @@ const COMMON: &[(libc::c_long, &str)] = &[
     (libc::SYS_fstat, "checking a DMA_MAP fd is a regular file"),
     (libc::SYS_newfstatat, "same, newer libc"),
     (libc::SYS_statx, "same, newest libc"),
-    (libc::SYS_lseek, "vm-memory sizing a DMA_MAP fd"),
+    (libc::SYS_lseek, "sizing a DMA_MAP fd"),
+    (libc::SYS_pread64, "device DMA reads of client memory; BAR and config reads"),
+    (libc::SYS_pwrite64, "device DMA writes of client memory; BAR and config writes"),
     (libc::SYS_mmap, "DMA maps, allocator"),
     (libc::SYS_munmap, "DMA unmaps, allocator"),
     (libc::SYS_mremap, "allocator"),
@@ -58,11 +60,8 @@ const ARCH_ONLY: &[(libc::c_long, &str)] = &[(libc::SYS_poll, "waiting for a cli
 #[cfg(not(target_arch = "x86_64"))]
 const ARCH_ONLY: &[(libc::c_long, &str)] = &[];
 
-/// Extra syscalls for --vfio.
-const VFIO: &[(libc::c_long, &str)] = &[
-    (libc::SYS_pread64, "BAR and config reads"),
-    (libc::SYS_pwrite64, "BAR and config writes"),
-];
+/// Extra syscalls for --vfio (none today: pread/pwrite are common).
+const VFIO: &[(libc::c_long, &str)] = &[];
 
 /// The only ioctls allowed (--vfio only): request numbers from linux/vfio.h.
 const VFIO_IOCTLS: &[(u64, &str)] = &[
@@ -126,7 +125,7 @@ pub fn build(p: Profile) -> Result<BpfProgram, SandboxError> {
         .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     let filter = SeccompFilter::new(
         rules,
-        SeccompAction::KillProcess,
+        SeccompAction::Trap,
         SeccompAction::Allow,
         arch,
     )

@@ -398,16 +398,7 @@ impl Device for VfioPci {
                 count: self.irqs.len(),
             })
         })?;
-        let disable_all =
-            set.action == IrqAction::Trigger && set.count == 0 && matches!(set.data, IrqData::None);
-        if !disable_all && set.start + set.count > have {
-            return Err(self.irq_err(IrqError::Range {
-                index: set.index,
-                start: set.start,
-                count: set.count,
-                have,
-            }));
-        }
+        let disable_all = crate::irq::check_range(&set, have).map_err(|e| self.irq_err(e))?;
         let action = match set.action {
             IrqAction::Mask => IRQ_SET_ACTION_MASK,
             IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
@@ -565,6 +556,10 @@ impl Device for VfioPci {
                 self.name
             )
         })
+    }
+
+    fn needs_host_addresses(&self) -> bool {
+        true
     }
 
     fn dma_mapped(

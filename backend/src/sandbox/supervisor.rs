@@ -1,0 +1,337 @@
+//! Crash-only serving. The supervisor stays outside the sandbox, owns the
+//! listening socket (so its path stays in place), and runs the server as
+//! PID 1 of a fresh pid namespace. When the server dies for any reason
+//! (signal, panic, seccomp) it logs why and starts a fresh, fully confined
+//! server on the same socket; clients queue in the listen backlog
+//! meanwhile. A restart storm is bounded.
+//!
+//! With --vfio the old server's death quiesces the device before the new
+//! one opens it: the kernel closes the dead process's VFIO fds, vfio-pci
+//! turns bus mastering off and resets the device on release, and closing
+//! the container removes every IOMMU mapping. The supervisor reaps the old
+//! server before it starts the next, and never opens the device itself.
+//!
+//! It also watches the listening socket: a client left waiting in the
+//! backlog (the server is busy with another one) gets a log line saying
+//! why, instead of an unexplained hang.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+
+use super::violation::{syscall_name, SharedRecord};
+use super::SandboxError;
+
+/// At most this many restarts within RESTART_WINDOW, then give up.
+pub const MAX_RESTARTS: usize = 5;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// How long a client may wait in the backlog before it is logged.
+const WAIT_REPORT: Duration = Duration::from_secs(1);
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn forward(sig: libc::c_int) {
+    STOPPING.store(true, Ordering::SeqCst);
+    let pid = CHILD.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill has no memory arguments; async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// What the server gets from its supervisor.
+pub struct ServerStart<'a> {
+    /// Where the server records a seccomp violation (install its handler).
+    pub record: &'a SharedRecord,
+    /// 0 for the first server, then one more per restart.
+    pub generation: u32,
+    /// Write end of the readiness pipe: call `ready()` once confined.
+    ready: RawFd,
+}
+
+impl ServerStart<'_> {
+    /// Tells the supervisor the server is confined and about to serve.
+    pub fn ready(&self) {
+        let b = [1u8];
+        // SAFETY: a one-byte write from a stack buffer to our pipe.
+        unsafe { libc::write(self.ready, b.as_ptr().cast(), 1) };
+    }
+}
+
+/// How a server ended.
+enum Ending {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl Ending {
+    fn code(&self) -> i32 {
+        match self {
+            Ending::Exited(c) => *c,
+            Ending::Signaled(s) => 128 + s,
+        }
+    }
+}
+
+fn step(what: &'static str) -> impl FnOnce(io::Error) -> SandboxError {
+    move |source| SandboxError::Step { what, source }
+}
+
+/// Runs `server` (returning its exit code) as the sandboxed server until
+/// a stop signal, restarting it when it dies. `device` names the device in logs; `listener` is the
+/// socket to watch for waiting clients. Returns the exit code for airlock.
+pub fn supervise(
+    device: &str,
+    listener: RawFd,
+    mut server: impl FnMut(&ServerStart<'_>) -> i32,
+) -> Result<i32, SandboxError> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction with a handler that only touches
+        // atomics and calls kill.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = forward as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    let record = SharedRecord::new().map_err(step("mapping the seccomp report page"))?;
+    let mut restarts: VecDeque<Instant> = VecDeque::new();
+    let mut ever_ready = false;
+    let mut restarts_total = 0u32;
+    loop {
+        record.clear();
+        let generation = restarts_total;
+        restarts_total += 1;
+        let (pid, pidfd, ready_rx) = spawn(&record, generation, &mut server)?;
+        let (ending, ready) = watch(device, listener, pid, &pidfd, &ready_rx)?;
+        CHILD.store(0, Ordering::SeqCst);
+        ever_ready |= ready;
+        if STOPPING.load(Ordering::SeqCst) {
+            return Ok(ending.code());
+        }
+        let why = describe(device, pid, &ending, &record);
+        if !ever_ready {
+            // It never served: a setup error (its message is above), not a
+            // crash; restarting would only repeat it.
+            if !matches!(ending, Ending::Exited(_)) {
+                error!("{why}");
+            }
+            return Ok(ending.code());
+        }
+        let now = Instant::now();
+        while restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            restarts.pop_front();
+        }
+        if restarts.len() >= MAX_RESTARTS {
+            error!("{why}");
+            error!(
+                "{device}: the server died {} times within {} s; giving up (the socket is removed). Check the lines above; `--sandbox off` runs without the sandbox to reproduce",
+                restarts.len() + 1,
+                RESTART_WINDOW.as_secs()
+            );
+            return Ok(ending.code().max(1));
+        }
+        restarts.push_back(now);
+        error!(
+            "{why}; starting a fresh sandboxed server on the same socket (restart {} of at most {} per {} s)",
+            restarts.len(),
+            MAX_RESTARTS,
+            RESTART_WINDOW.as_secs()
+        );
+    }
+}
+
+fn describe(device: &str, pid: i32, ending: &Ending, record: &SharedRecord) -> String {
+    if let Some(nr) = record.taken() {
+        return format!(
+            "{device}: the sandboxed server (pid {pid}) made system call {nr} ({}) outside its seccomp allowlist and was stopped. This is a bug in airlock or an attack through the socket: please report this line; `--sandbox off` reproduces without the filter",
+            syscall_name(nr)
+        );
+    }
+    match ending {
+        Ending::Signaled(libc::SIGSYS) => format!(
+            "{device}: the sandboxed server (pid {pid}) was killed by seccomp (SIGSYS) before it could say which call; `--sandbox off` reproduces without the filter"
+        ),
+        Ending::Signaled(s) => {
+            format!("{device}: the sandboxed server (pid {pid}) was killed by signal {s}")
+        }
+        Ending::Exited(c) => {
+            format!("{device}: the sandboxed server (pid {pid}) exited with status {c}")
+        }
+    }
+}
+
+/// Starts one server as PID 1 of a new pid namespace. Returns its pid (as
+/// seen here), a pidfd to wait on, and the read end of its ready pipe.
+fn spawn(
+    record: &SharedRecord,
+    generation: u32,
+    server: &mut impl FnMut(&ServerStart<'_>) -> i32,
+) -> Result<(i32, OwnedFd, OwnedFd), SandboxError> {
+    let mut p = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into p.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(step("creating the readiness pipe")(io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    // A raw clone with a new pid namespace each time: unshare(CLONE_NEWPID)
+    // works once per process, and a namespace dies with its PID 1.
+    // SAFETY: clone without CLONE_VM or a stack behaves like fork; only
+    // this thread exists, so the child may run arbitrary code.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    } as i32;
+    if pid < 0 {
+        return Err(SandboxError::Step {
+            what: "starting the server in a new pid namespace",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if pid == 0 {
+        // The server dies with its supervisor.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        drop(rx);
+        let start = ServerStart {
+            record,
+            generation,
+            ready: tx.as_raw_fd(),
+        };
+        // Exit without unwinding into the supervisor's frames: the
+        // listener and its path belong to the supervisor.
+        std::process::exit(server(&start));
+    }
+    drop(tx);
+    CHILD.store(pid, Ordering::SeqCst);
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    if fd < 0 {
+        return Err(step("pidfd_open on the server")(io::Error::last_os_error()));
+    }
+    info!("sandbox: serving process is pid {pid} (host view), in its own pid namespace");
+    // SAFETY: pidfd_open returned a new fd nobody else owns.
+    Ok((pid, unsafe { OwnedFd::from_raw_fd(fd) }, rx))
+}
+
+fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms = timeout.map_or(-1, |d| d.as_millis() as libc::c_int);
+    // SAFETY: fds is a live slice of pollfd.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Waits for the server to end, noting readiness and clients left
+/// waiting in the backlog. Returns how it ended and whether it got ready.
+fn watch(
+    device: &str,
+    listener: RawFd,
+    pid: i32,
+    pidfd: &OwnedFd,
+    ready_rx: &OwnedFd,
+) -> Result<(Ending, bool), SandboxError> {
+    let mut ready = false;
+    let mut ready_open = true;
+    // Since when a connection has sat unaccepted, and whether it was said.
+    let mut waiting: Option<(Instant, bool)> = None;
+    loop {
+        let mut fds = [
+            pollfd(pidfd.as_raw_fd()),
+            pollfd(if ready_open { ready_rx.as_raw_fd() } else { -1 }),
+            // While a client waits, poll the listener by timeout instead
+            // (it stays readable until the server accepts).
+            pollfd(if waiting.is_none() { listener } else { -1 }),
+        ];
+        let timeout = waiting.map(|_| Duration::from_millis(250));
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                // A pid namespace's PID 1 ignores SIGTERM until it has a
+                // handler: a server still starting up is killed instead.
+                if STOPPING.load(Ordering::SeqCst) && !ready {
+                    // SAFETY: kill has no memory arguments.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                continue;
+            }
+            Err(e) => return Err(step("waiting on the server")(e)),
+        }
+        if fds[0].revents != 0 {
+            return Ok((reap(pid)?, ready));
+        }
+        if fds[1].revents != 0 {
+            let mut b = [0u8; 1];
+            // SAFETY: a one-byte read into a stack buffer.
+            let n = unsafe { libc::read(ready_rx.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+            if n == 1 {
+                ready = true;
+            } else {
+                ready_open = false;
+            }
+        }
+        if fds[2].revents != 0 {
+            waiting = Some((Instant::now(), false));
+        } else if let Some((since, said)) = waiting {
+            let mut l = [pollfd(listener)];
+            if poll(&mut l, Some(Duration::ZERO)).unwrap_or(0) == 0 {
+                if said {
+                    info!("{device}: the waiting client was accepted");
+                }
+                waiting = None;
+            } else if !said && since.elapsed() >= WAIT_REPORT {
+                warn!(
+                    "{device}: a client has waited {} ms to be served: airlock serves one client at a time and another client holds the device; it is served when that client disconnects (one airlock per VM and device)",
+                    since.elapsed().as_millis()
+                );
+                waiting = Some((since, true));
+            }
+        }
+    }
+}
+
+fn reap(pid: i32) -> Result<Ending, SandboxError> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into our local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(step("reaping the server")(e));
+        }
+    }
+    Ok(if libc::WIFEXITED(status) {
+        Ending::Exited(libc::WEXITSTATUS(status))
+    } else {
+        Ending::Signaled(libc::WTERMSIG(status))
+    })
+}
