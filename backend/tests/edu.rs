@@ -8,33 +8,8 @@ use std::sync::{Arc, Mutex};
 use airlock::device::edu::*;
 use airlock_protocol::client::DmaMemory;
 use airlock_protocol::device::*;
-use airlock_protocol::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use airlock_protocol::irqs::{IrqAction, IrqData};
 use common::*;
-
-const CFG: u32 = PCI_CONFIG_REGION_INDEX;
-const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
-
-fn enable_bus_master(c: &mut airlock_protocol::client::Client) {
-    let cmd = c.region_read(CFG, 4, 2).unwrap();
-    let v = u16::from_le_bytes([cmd[0], cmd[1]]) | 0x6;
-    c.region_write(CFG, 4, &v.to_le_bytes()).unwrap();
-}
-
-fn run_dma(c: &mut airlock_protocol::client::Client, src: u64, dst: u64, count: u32, cmd: u32) {
-    c.write32(0, REG_DMA_SRC, src as u32).unwrap();
-    c.write32(0, 0x84, (src >> 32) as u32).unwrap();
-    c.write32(0, REG_DMA_DST, dst as u32).unwrap();
-    c.write32(0, 0x8c, (dst >> 32) as u32).unwrap();
-    c.write32(0, REG_DMA_COUNT, count).unwrap();
-    c.write32(0, REG_DMA_CMD, cmd).unwrap();
-    for _ in 0..1000 {
-        if c.read32(0, REG_DMA_CMD).unwrap() & 1 == 0 {
-            return;
-        }
-    }
-    panic!("DMA did not finish");
-}
 
 #[test]
 fn version_reply_is_0_0_with_fd_and_xfer_limits_and_no_unproposed_keys() {

@@ -7,21 +7,16 @@ mod common;
 
 use std::os::fd::AsFd;
 
-use airlock::msi::parse_reserve;
 use airlock_protocol::client::Client;
 use airlock_protocol::version::IovaRange;
 use airlock_protocol::ProtocolError;
 use common::*;
 
-fn reserved() -> airlock::negotiate::ServerLimits {
-    let mut l = airlock::server_limits(1 << 20);
-    l.windows = vec![parse_reserve("0x8000000:0x100000").unwrap()];
-    l
-}
+const RESERVED: &[&str] = &["--reserve-iova", "0x8000000:0x100000"];
 
 #[test]
 fn a_dma_map_into_a_reserved_window_is_refused_and_one_outside_succeeds() {
-    let s = start_edu_with("window-map", reserved());
+    let s = start_edu_args("window-map", RESERVED);
     let mut c = connect(&s);
     let mem = Memfd::new(0x20000);
     for iova in [0x8000000u64, 0x80f0000, 0x7ff8000] {
@@ -40,7 +35,7 @@ fn a_dma_map_into_a_reserved_window_is_refused_and_one_outside_succeeds() {
 
 #[test]
 fn a_client_proposing_iova_ranges_gets_the_usable_space_without_the_windows() {
-    let s = start_edu_with("window-caps", reserved());
+    let s = start_edu_args("window-caps", RESERVED);
     let mut c = Client::connect(&s.path).unwrap();
     let mut caps = Client::qemu_capabilities();
     caps.iova_ranges = Some(vec![]);
@@ -84,7 +79,7 @@ fn a_client_proposing_iova_ranges_gets_the_usable_space_without_the_windows() {
 
 #[test]
 fn a_client_not_proposing_iova_ranges_sees_the_same_version_reply_as_without_windows() {
-    let with = start_edu_with("window-none", reserved());
+    let with = start_edu_args("window-none", RESERVED);
     let without = start_edu("window-plain");
     let a = Client::connect(&with.path)
         .unwrap()

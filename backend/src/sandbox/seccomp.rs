@@ -33,8 +33,14 @@ const COMMON: &[(libc::c_long, &str)] = &[
     (libc::SYS_newfstatat, "same, newer libc"),
     (libc::SYS_statx, "same, newest libc"),
     (libc::SYS_lseek, "sizing a DMA_MAP fd"),
-    (libc::SYS_pread64, "device DMA reads of client memory; BAR and config reads"),
-    (libc::SYS_pwrite64, "device DMA writes of client memory; BAR and config writes"),
+    (
+        libc::SYS_pread64,
+        "device DMA reads of client memory; BAR and config reads",
+    ),
+    (
+        libc::SYS_pwrite64,
+        "device DMA writes of client memory; BAR and config writes",
+    ),
     (libc::SYS_mmap, "DMA maps, allocator"),
     (libc::SYS_munmap, "DMA unmaps, allocator"),
     (libc::SYS_mremap, "allocator"),
@@ -123,13 +129,8 @@ pub fn build(p: Profile) -> Result<BpfProgram, SandboxError> {
     }
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        arch,
-    )
-    .map_err(err)?;
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch).map_err(err)?;
     filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| err(e))

@@ -180,7 +180,9 @@ fn spawn(
     let mut p = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two fds into p.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(step("creating the readiness pipe")(io::Error::last_os_error()));
+        return Err(step("creating the readiness pipe")(
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: pipe2 returned two new fds that nothing else owns.
     let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
