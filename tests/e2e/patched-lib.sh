@@ -19,7 +19,7 @@ patched_prereqs() {
         skip_exit "building the patched QEMU failed (see $LOG_DIR/setup.log)"
     [[ -x $dir/qemu-system-x86_64 && -x $dir/qemu-system-aarch64 ]] ||
         skip_exit "scripts/setup-qemu-patched.sh printed '$dir', which has no QEMU binaries"
-    export AIRLOCK_QEMU_BIN_DIR=$dir
+    export AIRLOCK_QEMU_BIN_DIR=${E2E_QEMU_BIN_DIR_OVERRIDE:-$dir}
     note "patched QEMU in $dir ($(elapsed "$t0") s): $("$dir/qemu-system-x86_64" -version | head -n1)"
 }
 
