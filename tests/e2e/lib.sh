@@ -100,7 +100,7 @@ e2e_build() {
     local t0
     t0=$(now)
     : >"$LOG_DIR/build.log"
-    (cd "$E2E_REPO" && cargo build --release -p airlock) >>"$LOG_DIR/build.log" 2>&1 ||
+    (cd "$E2E_REPO" && cargo build --release -p airlock -p airlock-probe) >>"$LOG_DIR/build.log" 2>&1 ||
         { tail -n 30 "$LOG_DIR/build.log"; die "building airlock failed (see $LOG_DIR/build.log)"; }
     # Cross targets link with Debian's cross gcc (scripts/setup-cross.sh).
     (cd "$E2E_REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
