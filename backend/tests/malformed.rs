@@ -121,6 +121,11 @@ fn cases() -> Vec<Case> {
             Expect::Close,
         ),
         c(
+            "DMA_MAP granting neither read nor write (kernel VFIO: EINVAL)",
+            |_| no_fds(msg(2, 0, &dma_map(0, 0, 0x100000, 0x1000))),
+            Expect::Errno(EINVAL),
+        ),
+        c(
             "size 0",
             |_| no_fds(raw(GET_INFO, 0, 0, &[])),
             Expect::Close,

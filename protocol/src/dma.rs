@@ -40,7 +40,10 @@ impl DmaMap {
                 need: DMA_MAP_SIZE,
             });
         }
-        if m.flags & !(DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE) != 0 {
+        // Kernel VFIO refuses a map that grants neither read nor write.
+        if m.flags & !(DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE) != 0
+            || m.flags & (DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE) == 0
+        {
             return Err(ProtocolError::BadFlags {
                 what: "DMA_MAP",
                 flags: m.flags,
