@@ -90,6 +90,36 @@ say "airlock (pid $pid) listening after $(cut -d' ' -f1 /proc/uptime) s of uptim
 /bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid "$@"
 rc=$?
 
+# Crash-only serving with a real device: kill -9 the sandboxed server; the
+# kernel quiesces the device as the dead server's VFIO fds close (vfio-pci
+# disables bus mastering and resets on release, the container's IOMMU maps
+# go), the supervisor starts a fresh server that opens it again, and the
+# probe's checks pass on it.
+srv=$(cut -d' ' -f1 /proc/$pid/task/$pid/children 2>/dev/null)
+if [ -n "$srv" ]; then
+    kill -KILL "$srv"
+    say "sent SIGKILL to the sandboxed server (pid $srv)"
+    i=0
+    while ! grep -q 'starting a fresh sandboxed server' /tmp/airlock.log && [ $i -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    say "supervisor: $(grep -m1 'starting a fresh sandboxed server' /tmp/airlock.log | cut -c1-200)"
+    echo "INFO restart: the probe again, against the restarted server"
+    /bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid --iterations 100 "$@" >/tmp/probe2.out 2>&1
+    rc2=$?
+    sed 's/^\([A-Z]* \)/\1restart: /; s/^\([0-9]* passed\)/INFO restart: \1/' /tmp/probe2.out
+    if [ $rc2 -ne 0 ] || ! grep -q 'starting a fresh sandboxed server' /tmp/airlock.log; then
+        echo "FAIL server-restart: the restarted server did not pass the probe (exit $rc2)"
+        rc=1
+    else
+        echo "PASS server-restart"
+    fi
+else
+    echo "FAIL server-restart: no server process under airlock's supervisor $pid"
+    rc=1
+fi
+
 say "after the probe: $(grep -E 'vfio|DMAR|smmu' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
 dmesg | grep -iE 'DMAR.*(fault|fail)|smmu.*(event|fault)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
 kill $pid 2>/dev/null
