@@ -11,6 +11,8 @@ Listens on SOCKET, serves one connection, then exits. MODE:
   wrong-id         read VERSION, send a well-formed reply with another msg_id,
                    keep the connection open
   garbage          read VERSION, send 64 bytes of noise, keep it open
+  no-caps          read VERSION, reply with the version numbers but no
+                   capabilities string, keep it open
   silent           read VERSION, never answer, keep it open
 Prints one line per event on stdout ("fake-server: ...").
 """
@@ -86,6 +88,9 @@ def main():
     if mode == "wrong-id":
         conn.sendall(version_reply((msg_id + 1000) & 0xFFFF))
         log(f"replied with msg_id {(msg_id + 1000) & 0xFFFF} instead of {msg_id}")
+    elif mode == "no-caps":
+        conn.sendall(HDR.pack(msg_id, VERSION, HDR.size + 4, REPLY, 0) + struct.pack("<HH", 0, 0))
+        log("replied with no capabilities")
     elif mode == "garbage":
         conn.sendall(bytes((i * 37 + 11) & 0xFF for i in range(64)))
         log("sent 64 bytes of noise")

@@ -11,6 +11,9 @@
 #   wrong-id         a well-formed reply with another msg_id
 #                    (stock QEMU waits the full x-msg-timeout)
 #   garbage          64 bytes of noise instead of a reply
+#   no-caps          a VERSION reply without its capabilities string (the
+#                    unpatched check indexes the reply at size - 17, which
+#                    wraps around)
 #   silent           no reply at all: device_add fails after x-msg-timeout
 #                    (set to 1000 ms here), not before
 # Each mode also runs against stock QEMU 11.1 (INFO lines only: what the
@@ -76,7 +79,7 @@ run_mode() {
     stop_pid "$spid"
 }
 
-for mode in close-unread close-mid-reply wrong-id garbage silent; do
+for mode in close-unread close-mid-reply wrong-id garbage no-caps silent; do
     section "$mode"
     run_mode "$mode" patched
     note "patched QEMU: device_add -> ${R_ADD:-<none>} (${R_ADD_S:--} s)"

@@ -263,7 +263,17 @@ fn watch(
     let mut ready_open = true;
     // Since when a connection has sat unaccepted, and whether it was said.
     let mut waiting: Option<(Instant, bool)> = None;
+    let mut stop_sent = false;
     loop {
+        if STOPPING.load(Ordering::SeqCst) && !stop_sent {
+            // The signal handler forwarded SIGTERM if the server was known
+            // by then; a pid namespace's PID 1 ignores it until it has a
+            // handler, so a server still starting up is killed instead.
+            let sig = if ready { libc::SIGTERM } else { libc::SIGKILL };
+            // SAFETY: kill has no memory arguments.
+            unsafe { libc::kill(pid, sig) };
+            stop_sent = true;
+        }
         let mut fds = [
             pollfd(pidfd.as_raw_fd()),
             pollfd(if ready_open { ready_rx.as_raw_fd() } else { -1 }),
@@ -271,18 +281,12 @@ fn watch(
             // (it stays readable until the server accepts).
             pollfd(if waiting.is_none() { listener } else { -1 }),
         ];
-        let timeout = waiting.map(|_| Duration::from_millis(250));
+        // While the server starts up, wake now and then to re-check a stop
+        // request that raced with poll.
+        let timeout = (waiting.is_some() || !ready).then(|| Duration::from_millis(250));
         match poll(&mut fds, timeout) {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                // A pid namespace's PID 1 ignores SIGTERM until it has a
-                // handler: a server still starting up is killed instead.
-                if STOPPING.load(Ordering::SeqCst) && !ready {
-                    // SAFETY: kill has no memory arguments.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                continue;
-            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(step("waiting on the server")(e)),
         }
         if fds[0].revents != 0 {
