@@ -109,7 +109,7 @@ if ! git_q rev-parse -q --verify airlock-base >/dev/null 2>&1; then
         # A git tree of the source, so a series can be applied and undone.
         git init -q "$src"
         git_q add -A -f .
-        GIT_AUTHOR_DATE=@0 GIT_COMMITTER_DATE=@0 git_q commit -q -m "QEMU $base (unpacked source)"
+        GIT_AUTHOR_DATE=2000-01-01T00:00:00Z GIT_COMMITTER_DATE=2000-01-01T00:00:00Z git_q commit -q -m "QEMU $base (unpacked source)"
     else
         log "QEMU source: git clone $upstream at $base"
         git clone -q --no-checkout "$upstream" "$src"
