@@ -81,7 +81,7 @@ fi
 t0=$EPOCHREALTIME
 (cd "$repo" && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=$linker \
     RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release -p airlock -p airlock-probe --target "$target") >"$LOG_DIR/build.log" 2>&1 ||
+    cargo build --release -p airlock -p airlock-probe -p airlock-blackbox-fuzz --target "$target") >"$LOG_DIR/build.log" 2>&1 ||
     { tail -n 30 "$LOG_DIR/build.log"; die "static aarch64 build failed (see $LOG_DIR/build.log)"; }
 bin="$repo/target/$target/release"
 note "built static aarch64 airlock and airlock-probe in $(elapsed "$t0") s"
@@ -89,7 +89,7 @@ note "built static aarch64 airlock and airlock-probe in $(elapsed "$t0") s"
 cpio="$work/nested-vfio.cpio"
 # The ITS isolates MSIs: no allow_unsafe_interrupts (mkinitramfs' arm64 default).
 AIRLOCK_UNSAFE_INTERRUPTS=0 "$repo/scripts/mkinitramfs" aarch64 "$cpio" \
-    "${NESTED_AIRLOCK:-$bin/airlock}:/bin/airlock" "$bin/airlock-probe:/bin/airlock-probe" \
+    "${NESTED_AIRLOCK:-$bin/airlock}:/bin/airlock" "$bin/airlock-probe:/bin/airlock-probe" "$bin/airlock-blackbox-fuzz:/bin/airlock-blackbox-fuzz" \
     "$repo/tests/e2e/nested-vfio-guest.sh:/test" >>"$LOG_DIR/build.log" 2>&1 ||
     die "mkinitramfs failed (see $LOG_DIR/build.log)"
 

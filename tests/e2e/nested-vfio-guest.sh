@@ -120,6 +120,20 @@ else
     rc=1
 fi
 
+# The emulated device's allowlist on this architecture, under the black-box
+# fuzzer (the host runs the x86_64 one in scripts/test).
+if [ -x /bin/airlock-blackbox-fuzz ]; then
+    /bin/airlock-blackbox-fuzz --airlock /bin/airlock --messages 3000 --seconds 60 >/tmp/blackbox.out 2>&1
+    rc3=$?
+    grep -E '^(blackbox|FAIL)' /tmp/blackbox.out | head -n 8 | sed 's/^/INFO /'
+    if [ $rc3 -eq 0 ]; then
+        echo "PASS blackbox-fuzz-$arch"
+    else
+        echo "FAIL blackbox-fuzz-$arch: see the lines above"
+        rc=1
+    fi
+fi
+
 say "after the probe: $(grep -E 'vfio|DMAR|smmu' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
 dmesg | grep -iE 'DMAR.*(fault|fail)|smmu.*(event|fault)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
 kill $pid 2>/dev/null

@@ -56,7 +56,7 @@ command -v cargo >/dev/null || { echo "SKIP nested-vfio: cargo not found"; exit 
     die "guest kernel setup failed (see $LOG_DIR/setup.log)"
 t0=$EPOCHREALTIME
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release -p airlock -p airlock-probe --target "$target") >"$LOG_DIR/build.log" 2>&1 ||
+    cargo build --release -p airlock -p airlock-probe -p airlock-blackbox-fuzz --target "$target") >"$LOG_DIR/build.log" 2>&1 ||
     { tail -n 30 "$LOG_DIR/build.log"; die "static build failed (see $LOG_DIR/build.log)"; }
 bin="$repo/target/$target/release"
 note "built static airlock and airlock-probe in $(elapsed "$t0") s"
@@ -66,7 +66,7 @@ cpio="$work/nested-vfio.cpio"
 # remapping, so VFIO isolates MSIs without allow_unsafe_interrupts (the
 # virtio-iommu beds need it; this one proves airlock works without it).
 AIRLOCK_UNSAFE_INTERRUPTS=0 "$repo/scripts/mkinitramfs" x86_64 "$cpio" \
-    "${NESTED_AIRLOCK:-$bin/airlock}:/bin/airlock" "$bin/airlock-probe:/bin/airlock-probe" \
+    "${NESTED_AIRLOCK:-$bin/airlock}:/bin/airlock" "$bin/airlock-probe:/bin/airlock-probe" "$bin/airlock-blackbox-fuzz:/bin/airlock-blackbox-fuzz" \
     "$repo/tests/e2e/nested-vfio-guest.sh:/test" >>"$LOG_DIR/build.log" 2>&1 ||
     die "mkinitramfs failed (see $LOG_DIR/build.log)"
 disk="$LOG_DIR/nvme.img"
