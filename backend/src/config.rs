@@ -34,6 +34,11 @@ pub struct Args {
     /// Pass through the PCI device at this address (bound to vfio-pci), e.g. 0000:00:04.0.
     #[arg(long, value_name = "BDF")]
     pub vfio: Option<String>,
+    /// The device as one word: `edu` (emulated) or a PCI address
+    /// (passthrough). What the airlock@.service template passes from its
+    /// instance name (airlock@edu, airlock@0000:03:00.0).
+    #[arg(long, value_name = "edu|BDF", conflicts_with_all = ["emulate", "vfio"])]
+    pub device: Option<String>,
     /// Never hand QEMU the device fd: every BAR access goes through airlock (no mmap fast path).
     #[arg(long, requires = "vfio")]
     pub mediate_bars: bool,
@@ -95,9 +100,11 @@ pub enum ConfigError {
     BadUser(String),
     #[error("--user needs the sandbox (drop --sandbox off)")]
     UserWithoutSandbox,
-    #[error("give exactly one of --socket-path PATH or --fd N")]
+    #[error("give exactly one of --socket-path PATH or --fd N (or start airlock by systemd socket activation: LISTEN_FDS)")]
     Listen,
-    #[error("name a device to serve: --emulate edu or --vfio <PCI address>")]
+    #[error(
+        "name a device to serve: --emulate edu, --vfio <PCI address> or --device edu|<PCI address>"
+    )]
     NoDevice,
     #[error("--vfio {0:?} is not a PCI address (expected DDDD:BB:DD.F, e.g. 0000:00:04.0)")]
     BadAddress(String),
@@ -203,7 +210,12 @@ impl TryFrom<Args> for Config {
             (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
             _ => return Err(ConfigError::Listen),
         };
-        let device = match (a.emulate, a.vfio) {
+        let (emulate, vfio) = match a.device.as_deref() {
+            Some("edu") => (Some(EmulatedKind::Edu), None),
+            Some(bdf) => (None, Some(bdf.to_string())),
+            None => (a.emulate, a.vfio),
+        };
+        let device = match (emulate, vfio) {
             (Some(kind), None) => DeviceKind::Emulated(kind),
             (None, Some(bdf)) => DeviceKind::Vfio {
                 bdf: parse_bdf(&bdf)?,
@@ -292,6 +304,20 @@ mod tests {
                 windows: vec![],
             })
         );
+    }
+
+    #[test]
+    fn device_names_edu_or_a_pci_address() {
+        let dev = |d: &str| match parse(&["--fd", "3", "--device", d]) {
+            Ok(Config::Serve { device, .. }) => Ok(device),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(dev("edu"), Ok(DeviceKind::Emulated(EmulatedKind::Edu)));
+        assert!(
+            matches!(dev("03:00.0"), Ok(DeviceKind::Vfio { bdf, .. }) if bdf == "0000:03:00.0")
+        );
+        assert!(matches!(dev("nic0"), Err(ConfigError::BadAddress(_))));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod qemu_args;
 pub mod sandbox;
 pub mod server;
 pub mod session;
+pub mod systemd;
 
 use airlock_protocol::limits::QEMU_MAX_MSG_FDS;
 

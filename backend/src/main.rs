@@ -15,7 +15,18 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let config = match Config::try_from(Args::parse()) {
+    let mut args = Args::parse();
+    if args.socket_path.is_none() && args.fd.is_none() {
+        // Started by systemd socket activation: serve on the passed socket.
+        match airlock::systemd::listen_fd() {
+            Ok(fd) => args.fd = fd,
+            Err(e) => {
+                eprintln!("airlock: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let config = match Config::try_from(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("airlock: {e}");
@@ -100,11 +111,17 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
         install_stop_signals()?;
         airlock::fit_dma_maps_to_nofile(&mut limits);
         let (device, _) = open_device(kind)?;
+        airlock::systemd::notify(&format!(
+            "READY=1\nSTATUS=serving {} on {} (sandbox off)",
+            device.name(),
+            listener.describe()
+        ));
         serve(&listener, device, limits)?;
+        airlock::systemd::notify("STOPPING=1");
         return Ok(ExitCode::SUCCESS);
     };
     let name = kind.to_string();
-    let code = sandbox::supervise(&name, listener.raw_fd(), |start| {
+    let code = sandbox::supervise(&name, &listener.describe(), listener.raw_fd(), |start| {
         match serve_confined(&listener, kind.clone(), &sc, limits.clone(), start) {
             Ok(()) => 0,
             Err(e) => {

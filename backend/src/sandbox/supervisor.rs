@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use super::violation::{syscall_name, SharedRecord};
 use super::SandboxError;
+use crate::systemd;
 
 /// At most this many restarts within RESTART_WINDOW, then give up.
 pub const MAX_RESTARTS: usize = 5;
@@ -87,6 +88,7 @@ fn step(what: &'static str) -> impl FnOnce(io::Error) -> SandboxError {
 /// socket to watch for waiting clients. Returns the exit code for airlock.
 pub fn supervise(
     device: &str,
+    socket: &str,
     listener: RawFd,
     mut server: impl FnMut(&ServerStart<'_>) -> i32,
 ) -> Result<i32, SandboxError> {
@@ -109,12 +111,15 @@ pub fn supervise(
         let generation = restarts_total;
         restarts_total += 1;
         let (pid, pidfd, ready_rx) = spawn(&record, generation, &mut server)?;
-        let (ending, ready) = watch(device, listener, pid, &pidfd, &ready_rx)?;
+        let (ending, ready) = watch(device, socket, listener, pid, &pidfd, &ready_rx)?;
         CHILD.store(0, Ordering::SeqCst);
         ever_ready |= ready;
         if STOPPING.load(Ordering::SeqCst) {
             return Ok(ending.code());
         }
+        systemd::notify(&format!(
+            "STATUS={device}: the server died; restarting it on {socket}"
+        ));
         let why = describe(device, pid, &ending, &record);
         if !ever_ready {
             // It never served: a setup error (its message is above), not a
@@ -254,6 +259,7 @@ fn pollfd(fd: RawFd) -> libc::pollfd {
 /// waiting in the backlog. Returns how it ended and whether it got ready.
 fn watch(
     device: &str,
+    socket: &str,
     listener: RawFd,
     pid: i32,
     pidfd: &OwnedFd,
@@ -266,6 +272,7 @@ fn watch(
     let mut stop_sent = false;
     loop {
         if STOPPING.load(Ordering::SeqCst) && !stop_sent {
+            systemd::notify("STOPPING=1");
             // The signal handler forwarded SIGTERM if the server was known
             // by then; a pid namespace's PID 1 ignores it until it has a
             // handler, so a server still starting up is killed instead.
@@ -298,6 +305,9 @@ fn watch(
             let n = unsafe { libc::read(ready_rx.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
             if n == 1 {
                 ready = true;
+                systemd::notify(&format!(
+                    "READY=1\nSTATUS=serving {device} on {socket} (sandbox on)"
+                ));
             } else {
                 ready_open = false;
             }
