@@ -28,7 +28,7 @@ pub enum ServerError {
         "{path}: exists and is not a socket; refusing to remove it (pick another --socket-path)"
     )]
     NotASocket { path: PathBuf },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}: {source}{}", bind_fix(path, source))]
     Bind { path: PathBuf, source: io::Error },
     #[error("--fd {fd} is not a listening unix socket: {why}")]
     BadFd { fd: RawFd, why: String },
@@ -36,6 +36,28 @@ pub enum ServerError {
     Signals(io::Error),
     #[error("waiting for clients failed: {0}")]
     Poll(io::Error),
+}
+
+/// What to do about a socket path airlock cannot bind.
+fn bind_fix(path: &Path, e: &io::Error) -> String {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .display();
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => format!(
+            ". The directory {dir} does not exist: create it (mkdir -p {dir}) or pick another --socket-path"
+        ),
+        Some(libc::EACCES | libc::EPERM | libc::EROFS) => format!(
+            ". airlock may not create a socket in {dir}: pick a directory it can write with --socket-path (e.g. /run/airlock/ as root, $XDG_RUNTIME_DIR as a user)"
+        ),
+        Some(libc::EADDRINUSE) => ". Another process listens there: stop it or pick another --socket-path".into(),
+        _ if e.kind() == io::ErrorKind::InvalidInput => {
+            ". A unix socket path must be shorter than 108 bytes: pick a shorter --socket-path".into()
+        }
+        _ => String::new(),
+    }
 }
 
 /// A listening socket; removes its path on drop when it owns the path.

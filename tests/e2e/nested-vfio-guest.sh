@@ -120,6 +120,28 @@ else
     rc=1
 fi
 
+kill $pid 2>/dev/null
+wait $pid
+say "airlock exited with $? after SIGTERM"
+
+# A common mistake names its fix: RLIMIT_MEMLOCK below what VFIO must pin.
+AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/memlock.sock --memlock 16384 $extra \
+    </dev/null >/tmp/airlock-memlock.log 2>&1 &
+mpid=$!
+i=0
+while [ ! -S /tmp/memlock.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+/bin/airlock-probe --socket /tmp/memlock.sock --iterations 10 "$@" >/dev/null 2>&1
+kill $mpid 2>/dev/null
+wait $mpid
+if line=$(grep -m1 'RLIMIT_MEMLOCK is too low' /tmp/airlock-memlock.log); then
+    echo "INFO memlock: ${line#*WARN }" | cut -c1-400
+    echo "PASS memlock-error-names-the-fix"
+else
+    echo "FAIL memlock-error-names-the-fix: no RLIMIT_MEMLOCK line in airlock's log"
+    sed 's/^/airlock-memlock| /' /tmp/airlock-memlock.log | tail -n 5
+    rc=1
+fi
+
 # The emulated device's allowlist on this architecture, under the black-box
 # fuzzer (the host runs the x86_64 one in scripts/test).
 if [ -x /bin/airlock-blackbox-fuzz ]; then
@@ -136,8 +158,5 @@ fi
 
 say "after the probe: $(grep -E 'vfio|DMAR|smmu' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
 dmesg | grep -iE 'DMAR.*(fault|fail)|smmu.*(event|fault)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
-kill $pid 2>/dev/null
-wait $pid
-say "airlock exited with $? after SIGTERM"
 show_log
 exit $rc

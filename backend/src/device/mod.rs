@@ -31,6 +31,13 @@ pub enum DeviceError {
         what: String,
         source: std::io::Error,
     },
+    #[error("{device}: VFIO cannot pin DMA_MAP [{iova:#x}, +{size:#x}) ({pinned:#x} bytes are pinned already): RLIMIT_MEMLOCK is too low. VFIO pins all of the guest's RAM: start airlock with --memlock of at least the guest RAM size (e.g. --memlock 4294967296 for -m 4G), or without --memlock (unlimited with --vfio)")]
+    MemlockTooLow {
+        device: String,
+        iova: u64,
+        size: u64,
+        pinned: u64,
+    },
     #[error("{device}: DMA_MAP [{iova:#x}, +{size:#x}) has no file descriptor: VFIO can only map shared memory; back guest RAM with -object memory-backend-memfd,share=on and -machine memory-backend=...")]
     NeedsSharedMemory {
         device: String,
@@ -47,6 +54,7 @@ impl DeviceError {
             DeviceError::NoReset(_) => libc::ENOTTY,
             DeviceError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             DeviceError::NeedsSharedMemory { .. } => libc::EINVAL,
+            DeviceError::MemlockTooLow { .. } => libc::ENOMEM,
         }
     }
 }

@@ -15,13 +15,14 @@
 mod config;
 pub mod ioctl;
 pub mod isolation;
+pub mod preflight;
 pub mod sparse;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use airlock_protocol::device::{
@@ -53,6 +54,20 @@ pub enum VfioError {
     NotVfioPci { bdf: String, driver: String },
     #[error("{bdf}: has no IOMMU group; enable the IOMMU (intel_iommu=on, amd_iommu=on, or an SMMU on arm64)")]
     NoIommuGroup { bdf: String },
+    #[error("{bdf}: IOMMU group {group} is not viable: VFIO hands out whole groups, and {others} in it is not bound to vfio-pci. Bind every device of the group to vfio-pci (or unbind it): ls /sys/kernel/iommu_groups/{group}/devices")]
+    GroupNotViable {
+        bdf: String,
+        group: String,
+        others: String,
+    },
+    #[error("{bdf}: {} is missing: load VFIO (modprobe vfio-pci) and check the device is bound to vfio-pci", node.display())]
+    NoGroupNode { bdf: String, node: PathBuf },
+    #[error("{bdf}: no permission to open {} as uid {uid}: run airlock as root, or give its user the group (chown USER {0}, or a udev rule: SUBSYSTEM==\"vfio\", OWNER=\"USER\") and raise its RLIMIT_MEMLOCK", node.display())]
+    GroupPermission {
+        bdf: String,
+        node: PathBuf,
+        uid: u32,
+    },
     #[error("{bdf}: cannot open the VFIO container /dev/vfio/vfio (load vfio-pci and vfio_iommu_type1): {why}")]
     Container { bdf: String, why: String },
     #[error("{bdf}: cannot attach IOMMU group {group} to the container: {why}. If the host has no interrupt remapping, VFIO refuses the group unless vfio_iommu_type1.allow_unsafe_interrupts=1 (unsafe: devices can forge MSIs)")]
@@ -110,34 +125,13 @@ impl Drop for VfioPci {
     }
 }
 
-fn sysfs(bdf: &str) -> PathBuf {
-    Path::new("/sys/bus/pci/devices").join(bdf)
-}
-
 impl VfioPci {
     pub fn open(
         bdf: &str,
         mediate_bars: bool,
         allow_unsafe_interrupts: bool,
     ) -> Result<VfioPci, VfioError> {
-        let path = sysfs(bdf);
-        if !path.exists() {
-            return Err(VfioError::NoDevice { bdf: bdf.into() });
-        }
-        let driver = std::fs::read_link(path.join("driver"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "none".into());
-        if driver != "vfio-pci" {
-            return Err(VfioError::NotVfioPci {
-                bdf: bdf.into(),
-                driver,
-            });
-        }
-        let group = std::fs::read_link(path.join("iommu_group"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .ok_or(VfioError::NoIommuGroup { bdf: bdf.into() })?;
+        let (path, group) = preflight::check(&preflight::Roots::default(), bdf)?;
         let (container, device, isolation) =
             isolation::attach_checked(bdf, &path, &group, allow_unsafe_interrupts)?;
         let q = |what: &str| {
@@ -591,8 +585,23 @@ impl Device for VfioPci {
         if flags & DMA_MAP_FLAG_WRITE != 0 {
             vflags |= ioctl::VFIO_DMA_MAP_FLAG_WRITE;
         }
-        ioctl::iommu_map(self.container.as_fd_borrowed(), host, iova, size, vflags)
-            .map_err(self.os(format!("VFIO_IOMMU_MAP_DMA [{iova:#x}, +{size:#x})")))?;
+        if let Err(e) = ioctl::iommu_map(self.container.as_fd_borrowed(), host, iova, size, vflags)
+        {
+            if e.raw_os_error() == Some(libc::ENOMEM) {
+                // VFIO pins every mapped page against RLIMIT_MEMLOCK.
+                let pinned: u64 = self.iommu_maps.iter().map(|(_, s)| s).sum();
+                return Err(DeviceError::MemlockTooLow {
+                    device: self.name.clone(),
+                    iova,
+                    size,
+                    pinned,
+                });
+            }
+            return Err(self
+                .os(format!("VFIO_IOMMU_MAP_DMA [{iova:#x}, +{size:#x})"))(
+                e
+            ));
+        }
         self.iommu_maps.insert((iova, size));
         Ok(())
     }
