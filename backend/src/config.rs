@@ -12,15 +12,32 @@ pub enum EmulatedKind {
     Edu,
 }
 
+/// `airlock --help`'s closing text: what people run.
+const EXAMPLES: &str = "\
+Examples:
+  airlock --socket-path /run/airlock/edu.sock --emulate edu
+      serve the emulated edu (no hardware needed)
+  airlock --socket-path /run/airlock/nic0.sock --vfio 0000:03:00.0 --memlock 4294967296
+      pass a PCI device bound to vfio-pci through to a 4 GiB guest
+  airlock --print-qemu-args --socket-path /run/airlock/edu.sock --emulate edu
+      print the QEMU arguments that connect a guest to it
+  systemctl enable --now airlock@edu.socket
+      the same under systemd (backend/systemd/airlock@.socket, airlock@.service)
+
+QEMU side (guest RAM must be a shared memfd so DMA can reach it):
+  -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
+  -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"/run/airlock/edu.sock\"}}'
+
+Environment:
+  AIRLOCK_LOG   log filter in tracing's syntax (default info; e.g. debug, airlock::session=debug)
+  LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, NOTIFY_SOCKET   systemd socket activation and notification";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "airlock",
     version,
     about = "Out-of-process PCI device backend for QEMU, served over vfio-user",
-    after_help = "QEMU side (guest RAM must be shared memfd so DMA can reach it):\n  \
-        -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem\n  \
-        -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"/run/airlock/dev0.sock\"}}'"
-)]
+    after_help = EXAMPLES)]
 pub struct Args {
     /// Create a unix socket at PATH (a stale socket there is removed) and serve on it.
     #[arg(long, value_name = "PATH")]
@@ -60,6 +77,12 @@ pub struct Args {
     /// Print a JSON description of device kinds and features, then exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Print airlock's man page (roff, generated from these options), then exit.
+    #[arg(long)]
+    pub print_man: bool,
+    /// Print a shell completion script for SHELL, then exit.
+    #[arg(long, value_enum, value_name = "SHELL")]
+    pub print_completions: Option<clap_complete::Shell>,
     /// Confine the serving process (namespaces, empty root, no capabilities, seccomp).
     #[arg(long, value_enum, default_value_t = SandboxMode::On, value_name = "on|off")]
     pub sandbox: SandboxMode,
@@ -167,6 +190,8 @@ pub fn parse_bdf(s: &str) -> Result<String, ConfigError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Config {
     PrintCapabilities,
+    PrintMan,
+    PrintCompletions(clap_complete::Shell),
     Serve {
         listen: Listen,
         device: DeviceKind,
@@ -203,6 +228,12 @@ impl TryFrom<Args> for Config {
     fn try_from(a: Args) -> Result<Config, ConfigError> {
         if a.print_capabilities {
             return Ok(Config::PrintCapabilities);
+        }
+        if a.print_man {
+            return Ok(Config::PrintMan);
+        }
+        if let Some(shell) = a.print_completions {
+            return Ok(Config::PrintCompletions(shell));
         }
         let listen = match (a.socket_path, a.fd) {
             (Some(p), None) => Listen::Path(p),

@@ -75,6 +75,16 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
             println!("{}", capabilities_json());
             return Ok(ExitCode::SUCCESS);
         }
+        Config::PrintMan => {
+            clap_mangen::Man::new(<Args as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Config::PrintCompletions(shell) => {
+            let mut cmd = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "airlock", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
         Config::PrintQemuArgs {
             listen,
             device,
