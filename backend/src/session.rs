@@ -52,6 +52,11 @@ struct Stats {
     writes: [u64; 10],
     dma_maps: u64,
     set_irqs: u64,
+    /// Commands answered with an error (or posted ones that failed).
+    errors: u64,
+    /// Device DMAs carried out, and those that failed.
+    device_dma: u64,
+    device_dma_failed: u64,
 }
 
 impl Stats {
@@ -116,6 +121,7 @@ impl<'a> Session<'a> {
     /// Serves until the client leaves, then quiesces the device and drops
     /// every DMA map (in that order: nothing may DMA into unmapped memory).
     pub fn run(mut self) {
+        let started = std::time::Instant::now();
         let mut payload = Vec::new();
         loop {
             let (header, fds) = match self.sock.recv(&self.limits, &mut payload) {
@@ -152,8 +158,16 @@ impl<'a> Session<'a> {
         let st = &self.stats;
         info!(
             device = self.device.name(),
-            "session ended: {} messages, region reads per index {:?}, region writes per index {:?}, {} DMA maps, {} SET_IRQS",
-            st.messages, st.reads, st.writes, st.dma_maps, st.set_irqs
+            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?}",
+            started.elapsed().as_secs_f64(),
+            st.messages,
+            st.errors,
+            st.dma_maps,
+            st.set_irqs,
+            st.device_dma,
+            st.device_dma_failed,
+            st.reads,
+            st.writes
         );
     }
 
@@ -177,6 +191,7 @@ impl<'a> Session<'a> {
         let answer = self.handle(h, req);
         if h.no_reply() {
             if let Err((_, why)) = answer {
+                self.stats.errors += 1;
                 warn!(device = self.device.name(), "posted command failed: {why}");
             }
             return;
@@ -446,6 +461,7 @@ impl<'a> Session<'a> {
 
     fn reply_error(&mut self, h: &Header, errno: i32, why: &str) {
         debug!(id = h.id, cmd = h.cmd, errno, "error reply: {why}");
+        self.stats.errors += 1;
         if h.no_reply() && !h.is_reply() {
             return;
         }
@@ -477,12 +493,14 @@ impl<'a> Session<'a> {
             let Some(job) = self.device.take_dma() else {
                 return;
             };
+            self.stats.device_dma += 1;
             let (iova, len, write) = match &job {
                 DmaJob::Read { iova, len } => (*iova, *len, false),
                 DmaJob::Write { iova, data } => (*iova, data.len(), true),
             };
             match self.dma.segments(iova, len, write) {
                 Err(e) => {
+                    self.stats.device_dma_failed += 1;
                     debug!(device = self.device.name(), "device DMA refused: {e}");
                     self.device.complete_dma(job, Err(e));
                 }
@@ -571,6 +589,7 @@ impl<'a> Session<'a> {
 
     fn fail_dma(&mut self, e: DmaError) {
         if let Some(f) = self.inflight.take() {
+            self.stats.device_dma_failed += 1;
             debug!(device = self.device.name(), "device DMA failed: {e}");
             self.device.complete_dma(f.job, Err(e));
         }

@@ -70,7 +70,7 @@ else
 fi
 for i in 1 2; do
     if grep -q 'client negotiated' "$LOG_DIR/airlock-$i.log"; then
-        ok "airlock $i served the guest: $(grep -m1 'session ended' "$LOG_DIR/airlock-$i.log" | sed 's/.*session ended: //' | cut -c1-90)"
+        ok "airlock $i served the guest: $(grep -m1 'session ended' "$LOG_DIR/airlock-$i.log" | sed 's/.*session ended //' | cut -c1-120)"
     else
         bad "airlock $i never served a client (see $LOG_DIR/airlock-$i.log)"
     fi
