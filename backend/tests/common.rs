@@ -142,21 +142,24 @@ pub fn wait_exit(c: &mut Child) -> ExitStatus {
     }
 }
 
-/// The sandboxed server: the supervisor's only child.
+/// The sandboxed server: the supervisor's only child (waits for it).
 pub fn server_pid(supervisor: u32) -> u32 {
     let mut pid = 0;
     wait_for("the server process", || {
-        let kids =
-            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
-                .unwrap_or_default();
-        pid = kids
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
+        pid = server_pid_now(supervisor);
         pid != 0
     });
     pid
+}
+
+/// The supervisor's current child, or 0 (no waiting).
+pub fn server_pid_now(supervisor: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn status_field(pid: u32, key: &str) -> String {

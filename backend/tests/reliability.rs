@@ -261,13 +261,3 @@ fn a_killed_server_is_replaced_on_the_same_socket_and_a_storm_is_bounded() {
     assert!(!s.path.exists(), "and removes the socket");
     drop(c);
 }
-
-/// The supervisor's current child, or 0 (no waiting).
-fn server_pid_now(supervisor: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0)
-}
