@@ -88,8 +88,25 @@ impl Listener {
             path: path.into(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        // Bind and chmod under a temporary name, then rename into place:
+        // once the path exists it accepts connections (a client racing
+        // airlock's start never gets ECONNREFUSED from a bound socket that
+        // is not listening yet).
+        let tmp = path.with_file_name(format!(
+            ".{}.{}.tmp",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        let staged = tmp.as_os_str().len() < 108;
+        let at = if staged { tmp.as_path() } else { path };
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(at).map_err(bind_err)?;
+        let placed = std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o600))
+            .and_then(|_| if staged { std::fs::rename(at, path) } else { Ok(()) });
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(at);
+            return Err(bind_err(e));
+        }
         Ok(Listener {
             listener,
             path: Some(path.into()),
