@@ -3,12 +3,14 @@
 //! 4 KiB, a DMA_MAP+UNMAP pair (4 KiB memfd), SET_IRQS (one eventfd).
 //!
 //! Columns: the floor (an echo thread: one blocking read, one write, same
-//! sizes), airlock's serve() on a thread, the airlock binary with the
+//! sizes), the floor reading header and payload apart (two reads: prices
+//! airlock's extra recvmsg), airlock's serve() on a thread, the airlock binary with the
 //! sandbox off and on (root only), rust-vmm's server on a thread. Every
 //! client uses the same bytes and the same exchange (one sendmsg, one
 //! blocking read). Rounds are interleaved (each round runs every mode,
-//! operation and column, the column order rotating), figures are medians
-//! of per-round means. Server CPU per op comes from the server thread's or
+//! operation and column, the column order rotating). Latency is the median
+//! of every op's time (robust to preemption by other jobs on shared CPUs);
+//! the other figures are medians of per-round means. Server CPU per op comes from the server thread's or
 //! process's CPU clock; allocations per op from a counting allocator
 //! (in-process servers only; the client allocates nothing).
 //!
@@ -35,9 +37,17 @@ static GLOBAL: Counting = Counting;
 
 #[derive(Default, Clone)]
 struct Samples {
-    lat: Vec<f64>,
+    /// Every op's latency (us): its median shrugs off preemptions by the
+    /// other jobs on these shared CPUs, which per-round means do not.
+    lat: Vec<f32>,
     cpu: Vec<f64>,
     allocs: Vec<f64>,
+}
+
+fn median32(v: &[f32]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2] as f64
 }
 
 fn apply(mode: &str, targets: &[Target], ncpu: usize) {
@@ -58,13 +68,14 @@ fn apply(mode: &str, targets: &[Target], ncpu: usize) {
 fn round(t: &Target, i: usize, op: &Op, n: usize, s: &mut Samples) {
     let sock = &t.socks[i];
     let mut reply = [0u8; 8192];
-    let (c0, a0, t0) = (t.clocks[i].us(), allocs(), Instant::now());
+    let (c0, a0) = (t.clocks[i].us(), allocs());
     for _ in 0..n {
+        let t0 = Instant::now();
         for step in &op.steps {
             exchange(sock, step, &mut reply);
         }
+        s.lat.push(t0.elapsed().as_secs_f32() * 1e6);
     }
-    s.lat.push(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
     s.cpu.push((t.clocks[i].us() - c0) / n as f64);
     s.allocs.push((allocs() - a0) as f64 / n as f64);
 }
@@ -83,7 +94,8 @@ fn main() {
     std::fs::create_dir_all(&keep.dir).expect("temp dir");
     let n = ops.len();
     let mut targets = vec![
-        servers::floor(&mut keep, &ops),
+        servers::floor(&mut keep, &ops, false),
+        servers::floor(&mut keep, &ops, true),
         servers::airlock_thread(&mut keep, n),
     ];
     targets.extend(servers::airlock_binary(&mut keep, "off", n));
@@ -139,9 +151,9 @@ fn main() {
         }
     }
     apply("unpinned", &targets, ncpu);
-    let client =
-        (client_allocs() - client0) as f64 / (rounds * per * ops.len() * targets.len()) as f64;
-    println!("{rounds} interleaved rounds x {per} ops per cell; medians of per-round means; client allocations per op: {client:.2}");
+    let client = (client_allocs() - client0) as f64
+        / (modes.len() * rounds * per * ops.len() * targets.len()) as f64;
+    println!("{rounds} interleaved rounds x {per} ops per cell; latency: median of every op; CPU and allocations: medians of per-round means; client allocations per op: {client:.2}");
     for (m, mode) in modes.iter().enumerate() {
         table(mode, &targets, &ops, &res[m]);
     }
@@ -161,14 +173,18 @@ fn table(mode: &str, targets: &[Target], ops: &[Op], res: &[Vec<Samples>]) {
     }
     println!("{head}  {:>9} {:>9}", "thr/peer", "bin/peer");
     for (i, op) in ops.iter().enumerate() {
-        let lat: Vec<f64> = res[i].iter().map(|s| median(&s.lat)).collect();
+        let lat: Vec<f64> = res[i].iter().map(|s| median32(&s.lat)).collect();
+        let thr = targets
+            .iter()
+            .position(|t| t.name == "airlock thread")
+            .unwrap_or(1);
         let mut line = format!("{:<20} {:>8.2}", op.name, lat[0]);
         for l in &lat[1..] {
             line += &format!(" {:>10.2} ({:>5.2})", l, l / lat[0]);
         }
         if let Some(p) = peer {
             let bin = targets.iter().rposition(|t| t.name.starts_with("binary"));
-            line += &format!("  {:>9.3}", lat[1] / lat[p]);
+            line += &format!("  {:>9.3}", lat[thr] / lat[p]);
             if let Some(b) = bin {
                 line += &format!(" {:>9.3}", lat[b] / lat[p]);
             }
@@ -196,13 +212,32 @@ fn table(mode: &str, targets: &[Target], ops: &[Op], res: &[Vec<Samples>]) {
 }
 
 fn syscalls(targets: &[Target], ops: &[Op], n: usize) {
-    println!("syscalls per message on the server side (strace -c, {n} ops each; binaries with -f)");
+    println!("server syscalls per message (strace -c attached to the server thread, or -f to the");
+    println!("binary's server process; {n} ops each; a DMA_MAP+UNMAP pair is 2 messages)");
+    let mut head = format!("{:<20}", "operation");
     for t in targets {
-        for (i, op) in ops.iter().enumerate() {
+        head += &format!(" {:>19}", t.name);
+    }
+    println!("{head}");
+    let mut detail = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let mut line = format!("{:<20}", op.name);
+        for t in targets {
             match strace::count(t, i, op, n) {
-                Ok((per, top)) => println!("{:<20} {:<20} {:>6.2}  {top}", t.name, op.name, per),
-                Err(e) => println!("{:<20} {:<20}   n/a  {e}", t.name, op.name),
+                Ok((per, top)) => {
+                    line += &format!(" {:>19.2}", per);
+                    detail.push(format!("  {:<20} {:<20} {top}", op.name, t.name));
+                }
+                Err(e) => {
+                    line += &format!(" {:>19}", "n/a");
+                    detail.push(format!("  {:<20} {:<20} {e}", op.name, t.name));
+                }
             }
         }
+        println!("{line}");
+    }
+    println!("which calls, per message:");
+    for d in detail {
+        println!("{d}");
     }
 }
