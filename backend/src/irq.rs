@@ -223,19 +223,22 @@ impl IrqTable {
         }
         let range = set.start as usize..(set.start + set.count) as usize;
         let is_intx = set.index == PCI_INTX_IRQ_INDEX;
-        let selected: Vec<usize> = match &set.data {
-            IrqData::None | IrqData::Eventfds(_) => range.clone().collect(),
-            IrqData::Bool(b) => range
-                .clone()
-                .zip(b)
-                .filter(|(_, on)| **on)
-                .map(|(i, _)| i)
-                .collect(),
+        // The vectors a BOOL array selects (all of the range otherwise),
+        // without collecting them.
+        let bools: &[bool] = match &set.data {
+            IrqData::Bool(b) => b,
+            _ => &[],
         };
-        match (set.action, set.data) {
-            (action, IrqData::Eventfds(fds)) => {
+        let use_bools = matches!(set.data, IrqData::Bool(_));
+        let start = set.start as usize;
+        let selected = |i: &usize| !use_bools || bools.get(i - start).copied().unwrap_or(false);
+        match (set.action, &set.data) {
+            (action, IrqData::Eventfds(_)) => {
+                let IrqData::Eventfds(fds) = set.data else {
+                    unreachable!("matched above")
+                };
                 let mut fds = fds.into_iter().map(File::from);
-                for i in range {
+                for i in range.clone() {
                     let v = &mut line.vectors[i];
                     let fd = fds.next();
                     match action {
@@ -245,11 +248,11 @@ impl IrqTable {
                     }
                 }
                 if action == IrqAction::Trigger {
-                    self.redeliver(set.index, &selected);
+                    self.redeliver(set.index, range);
                 }
             }
             (IrqAction::Trigger, _) => {
-                for i in selected {
+                for i in range.filter(selected) {
                     if is_intx {
                         self.intx_pulse();
                     } else {
@@ -258,25 +261,25 @@ impl IrqTable {
                 }
             }
             (IrqAction::Mask, _) => {
-                for i in selected {
+                for i in range.filter(selected) {
                     line.vectors[i].masked = true;
                 }
             }
             (IrqAction::Unmask, _) => {
-                for &i in &selected {
+                for i in range.clone().filter(selected) {
                     line.vectors[i].masked = false;
                     if let Some(n) = &line.vectors[i].unmask_notify {
                         signal(n);
                     }
                 }
-                self.redeliver(set.index, &selected);
+                self.redeliver(set.index, range.filter(selected));
             }
         }
         Ok(())
     }
 
     /// Delivers what became deliverable after an unmask or assignment.
-    fn redeliver(&mut self, index: u32, vectors: &[usize]) {
+    fn redeliver(&mut self, index: u32, vectors: impl Iterator<Item = usize>) {
         if index == PCI_INTX_IRQ_INDEX {
             let line = &self.lines[index as usize];
             if line.level || line.vectors[0].pending {
@@ -284,7 +287,7 @@ impl IrqTable {
             }
             return;
         }
-        for &i in vectors {
+        for i in vectors {
             if self.pending(index, i as u32) {
                 self.fire(index, i as u32);
             }

@@ -79,14 +79,27 @@ pub struct Session<'a> {
     windows: Vec<DoorbellWindow>,
     /// The device's name for errors, shared so a message costs no allocation.
     name: std::sync::Arc<str>,
+    /// REGION_READ data, reused from message to message.
+    read_buf: Vec<u8>,
 }
 
 /// How a reply to the current command is produced.
 enum Answer {
     /// Send this payload (and fds).
     Payload(Vec<u8>),
+    /// A small fixed reply (REGION_WRITE, DMA_UNMAP, WRITE_MULTI echoes),
+    /// kept off the heap: these are per-I/O messages.
+    Fixed([u8; 32], usize),
     /// Already sent (REGION_READ sends header and data in one sendmsg).
     Sent,
+}
+
+impl Answer {
+    fn fixed(b: &[u8]) -> Answer {
+        let mut buf = [0u8; 32];
+        buf[..b.len()].copy_from_slice(b);
+        Answer::Fixed(buf, b.len())
+    }
 }
 
 type Handled = Result<Answer, (i32, String)>;
@@ -115,6 +128,7 @@ impl<'a> Session<'a> {
             inflight: None,
             next_id: 0,
             stats: Stats::default(),
+            read_buf: Vec::new(),
         }
     }
 
@@ -197,6 +211,11 @@ impl<'a> Session<'a> {
             return;
         }
         match answer {
+            Ok(Answer::Fixed(b, n)) => {
+                if let Err(e) = self.sock.send(&h.reply(n), &[&b[..n]], &[]) {
+                    debug!("reply failed: {e}");
+                }
+            }
             Ok(Answer::Payload(p)) => {
                 if let Err(e) = self.sock.send(&h.reply(p.len()), &[&p], &[]) {
                     debug!("reply failed: {e}");
@@ -279,7 +298,7 @@ impl<'a> Session<'a> {
                     argsz: DMA_UNMAP_SIZE as u32,
                     ..u
                 };
-                Ok(Answer::Payload(echo.encode()))
+                Ok(Answer::fixed(&echo.encode_fixed()))
             }
             Request::DeviceGetInfo(_) => Ok(Answer::Payload(
                 DeviceInfo {
@@ -364,10 +383,14 @@ impl<'a> Session<'a> {
             Request::RegionRead(a) => {
                 self.stats.reads[Stats::slot(a.region)] += 1;
                 self.check_access(&a, REGION_INFO_FLAG_READ)?;
-                let mut buf = vec![0u8; a.count as usize];
+                // One buffer per connection: no allocation per read.
+                let buf = &mut self.read_buf;
+                buf.clear();
+                buf.resize(a.count as usize, 0);
                 self.device
-                    .read(a.region, a.offset, &mut buf)
+                    .read(a.region, a.offset, buf)
                     .map_err(|e| fail(&e, e.errno()))?;
+                let buf = &self.read_buf;
                 if !h.no_reply() {
                     let fixed = a.encode_fixed();
                     if let Err(e) = self.sock.send(
@@ -386,7 +409,7 @@ impl<'a> Session<'a> {
                 self.device
                     .write(access.region, access.offset, data)
                     .map_err(|e| fail(&e, e.errno()))?;
-                Ok(Answer::Payload(access.encode_fixed().to_vec()))
+                Ok(Answer::fixed(&access.encode_fixed()))
             }
             Request::RegionWriteMulti(writes) => {
                 if !self.peer.is_some_and(|p| p.write_multiple) {
@@ -398,9 +421,7 @@ impl<'a> Session<'a> {
                 for w in &writes {
                     self.write_one(w)?;
                 }
-                Ok(Answer::Payload(
-                    (writes.len() as u64).to_ne_bytes().to_vec(),
-                ))
+                Ok(Answer::fixed(&(writes.len() as u64).to_ne_bytes()))
             }
             Request::DeviceReset => {
                 self.device.reset().map_err(|e| fail(&e, e.errno()))?;

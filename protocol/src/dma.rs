@@ -110,12 +110,17 @@ impl DmaUnmap {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::with_capacity(DMA_UNMAP_SIZE);
-        w.u32(self.argsz)
-            .u32(self.flags)
-            .u64(self.iova)
-            .u64(self.size);
-        w.into_vec()
+        self.encode_fixed().to_vec()
+    }
+
+    /// The reply echo without allocating.
+    pub fn encode_fixed(&self) -> [u8; DMA_UNMAP_SIZE] {
+        let mut out = [0u8; DMA_UNMAP_SIZE];
+        out[0..4].copy_from_slice(&self.argsz.to_ne_bytes());
+        out[4..8].copy_from_slice(&self.flags.to_ne_bytes());
+        out[8..16].copy_from_slice(&self.iova.to_ne_bytes());
+        out[16..24].copy_from_slice(&self.size.to_ne_bytes());
+        out
     }
 }
 

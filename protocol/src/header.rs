@@ -1,7 +1,7 @@
 //! The 16-byte header every vfio-user message starts with.
 
 use crate::error::ProtocolError;
-use crate::wire::{Reader, Writer};
+use crate::wire::Reader;
 
 pub const HEADER_SIZE: usize = 16;
 
@@ -135,15 +135,14 @@ impl Header {
         }
     }
 
+    /// Sent with every message: built in place, no allocation.
     pub fn encode(&self) -> [u8; HEADER_SIZE] {
-        let mut w = Writer::with_capacity(HEADER_SIZE);
-        w.u16(self.id)
-            .u16(self.cmd)
-            .u32(self.size)
-            .u32(self.flags)
-            .u32(self.error);
         let mut out = [0u8; HEADER_SIZE];
-        out.copy_from_slice(&w.buf);
+        out[0..2].copy_from_slice(&self.id.to_ne_bytes());
+        out[2..4].copy_from_slice(&self.cmd.to_ne_bytes());
+        out[4..8].copy_from_slice(&self.size.to_ne_bytes());
+        out[8..12].copy_from_slice(&self.flags.to_ne_bytes());
+        out[12..16].copy_from_slice(&self.error.to_ne_bytes());
         out
     }
 
