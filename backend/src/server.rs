@@ -101,8 +101,14 @@ impl Listener {
         let at = if staged { tmp.as_path() } else { path };
         let _ = std::fs::remove_file(&tmp);
         let listener = UnixListener::bind(at).map_err(bind_err)?;
-        let placed = std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o600))
-            .and_then(|_| if staged { std::fs::rename(at, path) } else { Ok(()) });
+        let placed =
+            std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o600)).and_then(|_| {
+                if staged {
+                    std::fs::rename(at, path)
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(e) = placed {
             let _ = std::fs::remove_file(at);
             return Err(bind_err(e));
