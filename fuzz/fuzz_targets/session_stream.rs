@@ -2,9 +2,9 @@
 //! file descriptors attached: it must never panic, hang or leak an fd.
 //!
 //! Input: a sequence of records `[tag u8][len u16 LE][len bytes]` (len is
-//! clipped to what is left; at most MAX_RECORDS records). Each record is one
-//! sendmsg from the client end, carrying the fds its tag names
-//! (SCM_RIGHTS):
+//! clipped to what is left; at most MAX_RECORDS records, MAX_FDS fds in
+//! all). Each record is one sendmsg from the client end, carrying the fds
+//! its tag names (SCM_RIGHTS):
 //!   tag & 7: 0 none, 1 memfd, 2 eventfd, 3 /dev/null, 4 a socket end,
 //!            5 memfd + eventfd, 6 two eventfds, 7 seventeen eventfds
 //!            (one more than max_msg_fds)
@@ -27,6 +27,9 @@ use airlock::session::Session;
 use libfuzzer_sys::fuzz_target;
 
 const MAX_RECORDS: usize = 64;
+/// Most fds one input creates (a record past it goes without): stays far
+/// below a default RLIMIT_NOFILE of 1024.
+const MAX_FDS: usize = 256;
 /// max_data_xfer for the session: small keeps every message small and fast.
 const MAX_DATA_XFER: u64 = 4096;
 const MEMFD_SIZES: [i64; 4] = [0, 4096, 8192, 2 << 20];
@@ -234,9 +237,17 @@ fn fd_list() -> Vec<String> {
 }
 
 fn one_session(data: &[u8]) {
+    let mut total = 0;
     let recs: Vec<(Vec<OwnedFd>, &[u8])> = records(data)
         .into_iter()
-        .map(|r| (fds_for(r.tag), r.bytes))
+        .map(|r| {
+            let n = [0, 1, 1, 1, 1, 2, 2, 17][(r.tag & 7) as usize];
+            if total + n > MAX_FDS {
+                return (Vec::new(), r.bytes);
+            }
+            total += n;
+            (fds_for(r.tag), r.bytes)
+        })
         .collect();
     let (server_end, client_end) = UnixStream::pair().expect("socketpair");
     std::thread::scope(|s| {
