@@ -5,6 +5,8 @@
 //! read costs ~30% per round trip on these machines. Each send is one
 //! sendmsg carrying header, payload and fds together.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -35,13 +37,84 @@ pub enum RecvError {
 /// stays in sync.
 const MAX_DRAIN: usize = 64 << 20;
 
+/// How much is read ahead in one recvmsg: a typical message (header and
+/// payload) arrives in one system call, and back-to-back posted writes
+/// several at a time. Larger payloads are read straight into place.
+const READ_AHEAD: usize = 64 << 10;
+
+/// Bytes received beyond the message being framed, and the fds that came
+/// with them.
+///
+/// Which message an fd belongs to: a unix stream read stops right after
+/// the chunk (one sendmsg) that carried fds, and a sender puts a message's
+/// fds on the sendmsg that starts with its header. So the fds one recvmsg
+/// returns belong to the message that holds the last byte of that read.
+/// Each is kept with the stream offset of that byte.
+#[derive(Default)]
+struct ReadAhead {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Stream offset of buf[start] (the next unconsumed byte).
+    at: u64,
+    fds: VecDeque<(u64, OwnedFd)>,
+    /// Stream offsets (last byte) of reads whose control data was truncated.
+    ctrunc: VecDeque<u64>,
+}
+
+impl ReadAhead {
+    fn avail(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Copies up to `out.len()` buffered bytes into `out`.
+    fn take(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.avail());
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.consume(n);
+        n
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        self.at += n as u64;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// The fds of the message that ended just before `self.at`, which
+    /// started at stream offset `from`; and whether its control data was
+    /// truncated. Anything older is dropped.
+    fn fds_of(&mut self, from: u64) -> (Vec<OwnedFd>, bool) {
+        let mut fds = Vec::new();
+        while self.fds.front().is_some_and(|(k, _)| *k < self.at) {
+            let (k, fd) = self.fds.pop_front().expect("checked");
+            if k >= from {
+                fds.push(fd);
+            }
+        }
+        let mut truncated = false;
+        while self.ctrunc.front().is_some_and(|k| *k < self.at) {
+            truncated |= self.ctrunc.pop_front().expect("checked") >= from;
+        }
+        (fds, truncated)
+    }
+}
+
 pub struct MessageSocket {
     stream: UnixStream,
+    /// Only the receiving side touches it; a RefCell keeps `recv(&self)`.
+    ahead: RefCell<ReadAhead>,
 }
 
 impl MessageSocket {
     pub fn new(stream: UnixStream) -> Self {
-        MessageSocket { stream }
+        MessageSocket {
+            stream,
+            ahead: RefCell::default(),
+        }
     }
 
     pub fn stream(&self) -> &UnixStream {
@@ -53,36 +126,69 @@ impl MessageSocket {
     }
 
     /// Receives one message: the header, then exactly `size - 16` payload
-    /// bytes into `payload` (reused between calls), and any fds.
+    /// bytes into `payload` (reused between calls), and any fds. Usually one
+    /// recvmsg: bytes past the message wait in the read-ahead buffer.
     pub fn recv(
         &self,
         limits: &Limits,
         payload: &mut Vec<u8>,
     ) -> Result<(Header, Vec<OwnedFd>), RecvError> {
-        let mut fds = Vec::new();
-        let mut hbuf = [0u8; HEADER_SIZE];
-        let mut ctrunc = false;
-        let got = self
-            .recv_exact(&mut hbuf, &mut fds, &mut ctrunc, true)
-            .map_err(RecvError::Fatal)?;
-        if got == 0 {
-            return Err(RecvError::Closed);
+        let mut ra = self.ahead.borrow_mut();
+        while ra.avail() < HEADER_SIZE {
+            let had = ra.avail();
+            if self.fill(&mut ra).map_err(RecvError::Fatal)? == 0 {
+                if had == 0 {
+                    return Err(RecvError::Closed);
+                }
+                return Err(RecvError::Fatal(ProtocolError::Truncated {
+                    what: "message (peer closed mid-message)",
+                    need: HEADER_SIZE,
+                    got: had,
+                }));
+            }
         }
+        let from = ra.at;
+        let mut hbuf = [0u8; HEADER_SIZE];
+        ra.take(&mut hbuf);
         let header = Header::decode(&hbuf);
         if let Err(e) = header.check_size(limits.max_msg_size) {
             let len = header.payload_len();
             if (header.size as usize) < HEADER_SIZE || len > MAX_DRAIN {
                 return Err(RecvError::Unframeable(header, e));
             }
-            self.drain(len, &mut fds, &mut ctrunc)
-                .map_err(RecvError::Fatal)?;
+            self.skip(&mut ra, len).map_err(RecvError::Fatal)?;
+            drop(ra.fds_of(from));
             return Err(RecvError::Rejected(header, e));
         }
+        let len = header.payload_len();
         payload.clear();
-        payload.resize(header.payload_len(), 0);
-        self.recv_exact(payload, &mut fds, &mut ctrunc, false)
+        payload.resize(len, 0);
+        let mut got = ra.take(payload);
+        while got < len {
+            let n = if len - got > READ_AHEAD / 2 {
+                // A large payload goes straight into place.
+                self.recv_tracked(&mut ra, &mut payload[got..])
+            } else {
+                self.fill(&mut ra).map(|n| {
+                    if n == 0 {
+                        0
+                    } else {
+                        ra.take(&mut payload[got..])
+                    }
+                })
+            }
             .map_err(RecvError::Fatal)?;
-        if ctrunc || fds.len() > limits.max_fds {
+            if n == 0 {
+                return Err(RecvError::Fatal(ProtocolError::Truncated {
+                    what: "message (peer closed mid-message)",
+                    need: header.size as usize,
+                    got: HEADER_SIZE + got,
+                }));
+            }
+            got += n;
+        }
+        let (fds, truncated) = ra.fds_of(from);
+        if truncated || fds.len() > limits.max_fds {
             return Err(RecvError::Rejected(
                 header,
                 ProtocolError::TooManyFds {
@@ -93,46 +199,64 @@ impl MessageSocket {
         Ok((header, fds))
     }
 
-    /// Fills `buf` completely. Returns 0 only if EOF came before the first
-    /// byte and `eof_ok` is set.
-    fn recv_exact(
-        &self,
-        buf: &mut [u8],
-        fds: &mut Vec<OwnedFd>,
-        ctrunc: &mut bool,
-        eof_ok: bool,
-    ) -> Result<usize, ProtocolError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let n = self.recvmsg(&mut buf[done..], fds, ctrunc)?;
-            if n == 0 {
-                if done == 0 && eof_ok {
-                    return Ok(0);
-                }
-                return Err(ProtocolError::Truncated {
-                    what: "message (peer closed mid-message)",
-                    need: buf.len(),
-                    got: done,
-                });
-            }
-            done += n;
+    /// One recvmsg into the free end of the read-ahead buffer; 0 at EOF.
+    fn fill(&self, ra: &mut ReadAhead) -> Result<usize, ProtocolError> {
+        if ra.buf.is_empty() {
+            ra.buf = vec![0u8; READ_AHEAD];
         }
-        Ok(done)
+        if ra.start > 0 {
+            let (s, e) = (ra.start, ra.end);
+            ra.buf.copy_within(s..e, 0);
+            ra.end -= s;
+            ra.start = 0;
+        }
+        let mut buf = std::mem::take(&mut ra.buf);
+        let end = ra.end;
+        let r = self.recv_tracked(ra, &mut buf[end..]);
+        ra.buf = buf;
+        let n = r?;
+        // recv_tracked advanced `at` as if the bytes were consumed: they
+        // are buffered instead.
+        ra.at -= n as u64;
+        ra.end += n;
+        Ok(n)
     }
 
-    fn drain(
-        &self,
-        mut len: usize,
-        fds: &mut Vec<OwnedFd>,
-        ctrunc: &mut bool,
-    ) -> Result<(), ProtocolError> {
+    /// One recvmsg into `buf` (the bytes right after everything buffered);
+    /// keeps its fds with the stream offset of its last byte and advances
+    /// the stream offset past it.
+    fn recv_tracked(&self, ra: &mut ReadAhead, buf: &mut [u8]) -> Result<usize, ProtocolError> {
+        let mut fds = Vec::new();
+        let mut ctrunc = false;
+        let n = self.recvmsg(buf, &mut fds, &mut ctrunc)?;
+        let first = ra.at + ra.avail() as u64;
+        let last = first + (n as u64).saturating_sub(1);
+        ra.fds.extend(fds.into_iter().map(|fd| (last, fd)));
+        if ctrunc {
+            ra.ctrunc.push_back(last);
+        }
+        ra.at += n as u64;
+        Ok(n)
+    }
+
+    /// Consumes and discards `len` bytes (an oversized payload).
+    fn skip(&self, ra: &mut ReadAhead, mut len: usize) -> Result<(), ProtocolError> {
+        let n = len.min(ra.avail());
+        ra.consume(n);
+        len -= n;
         let mut scratch = [0u8; 4096];
         while len > 0 {
-            let n = len.min(scratch.len());
-            self.recv_exact(&mut scratch[..n], fds, ctrunc, false)?;
+            let want = len.min(scratch.len());
+            let n = self.recv_tracked(ra, &mut scratch[..want])?;
+            if n == 0 {
+                return Err(ProtocolError::Truncated {
+                    what: "message (peer closed mid-message)",
+                    need: len,
+                    got: 0,
+                });
+            }
             len -= n;
         }
-        fds.clear();
         Ok(())
     }
 
@@ -141,6 +265,7 @@ impl MessageSocket {
     /// input reset (QEMU's client aborts on that). Never reads with read():
     /// the sandbox allows recvmsg only.
     pub fn close_gracefully(&self, limit: std::time::Duration) {
+        *self.ahead.borrow_mut() = ReadAhead::default();
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
         let _ = self.stream.set_read_timeout(Some(limit));
         let deadline = std::time::Instant::now() + limit;
