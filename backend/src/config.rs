@@ -12,6 +12,9 @@ pub enum EmulatedKind {
     Edu,
 }
 
+/// At most this many --reserve-iova windows.
+const MAX_RESERVED_WINDOWS: usize = 64;
+
 /// `airlock --help`'s closing text: what people run.
 const EXAMPLES: &str = "\
 Examples:
@@ -74,6 +77,19 @@ pub struct Args {
     /// Guest RAM size for --print-qemu-args.
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     pub guest_ram: String,
+    /// --print-qemu-args without the guest RAM arguments: for the second and
+    /// later airlock of one VM (the first one's arguments set RAM up).
+    #[arg(long, requires = "print_qemu_args", conflicts_with = "guest_ram")]
+    pub no_guest_ram: bool,
+    /// Which QEMU --print-qemu-args is for: stock (>= 10.1, -device with a
+    /// JSON socket) or patched (qemu-patches/: -chardev socket + chardev=).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "stock|patched",
+        default_value = "stock"
+    )]
+    pub qemu: crate::qemu_args::QemuFlavor,
     /// Print a JSON description of device kinds and features, then exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -137,6 +153,8 @@ pub enum ConfigError {
     Window(#[from] crate::msi::WindowError),
     #[error("--max-data-xfer {0} must be between 4096 and 64 MiB (QEMU's ceiling)")]
     BadXfer(u64),
+    #[error("{0} --reserve-iova windows: at most 64 (merge adjacent windows into one)")]
+    TooManyWindows(usize),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,7 +223,9 @@ pub enum Config {
         listen: Listen,
         device: DeviceKind,
         windows: Vec<crate::msi::DoorbellWindow>,
-        guest_ram: String,
+        /// None with --no-guest-ram.
+        guest_ram: Option<String>,
+        flavor: crate::qemu_args::QemuFlavor,
     },
 }
 
@@ -272,6 +292,11 @@ impl TryFrom<Args> for Config {
             SandboxMode::Off if user.is_some() => return Err(ConfigError::UserWithoutSandbox),
             SandboxMode::Off => None,
         };
+        // Each window can split a usable range; patched QEMU takes at most
+        // 256 ranges in a VERSION reply.
+        if a.reserve_iova.len() > MAX_RESERVED_WINDOWS {
+            return Err(ConfigError::TooManyWindows(a.reserve_iova.len()));
+        }
         let windows = a
             .reserve_iova
             .iter()
@@ -282,7 +307,8 @@ impl TryFrom<Args> for Config {
                 listen,
                 device,
                 windows,
-                guest_ram: a.guest_ram,
+                guest_ram: (!a.no_guest_ram).then_some(a.guest_ram),
+                flavor: a.qemu,
             });
         }
         Ok(Config::Serve {

@@ -90,13 +90,20 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
             device,
             mut windows,
             guest_ram,
+            flavor,
         } => {
             let (dev, _) = open_device(device)?;
             let mut all = dev.iova_windows();
             all.append(&mut windows);
             print!(
                 "{}",
-                airlock::qemu_args::qemu_args(&listen, dev.name(), &all, &guest_ram)
+                airlock::qemu_args::qemu_args_for(
+                    &listen,
+                    dev.name(),
+                    &all,
+                    guest_ram.as_deref(),
+                    flavor
+                )
             );
             return Ok(ExitCode::SUCCESS);
         }

@@ -7,8 +7,8 @@ use std::fmt::Write;
 use crate::config::Listen;
 use crate::msi::DoorbellWindow;
 
-/// Which QEMU the arguments are for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which QEMU the arguments are for (`--qemu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum QemuFlavor {
     /// Stock QEMU >= 10.1: `-device` with a JSON `socket` object.
     Stock,
@@ -17,8 +17,32 @@ pub enum QemuFlavor {
     Patched,
 }
 
-/// The chardev id the patched form uses.
-const CHARDEV_ID: &str = "airlock0";
+/// The chardev id the patched form uses: named after the socket, so the
+/// arguments of several airlocks compose in one QEMU command line.
+fn chardev_id(listen: &Listen) -> String {
+    let stem = match listen {
+        Listen::Path(p) => p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        Listen::Fd(_) => String::new(),
+    };
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "airlock0".into()
+    } else {
+        format!("airlock-{clean}")
+    }
+}
 
 /// Arguments for stock QEMU (with the patched QEMU's -chardev form as a comment).
 pub fn qemu_args(
@@ -27,16 +51,19 @@ pub fn qemu_args(
     windows: &[DoorbellWindow],
     guest_ram: &str,
 ) -> String {
-    qemu_args_for(listen, device, windows, guest_ram, QemuFlavor::Stock)
+    qemu_args_for(listen, device, windows, Some(guest_ram), QemuFlavor::Stock)
 }
 
+/// `guest_ram` None: another device's arguments already set up the shared
+/// guest RAM (--no-guest-ram), so only this device's arguments are printed.
 pub fn qemu_args_for(
     listen: &Listen,
     device: &str,
     windows: &[DoorbellWindow],
-    guest_ram: &str,
+    guest_ram: Option<&str>,
     flavor: QemuFlavor,
 ) -> String {
+    let chardev_id = chardev_id(listen);
     let path = match listen {
         Listen::Path(p) => p.display().to_string(),
         Listen::Fd(fd) => format!("<the path of the socket passed as fd {fd}>"),
@@ -55,16 +82,25 @@ pub fn qemu_args_for(
         o,
         "# Combine with your machine type (-M q35, -M virt,gic-version=3,its=on, ...)."
     );
-    let mut args = vec![
-        "-object".to_string(),
-        format!("memory-backend-memfd,id=airlock-mem,size={guest_ram},share=on"),
-        "-m".to_string(),
-        guest_ram.to_string(),
-        "-machine".to_string(),
-        "memory-backend=airlock-mem".to_string(),
-    ];
+    let mut args = Vec::new();
+    match guest_ram {
+        Some(ram) => args.extend([
+            "-object".to_string(),
+            format!("memory-backend-memfd,id=airlock-mem,size={ram},share=on"),
+            "-m".to_string(),
+            ram.to_string(),
+            "-machine".to_string(),
+            "memory-backend=airlock-mem".to_string(),
+        ]),
+        None => {
+            let _ = writeln!(
+                o,
+                "# Guest RAM: set up once, by the first device's arguments (printed without --no-guest-ram)."
+            );
+        }
+    }
     // QEMU's option parser splits on ',': a comma in the path is doubled.
-    let chardev = format!("socket,id={CHARDEV_ID},path={}", path.replace(',', ",,"));
+    let chardev = format!("socket,id={chardev_id},path={}", path.replace(',', ",,"));
     match flavor {
         QemuFlavor::Stock => args.extend([
             "-device".to_string(),
@@ -75,7 +111,7 @@ pub fn qemu_args_for(
             "-chardev".to_string(),
             chardev.clone(),
             "-device".to_string(),
-            format!("vfio-user-pci,chardev={CHARDEV_ID}"),
+            format!("vfio-user-pci,chardev={chardev_id}"),
         ]),
     }
     for a in args {
@@ -84,7 +120,7 @@ pub fn qemu_args_for(
     if flavor == QemuFlavor::Stock {
         let _ = writeln!(
             o,
-            "# With the patched QEMU (qemu-patches/), instead of -device: -chardev {chardev} -device vfio-user-pci,chardev={CHARDEV_ID}"
+            "# With the patched QEMU (qemu-patches/), instead of -device: -chardev {chardev} -device vfio-user-pci,chardev={chardev_id}"
         );
     }
     if windows.is_empty() {
@@ -146,7 +182,7 @@ mod tests {
         );
         assert!(out.contains("#   0x8000000-0x80fffff (user (--reserve-iova), user)"));
         assert!(out.contains(
-            "# With the patched QEMU (qemu-patches/), instead of -device: -chardev socket,id=airlock0,path=/run/a.sock -device vfio-user-pci,chardev=airlock0"
+            "# With the patched QEMU (qemu-patches/), instead of -device: -chardev socket,id=airlock-a,path=/run/a.sock -device vfio-user-pci,chardev=airlock-a"
         ));
     }
 
@@ -154,7 +190,7 @@ mod tests {
     fn the_patched_qemu_connects_through_a_chardev_and_learns_the_windows() {
         let w = crate::msi::parse_reserve("0x8000000:0x100000").unwrap();
         let listen = Listen::Path("/run/a,b.sock".into());
-        let out = qemu_args_for(&listen, "edu", &[w], "1G", QemuFlavor::Patched);
+        let out = qemu_args_for(&listen, "edu", &[w], Some("1G"), QemuFlavor::Patched);
         let args: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             args,
@@ -166,12 +202,42 @@ mod tests {
                 "-machine",
                 "memory-backend=airlock-mem",
                 "-chardev",
-                "socket,id=airlock0,path=/run/a,,b.sock",
+                "socket,id=airlock-a_b,path=/run/a,,b.sock",
                 "-device",
-                "vfio-user-pci,chardev=airlock0"
+                "vfio-user-pci,chardev=airlock-a_b"
             ]
         );
         assert!(out.contains("reserved regions of the device"));
         assert!(!out.contains("stock QEMU cannot"));
+    }
+
+    #[test]
+    fn the_arguments_of_two_devices_compose_in_one_command_line() {
+        let first = qemu_args_for(
+            &Listen::Path("/run/airlock/edu1.sock".into()),
+            "edu",
+            &[],
+            Some("1G"),
+            QemuFlavor::Patched,
+        );
+        let second = qemu_args_for(
+            &Listen::Path("/run/airlock/edu2.sock".into()),
+            "edu",
+            &[],
+            None,
+            QemuFlavor::Patched,
+        );
+        let all: Vec<&str> = first
+            .lines()
+            .chain(second.lines())
+            .filter(|l| !l.starts_with('#'))
+            .collect();
+        assert_eq!(
+            all.iter().filter(|a| **a == "-object").count(),
+            1,
+            "guest RAM once"
+        );
+        assert!(all.contains(&"socket,id=airlock-edu1,path=/run/airlock/edu1.sock"));
+        assert!(all.contains(&"vfio-user-pci,chardev=airlock-edu2"));
     }
 }

@@ -28,6 +28,9 @@ use crate::dma::{DmaError, DmaSpace, Segment};
 use crate::msi::DoorbellWindow;
 use crate::negotiate::{negotiate, IovaSpace, Peer, ServerLimits};
 
+/// How long a new client may take to send VERSION.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A DMA being carried out with DMA_READ/DMA_WRITE messages.
 struct InFlight {
     job: DmaJob,
@@ -137,10 +140,26 @@ impl<'a> Session<'a> {
     pub fn run(mut self) {
         let started = std::time::Instant::now();
         let mut payload = Vec::new();
+        // A client that never negotiates (e.g. the reconnecting chardev of a
+        // QEMU whose device is gone) must not hold the device forever.
+        let _ = self.sock.stream().set_read_timeout(Some(VERSION_TIMEOUT));
+        let mut negotiating = true;
         loop {
+            if negotiating && self.peer.is_some() {
+                negotiating = false;
+                let _ = self.sock.stream().set_read_timeout(None);
+            }
             let (header, fds) = match self.sock.recv(&self.limits, &mut payload) {
                 Ok(m) => m,
                 Err(RecvError::Closed) => break,
+                Err(RecvError::Fatal(e)) if negotiating && e.is_timeout() => {
+                    warn!(
+                        device = self.device.name(),
+                        "closing a client that sent no VERSION within {} s; the device is free for the next client",
+                        VERSION_TIMEOUT.as_secs()
+                    );
+                    break;
+                }
                 Err(RecvError::Fatal(e)) => {
                     warn!(device = self.device.name(), "closing connection: {e}");
                     break;

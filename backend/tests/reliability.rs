@@ -261,3 +261,31 @@ fn a_killed_server_is_replaced_on_the_same_socket_and_a_storm_is_bounded() {
     assert!(!s.path.exists(), "and removes the socket");
     drop(c);
 }
+
+#[test]
+fn a_silent_client_is_dropped_after_10_s_and_the_waiting_one_is_served() {
+    let s = start_edu("silent");
+    // Connects and never sends VERSION (a reconnecting chardev does this).
+    let silent = std::os::unix::net::UnixStream::connect(&s.path).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let path = s.path.clone();
+    let t = Instant::now();
+    let waiter = std::thread::spawn(move || {
+        let mut c = connect_path(&path);
+        c.read32(0, REG_IDENT).unwrap()
+    });
+    wait_for("the waiting-client log line", || {
+        s.log().contains("a client has waited")
+    });
+    assert_eq!(
+        waiter.join().unwrap(),
+        IDENT,
+        "served once the silent one was dropped"
+    );
+    let waited = t.elapsed();
+    println!("the waiting client was served after {waited:?}");
+    assert!(waited < Duration::from_secs(15), "{waited:?}");
+    let log = s.log();
+    assert!(log.contains("sent no VERSION within 10 s"), "{log}");
+    drop(silent);
+}

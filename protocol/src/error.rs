@@ -66,6 +66,12 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// A read that timed out (SO_RCVTIMEO), not a broken stream.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ProtocolError::Io(e)
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    }
+
     /// The errno that goes into the error reply for this failure.
     pub fn errno(&self) -> i32 {
         use ProtocolError::*;

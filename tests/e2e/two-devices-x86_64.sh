@@ -2,7 +2,8 @@
 # tests/e2e/two-devices-x86_64.sh: one airlock per device. Two airlock
 # processes (two emulated edus on two sockets, each in its own sandbox) serve
 # one x86_64 guest (TCG); the guest program passes against each device, and
-# the two servers share no namespace.
+# the two servers share no namespace. QEMU's arguments are the two airlocks'
+# --print-qemu-args outputs, composed.
 # Logs: $AIRLOCK_LOG_DIR (default logs/e2e-two-devices/). Last line:
 # "N passed, M failed". Exit 0 iff all passed; 77 if it could not run.
 set -euo pipefail
@@ -60,8 +61,15 @@ if [[ -z $shared ]]; then
 else
     bad "sandboxes: the two servers share namespaces: $shared"
 fi
-run_guest two-devices "$cpio" -device "$(vfio_user_dev "$RUN_DIR/edu1.sock")" \
-    -device "$(vfio_user_dev "$RUN_DIR/edu2.sock")"
+# QEMU's side composed from each airlock's --print-qemu-args: the first
+# brings the shared guest RAM, the second only its device (--no-guest-ram).
+mapfile -t qemu_args < <(
+    "$AIRLOCK_BIN" --print-qemu-args --socket-path "$RUN_DIR/edu1.sock" --emulate edu --guest-ram 512M
+    "$AIRLOCK_BIN" --print-qemu-args --socket-path "$RUN_DIR/edu2.sock" --emulate edu --no-guest-ram
+)
+mapfile -t qemu_args < <(printf '%s\n' "${qemu_args[@]}" | grep -v '^#')
+note "QEMU arguments composed from two airlock --print-qemu-args: ${qemu_args[*]}"
+GUEST_RAM_FROM_ARGS=1 run_guest two-devices "$cpio" "${qemu_args[@]}"
 sum=$(summary_line "$GUEST_RESULTS" || true)
 if [[ $sum == "2 passed, 0 failed" && $GUEST_RC == 0 ]]; then
     ok "guest: the guest program passed against both devices ($(grep -E '^INFO dev[12]: ' "$GUEST_RESULTS" | tr '\n' ' '))"
