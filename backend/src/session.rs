@@ -46,7 +46,9 @@ struct InFlight {
 
 /// What one connection asked for, logged when it ends: it shows, e.g.,
 /// that BAR accesses went through the mmap fast path (no REGION_* for it).
-#[derive(Default, Debug)]
+const READ_SAMPLES: usize = 1024;
+
+#[derive(Debug)]
 struct Stats {
     messages: u64,
     /// REGION_READ / REGION_WRITE (incl. WRITE_MULTI entries) per region
@@ -57,14 +59,42 @@ struct Stats {
     set_irqs: u64,
     /// Commands answered with an error (or posted ones that failed).
     errors: u64,
+    /// Time spent on the last REGION_READs, arrival to reply sent (ns).
+    read_ns: [u32; READ_SAMPLES],
+    read_samples: usize,
     /// Device DMAs carried out, and those that failed.
     device_dma: u64,
     device_dma_failed: u64,
 }
 
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            messages: 0,
+            reads: [0; 10],
+            writes: [0; 10],
+            dma_maps: 0,
+            set_irqs: 0,
+            errors: 0,
+            read_ns: [0; READ_SAMPLES],
+            read_samples: 0,
+            device_dma: 0,
+            device_dma_failed: 0,
+        }
+    }
+}
+
 impl Stats {
     fn slot(region: u32) -> usize {
         (region as usize).min(9)
+    }
+
+    /// Median REGION_READ handling time over the last samples (0: none).
+    fn read_median_ns(&self) -> u32 {
+        let n = self.read_samples.min(READ_SAMPLES);
+        let mut v = self.read_ns[..n].to_vec();
+        v.sort_unstable();
+        v.get(n / 2).copied().unwrap_or(0)
     }
 }
 
@@ -181,7 +211,17 @@ impl<'a> Session<'a> {
             if header.is_reply() {
                 self.on_reply(&header, &payload);
             } else {
+                let arrived = std::time::Instant::now();
                 self.dispatch(&header, &payload, fds);
+                if header.cmd == Command::RegionRead as u16 {
+                    // airlock's share of a guest's MMIO read: from the
+                    // request's arrival to the reply's send (the last 1024
+                    // kept, for a median that preemption cannot skew).
+                    let ns = arrived.elapsed().as_nanos().min(u32::MAX as u128) as u32;
+                    let n = self.stats.read_samples;
+                    self.stats.read_ns[n % READ_SAMPLES] = ns;
+                    self.stats.read_samples += 1;
+                }
             }
             self.pump_dma();
         }
@@ -191,7 +231,7 @@ impl<'a> Session<'a> {
         let st = &self.stats;
         info!(
             device = self.device.name(),
-            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?}",
+            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?}, REGION_READ handled in {} ns (median of the last {}; arrival to reply sent)",
             started.elapsed().as_secs_f64(),
             st.messages,
             st.errors,
@@ -200,7 +240,9 @@ impl<'a> Session<'a> {
             st.device_dma,
             st.device_dma_failed,
             st.reads,
-            st.writes
+            st.writes,
+            st.read_median_ns(),
+            st.read_samples.min(READ_SAMPLES)
         );
     }
 
