@@ -47,6 +47,7 @@ struct InFlight {
 /// What one connection asked for, logged when it ends: it shows, e.g.,
 /// that BAR accesses went through the mmap fast path (no REGION_* for it).
 const READ_SAMPLES: usize = 1024;
+const WRITE_SPOTS: usize = 8;
 
 #[derive(Debug)]
 struct Stats {
@@ -59,6 +60,9 @@ struct Stats {
     set_irqs: u64,
     /// Commands answered with an error (or posted ones that failed).
     errors: u64,
+    /// The first distinct (region, offset) pairs written by message, and
+    /// how often: which registers miss the mmap fast path.
+    write_spots: [(u32, u64, u64); WRITE_SPOTS],
     /// Time spent on the last REGION_READs, arrival to reply sent (ns).
     read_ns: [u32; READ_SAMPLES],
     read_samples: usize,
@@ -76,6 +80,7 @@ impl Default for Stats {
             dma_maps: 0,
             set_irqs: 0,
             errors: 0,
+            write_spots: [(0, 0, 0); WRITE_SPOTS],
             read_ns: [0; READ_SAMPLES],
             read_samples: 0,
             device_dma: 0,
@@ -87,6 +92,32 @@ impl Default for Stats {
 impl Stats {
     fn slot(region: u32) -> usize {
         (region as usize).min(9)
+    }
+
+    fn count_write(&mut self, region: u32, offset: u64) {
+        self.writes[Stats::slot(region)] += 1;
+        // Config space always goes by message: only BAR registers count.
+        if region == airlock_protocol::device::PCI_CONFIG_REGION_INDEX {
+            return;
+        }
+        if let Some(spot) = self
+            .write_spots
+            .iter_mut()
+            .find(|s| s.2 == 0 || (s.0, s.1) == (region, offset))
+        {
+            *spot = (region, offset, spot.2 + 1);
+        }
+    }
+
+    /// "region:offset xcount" of the BAR registers written by message.
+    fn write_spots(&self) -> String {
+        let spots: Vec<String> = self
+            .write_spots
+            .iter()
+            .filter(|s| s.2 > 0)
+            .map(|(r, o, n)| format!("{r}:{o:#x} x{n}"))
+            .collect();
+        spots.join(", ")
     }
 
     /// Median REGION_READ handling time over the last samples (0: none).
@@ -231,7 +262,7 @@ impl<'a> Session<'a> {
         let st = &self.stats;
         info!(
             device = self.device.name(),
-            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?}, REGION_READ handled in {} ns (median of the last {}; arrival to reply sent)",
+            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), REGION_READ handled in {} ns (median of the last {}; arrival to reply sent)",
             started.elapsed().as_secs_f64(),
             st.messages,
             st.errors,
@@ -241,6 +272,7 @@ impl<'a> Session<'a> {
             st.device_dma_failed,
             st.reads,
             st.writes,
+            st.write_spots(),
             st.read_median_ns(),
             st.read_samples.min(READ_SAMPLES)
         );
@@ -465,7 +497,7 @@ impl<'a> Session<'a> {
                 Ok(Answer::Sent)
             }
             Request::RegionWrite { access, data } => {
-                self.stats.writes[Stats::slot(access.region)] += 1;
+                self.stats.count_write(access.region, access.offset);
                 self.check_access(&access, REGION_INFO_FLAG_WRITE)?;
                 self.device
                     .write(access.region, access.offset, data)
@@ -501,7 +533,7 @@ impl<'a> Session<'a> {
     }
 
     fn write_one(&mut self, w: &WriteOne) -> Result<(), (i32, String)> {
-        self.stats.writes[Stats::slot(w.region)] += 1;
+        self.stats.count_write(w.region, w.offset);
         let a = RegionAccess {
             offset: w.offset,
             region: w.region,
