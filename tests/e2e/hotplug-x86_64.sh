@@ -13,10 +13,8 @@ E2E_NAME=e2e-hotplug
 . "$(dirname "${BASH_SOURCE[0]}")/patched-lib.sh"
 
 CYCLES=${HOTPLUG_CYCLES:-20}
-t_start=$(now)
-passed=0 failed=0
-ok() { passed=$((passed + 1)); printf '%s=> PASS%s %s\n' "$C_G" "$C_0" "$*"; }
-bad() { failed=$((failed + 1)); printf '%s=> FAIL%s %s\n' "$C_R" "$C_0" "$*"; }
+ok() { verdict "$E2E_NAME" OK "$*"; }
+bad() { verdict "$E2E_NAME" FAIL "$*"; }
 
 section "setup"
 # Stock QEMU 11.1 aborts at device_del of a vfio-user-pci device
@@ -123,7 +121,4 @@ stop_pid "$gpid"
 if aborted "$GUEST_LOG"; then bad "QEMU aborted (see $GUEST_LOG)"; fi
 stop_pid "$apid"
 
-section "summary ($(elapsed "$t_start") s)"
-note "logs: $LOG_DIR"
-printf '%d passed, %d failed\n' "$passed" "$failed"
-((failed == 0))
+e2e_summary

@@ -40,6 +40,31 @@ now() { printf '%s\n' "${EPOCHREALTIME/,/.}"; }
 # elapsed T0 [T1]: seconds between two `now`s, 2 decimals.
 elapsed() { awk -v a="$1" -v b="${2:-$(now)}" 'BEGIN { printf "%.2f", b - a }'; }
 
+# --- verdicts ----------------------------------------------------------------
+# Each scenario ends in one verdict; the script ends with e2e_summary, whose
+# last line is "N passed, M failed" and whose status is 0 iff none failed.
+t_start=$(now)
+passed=0 failed=0
+verdicts=()
+verdict() { # verdict NAME OK|FAIL DETAIL
+    if [[ $2 == OK ]]; then
+        passed=$((passed + 1))
+        verdicts+=("${C_G}PASS${C_0} $1: $3")
+    else
+        failed=$((failed + 1))
+        verdicts+=("${C_R}FAIL${C_0} $1: $3")
+    fi
+    printf '%s %s: %s\n' "$([[ $2 == OK ]] && echo "${C_G}=> PASS${C_0}" || echo "${C_R}=> FAIL${C_0}")" "$1" "$3"
+}
+e2e_summary() {
+    section "summary ($(elapsed "$t_start") s)"
+    local v
+    for v in "${verdicts[@]}"; do printf '   %s\n' "$v"; done
+    note "logs: $LOG_DIR"
+    printf '%d passed, %d failed\n' "$passed" "$failed"
+    ((failed == 0))
+}
+
 # --- processes ---------------------------------------------------------------
 # Every background process runs in its own process group (setsid) so cleanup
 # can end it with all its children (boot-guest -> timeout -> QEMU).

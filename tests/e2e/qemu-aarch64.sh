@@ -29,19 +29,7 @@ E2E_NAME=e2e-aarch64
 E2E_ARCH=aarch64
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-t_start=$(now)
-passed=0 failed=0
-verdicts=() timings=() irq_report=()
-verdict() { # verdict NAME OK|FAIL DETAIL
-    if [[ $2 == OK ]]; then
-        passed=$((passed + 1))
-        verdicts+=("${C_G}PASS${C_0} $1: $3")
-    else
-        failed=$((failed + 1))
-        verdicts+=("${C_R}FAIL${C_0} $1: $3")
-    fi
-    printf '%s %s: %s\n' "$([[ $2 == OK ]] && echo "${C_G}=> PASS${C_0}" || echo "${C_R}=> FAIL${C_0}")" "$1" "$3"
-}
+timings=() irq_report=()
 
 section "setup"
 e2e_prereqs

@@ -19,19 +19,6 @@ E2E_NAME=e2e-patched-x86_64
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 . "$(dirname "${BASH_SOURCE[0]}")/patched-lib.sh"
 
-t_start=$(now)
-passed=0 failed=0
-verdicts=()
-verdict() { # verdict NAME OK|FAIL DETAIL
-    if [[ $2 == OK ]]; then
-        passed=$((passed + 1))
-        verdicts+=("${C_G}PASS${C_0} $1: $3")
-    else
-        failed=$((failed + 1))
-        verdicts+=("${C_R}FAIL${C_0} $1: $3")
-    fi
-    printf '%s %s: %s\n' "$([[ $2 == OK ]] && echo "${C_G}=> PASS${C_0}" || echo "${C_R}=> FAIL${C_0}")" "$1" "$3"
-}
 
 section "setup"
 patched_prereqs
@@ -259,8 +246,4 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-section "summary ($(elapsed "$t_start") s)"
-for v in "${verdicts[@]}"; do printf '   %s\n' "$v"; done
-note "logs: $LOG_DIR"
-printf '%d passed, %d failed\n' "$passed" "$failed"
-((failed == 0))
+e2e_summary

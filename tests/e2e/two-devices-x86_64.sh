@@ -10,10 +10,8 @@ set -euo pipefail
 E2E_NAME=e2e-two-devices
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-t_start=$(now)
-passed=0 failed=0
-ok() { passed=$((passed + 1)); printf '%s=> PASS%s %s\n' "$C_G" "$C_0" "$*"; }
-bad() { failed=$((failed + 1)); printf '%s=> FAIL%s %s\n' "$C_R" "$C_0" "$*"; }
+ok() { verdict "$E2E_NAME" OK "$*"; }
+bad() { verdict "$E2E_NAME" FAIL "$*"; }
 
 section "setup"
 e2e_prereqs
@@ -86,7 +84,4 @@ done
 stop_pid "$a1"
 stop_pid "$a2"
 
-section "summary ($(elapsed "$t_start") s)"
-note "logs: $LOG_DIR"
-printf '%d passed, %d failed\n' "$passed" "$failed"
-((failed == 0))
+e2e_summary
