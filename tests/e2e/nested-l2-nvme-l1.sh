@@ -5,7 +5,9 @@
 # L2 QEMU from /opt/qemu (through its own loader) with vfio-user-pci on that
 # socket, PVH kernel /l2/vmlinux and initramfs /l2/initrd.cpio
 # (tests/e2e/nested-l2-nvme-l2.sh is its /init).
-# Kernel parameters: l2.mem=SIZE (L2 RAM, default 256M), airlock.extra=a,b
+# Kernel parameters: l2.mem=SIZE (L2 RAM, default 256M), airlock.extra=a,b,
+# l2.global=DRIVER.PROP=VALUE (one -global for the L2 QEMU, e.g. an
+# experiment with vfio-user-pci.x-intx-mmap-timeout-ms)
 # (extra airlock arguments).
 # Output: "INFO l1: ..." lines, every L2 console line prefixed "l2| ",
 # airlock's log prefixed "airlock| ". Exit: L2's AIRLOCK-L2-EXIT status
@@ -19,11 +21,12 @@ fail() { echo "FAIL $*"; echo "0 passed, 1 failed"; exit 1; }
 say "start at uptime $(up) s; kernel $(uname -r); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
 dmesg | grep -iE 'DMAR: IOMMU enabled|DMAR-IR: Enabled' | while read -r l; do say "dmesg: $l"; done
 
-l2mem=256M extra=
+l2mem=256M extra= l2global=
 for w in $(cat /proc/cmdline); do
     case "$w" in
         l2.mem=*) l2mem=${w#l2.mem=} ;;
         airlock.extra=*) extra=$(echo "${w#airlock.extra=}" | tr , ' ') ;;
+        l2.global=*) l2global=${w#l2.global=} ;;
     esac
 done
 
@@ -73,6 +76,7 @@ mkdir -p "$QEMU_MODULE_DIR"
         -object "memory-backend-memfd,id=mem,size=$l2mem,share=on" -machine memory-backend=mem \
         -nographic -nodefaults -serial stdio -no-reboot \
         -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/tmp/nvme.sock"}}' \
+        ${l2global:+-global "$l2global"} \
         -kernel /l2/vmlinux -initrd /l2/initrd.cpio \
         -append "console=ttyS0 quiet panic=-1" </dev/null 2>&1
     echo "AIRLOCK-L2-QEMU-RC $?"

@@ -27,6 +27,7 @@
 #        GUEST_TIMEOUT     seconds before L1's QEMU is killed (default 1500)
 #        L1_MEM, L2_MEM    guest RAM (default 2G, 256M)
 #        NESTED_AIRLOCK    a static airlock binary to use instead of this tree's build
+#        L2_GLOBAL         one -global DRIVER.PROP=VALUE for the L2 QEMU
 #        NESTED_AIRLOCK_ARGS  airlock arguments, space-separated (default none:
 #                          the mmap fast path; --mediate-bars to route every BAR access)
 # Output: progress (L1 INFO lines, every L2 console line), L2's PASS/FAIL lines,
@@ -174,7 +175,7 @@ setsid "$repo/scripts/qemu" x86_64 -accel tcg \
     -device nvme,serial=airlock-l2,drive=nvm \
     -drive "if=none,id=nvm,file=$disk,format=raw" \
     -kernel "$g/vmlinux" -initrd "$cpio" \
-    -append "console=ttyS0 quiet panic=-1 intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}" \
+    -append "console=ttyS0 quiet panic=-1 intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}${L2_GLOBAL:+ l2.global=$L2_GLOBAL}" \
     </dev/null >"$console" 2>&1 &
 qpid=$!
 note "L1: q35 + intel-iommu(intremap, caching-mode) + nvme (${disk_mib} MiB), TCG, 2 vCPUs, $l1_mem; console: $console"
