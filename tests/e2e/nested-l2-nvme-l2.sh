@@ -101,6 +101,18 @@ else
     fail "l2-read-back-pattern-b: sha256 $got, want $B_SUM (starts: $(head -c 40 /tmp/b | tr -cd '[:print:]'))"
 fi
 say "nvme phase took $(dt "$tp") s (guest clock)"
+
+# Side-by-side figures (guest clock): 4 KiB and 128 KiB O_DIRECT reads, and
+# the nvme interrupts they raised. "BENCH NAME OPS SECONDS IRQS".
+irqs() { grep -E 'nvme0q[1-9]' /proc/interrupts | awk '{ for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; else break } END { print s + 0 }'; }
+bench() { # bench NAME BS COUNT
+    i0=$(irqs)
+    t=$(up)
+    dd if=/dev/nvme0n1 of=/dev/null bs="$2" count="$3" iflag=direct 2>/dev/null
+    echo "BENCH $1 $3 $(awk -v a="$t" -v b="$(up)" 'BEGIN { printf "%.3f", b - a }') $(($(irqs) - i0))"
+}
+bench read-4k 4k 512
+bench read-128k 128k 64
 say "interrupts: $(grep -E 'nvme' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
 dmesg | grep -iE 'nvme.*(error|timeout|abort|reset)|I/O error' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
 finish

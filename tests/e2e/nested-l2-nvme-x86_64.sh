@@ -28,6 +28,9 @@
 #        L1_MEM, L2_MEM    guest RAM (default 2G, 256M)
 #        NESTED_AIRLOCK    a static airlock binary to use instead of this tree's build
 #        L2_GLOBAL         one -global DRIVER.PROP=VALUE for the L2 QEMU
+#        L2_COMPARE=1      then boot the same L2 again with QEMU's in-process
+#                          vfio-pci on the device, and print both sides' BENCH
+#                          figures (4 KiB / 128 KiB O_DIRECT reads) and ratios
 #        NESTED_AIRLOCK_ARGS  airlock arguments, space-separated (default none:
 #                          the mmap fast path; --mediate-bars to route every BAR access)
 # Output: progress (L1 INFO lines, every L2 console line), L2's PASS/FAIL lines,
@@ -175,7 +178,7 @@ setsid "$repo/scripts/qemu" x86_64 -accel tcg \
     -device nvme,serial=airlock-l2,drive=nvm \
     -drive "if=none,id=nvm,file=$disk,format=raw" \
     -kernel "$g/vmlinux" -initrd "$cpio" \
-    -append "console=ttyS0 quiet panic=-1 intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}${L2_GLOBAL:+ l2.global=$L2_GLOBAL}" \
+    -append "console=ttyS0 quiet panic=-1 intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}${L2_GLOBAL:+ l2.global=$L2_GLOBAL}${L2_COMPARE:+ l2.compare=1}" \
     </dev/null >"$console" 2>&1 &
 qpid=$!
 note "L1: q35 + intel-iommu(intremap, caching-mode) + nvme (${disk_mib} MiB), TCG, 2 vCPUs, $l1_mem; console: $console"
@@ -187,7 +190,7 @@ milestone() { [[ -n ${seen_at[$1]:-} ]] || seen_at[$1]=$EPOCHREALTIME; }
 shown=0 marker="" timed_out=0 last_progress=$EPOCHREALTIME
 lines() {
     tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' |
-        grep -aE '^((PASS|FAIL|INFO) |[0-9]+ passed, [0-9]+ failed|l2\| |AIRLOCK-GUEST-EXIT )' || true
+        grep -aE '^((PASS|FAIL|INFO) |[0-9]+ passed, [0-9]+ failed|l2(-inproc)?\| |AIRLOCK-GUEST-EXIT )' || true
 }
 while :; do
     mapfile -t got < <(lines)
@@ -233,8 +236,8 @@ tr -d '\r' <"$console" | sed -n 's/^airlock| //p' >"$LOG_DIR/airlock.log"
 
 # --- results ------------------------------------------------------------------
 l2_summary=$(printf '%s\n' "${got[@]}" | sed -n 's/^l2| \([0-9]* passed, [0-9]* failed\)$/\1/p' | tail -n1)
-p=$(printf '%s\n' "${got[@]}" | grep -cE '^(l2\| )?PASS ' || true)
-f=$(printf '%s\n' "${got[@]}" | grep -cE '^(l2\| )?FAIL ' || true)
+p=$(printf '%s\n' "${got[@]}" | grep -cE '^(l2(-inproc)?\| )?PASS ' || true)
+f=$(printf '%s\n' "${got[@]}" | grep -cE '^(l2(-inproc)?\| )?FAIL ' || true)
 hp=0 hf=0
 hpass() { echo "PASS $*"; hp=$((hp + 1)); }
 hfail() { echo "FAIL $*"; hf=$((hf + 1)); }
@@ -276,6 +279,19 @@ echo "INFO timings (host clock): $(span 'L1 boot to /test' boot l1); $(span 'L1 
     "$(span 'nvme read/write phase' io_start io_end); $(span 'L2 QEMU start to L2 exit' l2start l2gone);" \
     "$(span 'L1 QEMU start to end' boot end); whole script $(elapsed "$t_start") s"
 [[ -n $l2_summary ]] && echo "INFO L2 result: $l2_summary"
+if [[ -n ${L2_COMPARE:-} ]]; then
+    # BENCH NAME OPS SECONDS IRQS from both L2 runs, as airlock/in-process.
+    bench() { printf '%s\n' "${got[@]}" | sed -n "s/^$1 BENCH $2 //p" | tail -n1; }
+    printf '   %-10s %-26s %-26s %s\n' "L2 reads" "airlock (vfio-user)" "in-process vfio-pci" "airlock/in-process"
+    for b in read-4k read-128k; do
+        read -r ao as ai <<<"$(bench 'l2|' $b)"
+        read -r io is ii <<<"$(bench 'l2-inproc|' $b)"
+        awk -v b="$b" -v ao="${ao:-0}" -v as="${as:-0}" -v ai="${ai:-0}" -v io="${io:-0}" -v is="${is:-0}" -v ii="${ii:-0}" 'BEGIN {
+            if (as <= 0 || is <= 0) { printf "   %-10s (missing)\n", b; exit }
+            printf "   %-10s %7.1f IOPS %6.1f irq/s   %7.1f IOPS %6.1f irq/s   IOPS %.2f, irq/s %.2f\n", b, ao / as, ai / as, io / is, ii / is, (ao / as) / (io / is), (ii > 0 ? (ai / as) / (ii / is) : 0)
+        }'
+    done | tee "$LOG_DIR/compare.txt"
+fi
 rc=0
 ((f + hf == 0)) || rc=1
 [[ -n $l2_summary ]] || rc=1
