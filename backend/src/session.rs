@@ -242,12 +242,14 @@ impl<'a> Session<'a> {
             if header.is_reply() {
                 self.on_reply(&header, &payload);
             } else {
-                let arrived = std::time::Instant::now();
+                // airlock's share of a guest's MMIO read: from the request's
+                // arrival to the reply's send (the last 1024 kept, for a
+                // median that preemption cannot skew). Other commands are
+                // not timed: no clock read on their path.
+                let arrived =
+                    (header.cmd == Command::RegionRead as u16).then(std::time::Instant::now);
                 self.dispatch(&header, &payload, fds);
-                if header.cmd == Command::RegionRead as u16 {
-                    // airlock's share of a guest's MMIO read: from the
-                    // request's arrival to the reply's send (the last 1024
-                    // kept, for a median that preemption cannot skew).
+                if let Some(arrived) = arrived {
                     let ns = arrived.elapsed().as_nanos().min(u32::MAX as u128) as u32;
                     let n = self.stats.read_samples;
                     self.stats.read_ns[n % READ_SAMPLES] = ns;

@@ -66,9 +66,6 @@ const ARCH_ONLY: &[(libc::c_long, &str)] = &[(libc::SYS_poll, "waiting for a cli
 #[cfg(not(target_arch = "x86_64"))]
 const ARCH_ONLY: &[(libc::c_long, &str)] = &[];
 
-/// Extra syscalls for --vfio (none today: pread/pwrite are common).
-const VFIO: &[(libc::c_long, &str)] = &[];
-
 /// The only ioctls allowed (--vfio only): request numbers from linux/vfio.h.
 const VFIO_IOCTLS: &[(u64, &str)] = &[
     (
@@ -92,7 +89,8 @@ pub fn counts(p: Profile) -> (usize, usize) {
     let base = COMMON.len() + ARCH_ONLY.len() + 1;
     match p {
         Profile::Emulated => (base, 0),
-        Profile::Vfio => (base + VFIO.len() + 1, VFIO_IOCTLS.len()),
+        // --vfio adds only ioctl (with the VFIO requests below).
+        Profile::Vfio => (base + 1, VFIO_IOCTLS.len()),
     }
 }
 
@@ -116,9 +114,6 @@ pub fn build(p: Profile) -> Result<BpfProgram, SandboxError> {
         vec![SeccompRule::new(vec![getfd]).map_err(err)?],
     );
     if p == Profile::Vfio {
-        for (nr, _why) in VFIO {
-            rules.insert(*nr as i64, vec![]);
-        }
         let mut ioctls = Vec::new();
         for (req, _why) in VFIO_IOCTLS {
             let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *req)
