@@ -76,10 +76,22 @@ impl DmaError {
     }
 }
 
+/// Which memory a map came from: the file (st_dev, st_ino) and the offset
+/// into it. Tells "the same guest memory" from other memory at the same
+/// IOVA when a restarted server adopts an IOMMU mapping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
+}
+
 struct Mapping {
     size: u64,
     flags: u32,
     backing: Backing,
+    /// None for a map without fd.
+    file: Option<FileId>,
 }
 
 enum Backing {
@@ -157,10 +169,12 @@ impl DmaSpace {
         if self.maps.len() >= self.max_maps {
             return Err(DmaError::TooMany(self.max_maps));
         }
+        let mut id = None;
         let backing = match fd {
             None => Backing::Messages,
             Some(fd) => {
-                let file = checked_backing(m, fd)?;
+                let (file, file_id) = checked_backing(m, fd)?;
+                id = Some(file_id);
                 if self.host_mappings {
                     Backing::Host(mmap_backing(m, &file)?)
                 } else {
@@ -177,6 +191,7 @@ impl DmaSpace {
                 size,
                 flags: m.flags,
                 backing,
+                file: id,
             },
         );
         Ok(())
@@ -206,6 +221,11 @@ impl DmaSpace {
     /// Every map as (iova, size).
     pub fn ranges(&self) -> Vec<(u64, u64)> {
         self.maps.iter().map(|(&iova, m)| (iova, m.size)).collect()
+    }
+
+    /// The memory behind the map starting at `iova` (None without an fd).
+    pub fn file_id(&self, iova: u64) -> Option<FileId> {
+        self.maps.get(&iova)?.file
     }
 
     /// Where airlock mapped the map starting at `iova` (None without an fd).
@@ -309,8 +329,9 @@ impl DmaSpace {
 }
 
 /// Takes the client's fd for a map if it is a regular file that covers
-/// offset + size now (a later shrink is survived, see the module doc).
-fn checked_backing(m: &DmaMap, fd: OwnedFd) -> Result<File, DmaError> {
+/// offset + size now (a later shrink is survived, see the module doc),
+/// with its identity.
+fn checked_backing(m: &DmaMap, fd: OwnedFd) -> Result<(File, FileId), DmaError> {
     let bad = DmaError::BadBacking {
         iova: m.iova,
         size: m.size,
@@ -326,7 +347,12 @@ fn checked_backing(m: &DmaMap, fd: OwnedFd) -> Result<File, DmaError> {
             offset: m.offset,
         });
     }
-    Ok(file)
+    let id = FileId {
+        dev: std::os::unix::fs::MetadataExt::dev(&meta),
+        ino: std::os::unix::fs::MetadataExt::ino(&meta),
+        offset: m.offset,
+    };
+    Ok((file, id))
 }
 
 /// mmaps the client's file for a device that needs a host address.

@@ -55,7 +55,12 @@ fn log_filter() -> EnvFilter {
     EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info,vfio_ioctls=error"))
 }
 
-fn open_device(kind: DeviceKind) -> Result<(Box<dyn Device>, Profile), Box<dyn std::error::Error>> {
+/// `max_maps`: the most DMA maps a server will offer (sizes --vfio's
+/// table of IOMMU mappings).
+fn open_device(
+    kind: DeviceKind,
+    max_maps: u64,
+) -> Result<(Box<dyn Device>, Profile), Box<dyn std::error::Error>> {
     Ok(match kind {
         DeviceKind::Emulated(EmulatedKind::Edu) => (Box::new(Edu::new()), Profile::Emulated),
         DeviceKind::Vfio {
@@ -63,7 +68,12 @@ fn open_device(kind: DeviceKind) -> Result<(Box<dyn Device>, Profile), Box<dyn s
             mediate_bars,
             allow_unsafe_interrupts,
         } => (
-            Box::new(VfioPci::open(&bdf, mediate_bars, allow_unsafe_interrupts)?),
+            Box::new(VfioPci::open(
+                &bdf,
+                mediate_bars,
+                allow_unsafe_interrupts,
+                max_maps as usize,
+            )?),
             Profile::Vfio,
         ),
     })
@@ -92,7 +102,7 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
             guest_ram,
             flavor,
         } => {
-            let (dev, _) = open_device(device)?;
+            let (dev, _) = open_device(device, 1)?;
             let mut all = dev.iova_windows();
             all.append(&mut windows);
             print!(
@@ -127,7 +137,7 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
         tracing::warn!("sandbox off: the server runs with airlock's full privileges");
         install_stop_signals()?;
         airlock::fit_dma_maps_to_nofile(&mut limits);
-        let (device, _) = open_device(kind)?;
+        let (device, _) = open_device(kind, limits.max_dma_maps)?;
         airlock::systemd::notify(&format!(
             "READY=1\nSTATUS=serving {} on {} (sandbox off)",
             device.name(),
@@ -138,29 +148,79 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
         return Ok(ExitCode::SUCCESS);
     };
     let name = kind.to_string();
-    let code = sandbox::supervise(&name, &listener.describe(), listener.raw_fd(), |start| {
-        match serve_confined(&listener, kind.clone(), &sc, limits.clone(), start) {
+    // With --vfio the supervisor opens the device once and every server
+    // inherits it (clone copies fds and memory, like fork): the
+    // supervisor's copies of the container, group and device fds keep the
+    // device open while no server runs, so a killed server's IOMMU
+    // mappings and interrupts stay and the device is not reset.
+    let mut held = match &kind {
+        DeviceKind::Vfio {
+            bdf,
+            mediate_bars,
+            allow_unsafe_interrupts,
+        } => Some(VfioPci::open(
+            bdf,
+            *mediate_bars,
+            *allow_unsafe_interrupts,
+            limits.max_dma_maps as usize,
+        )?),
+        DeviceKind::Emulated(_) => None,
+    };
+    let supervised = sandbox::supervise(&name, &listener.describe(), listener.raw_fd(), |start| {
+        // In the server: its own copy of the supervisor's device.
+        let inherited = held.take();
+        match serve_confined(
+            &listener,
+            kind.clone(),
+            inherited,
+            &sc,
+            limits.clone(),
+            start,
+        ) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("airlock: {e}");
                 1
             }
         }
-    })?;
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+    });
+    match supervised {
+        // Every server was reaped: dropping the device quiesces it (a
+        // server that stopped gracefully did so already).
+        Ok(code) => {
+            drop(held);
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        // A server may still run until it dies with us (PDEATHSIG): no
+        // quiesce under it; the kernel releases the device after both.
+        Err(e) => {
+            std::mem::forget(held);
+            Err(e.into())
+        }
+    }
 }
 
-/// The sandboxed server: open the device, confine, serve until stopped.
+/// The sandboxed server: take the supervisor's device (--vfio) or make
+/// one, confine, serve until stopped.
 fn serve_confined(
     listener: &Listener,
     kind: DeviceKind,
+    inherited: Option<VfioPci>,
     sc: &airlock::config::SandboxConfig,
     mut limits: airlock::negotiate::ServerLimits,
     start: &ServerStart<'_>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // Acquire everything first: signals, device.
     install_stop_signals()?;
-    let (device, profile) = open_device(kind)?;
+    let (device, profile): (Box<dyn Device>, Profile) = match inherited {
+        Some(mut vfio) => {
+            // What a killed predecessor left in the kernel stays: no
+            // quiesce, no reset; its mappings wait for the client's replay.
+            vfio.adopt();
+            (Box::new(vfio), Profile::Vfio)
+        }
+        None => open_device(kind, limits.max_dma_maps)?,
+    };
     // Then confine.
     let nofile = airlock::fit_dma_maps_to_nofile(&mut limits);
     let memlock = match profile {

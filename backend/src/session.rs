@@ -145,6 +145,10 @@ pub struct Session<'a> {
     name: std::sync::Arc<str>,
     /// REGION_READ data, reused from message to message.
     read_buf: Vec<u8>,
+    /// Until the first command other than VERSION, DMA_MAP and DMA_UNMAP:
+    /// a replaying client re-maps what it had, and the device may take
+    /// over the mappings a killed server left (see Device::adoption_ended).
+    adopting: bool,
 }
 
 /// How a reply to the current command is produced.
@@ -193,6 +197,7 @@ impl<'a> Session<'a> {
             next_id: 0,
             stats: Stats::default(),
             read_buf: Vec::new(),
+            adopting: true,
         }
     }
 
@@ -260,6 +265,7 @@ impl<'a> Session<'a> {
         }
         self.device.quiesce();
         self.inflight = None;
+        self.end_adoption();
         self.unmap_all();
         let st = &self.stats;
         info!(
@@ -280,6 +286,12 @@ impl<'a> Session<'a> {
         );
     }
 
+    fn end_adoption(&mut self) {
+        if std::mem::take(&mut self.adopting) {
+            self.device.adoption_ended();
+        }
+    }
+
     /// Every map leaves the device first, then airlock's address space.
     fn unmap_all(&mut self) {
         for (iova, size) in self.dma.ranges() {
@@ -296,6 +308,14 @@ impl<'a> Session<'a> {
         };
         if self.peer.is_none() && !matches!(req, Request::Version(_)) {
             return self.reply_error(h, libc::EINVAL, "the first command must be VERSION");
+        }
+        if self.adopting
+            && !matches!(
+                req,
+                Request::Version(_) | Request::DmaMap { .. } | Request::DmaUnmap(_)
+            )
+        {
+            self.end_adoption();
         }
         let answer = self.handle(h, req);
         if h.no_reply() {
@@ -358,7 +378,11 @@ impl<'a> Session<'a> {
                     fail(&e, e.errno())
                 })?;
                 let host = self.dma.host_address(map.iova);
-                if let Err(e) = self.device.dma_mapped(map.iova, map.size, host, map.flags) {
+                let file = self.dma.file_id(map.iova);
+                if let Err(e) = self
+                    .device
+                    .dma_mapped(map.iova, map.size, host, map.flags, file)
+                {
                     warn!("DMA_MAP refused: {e}");
                     let _ = self.dma.unmap(map.iova, map.size);
                     return Err(fail(&e, e.errno()));

@@ -105,17 +105,23 @@ pub trait Device: Send {
     /// The client left: stop DMA and interrupts, forget its eventfds.
     fn quiesce(&mut self);
     /// The client made [iova, iova + size) reachable; `host` is where
-    /// airlock mapped it (None when it came without an fd). A passthrough
-    /// device maps it into the IOMMU here.
+    /// airlock mapped it and `file` the memory behind it (both None when
+    /// it came without an fd). A passthrough device maps it into the IOMMU
+    /// here, or takes over the same mapping a killed server left.
     fn dma_mapped(
         &mut self,
         _iova: u64,
         _size: u64,
         _host: Option<u64>,
         _flags: u32,
+        _file: Option<crate::dma::FileId>,
     ) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// The client sent its first command other than VERSION, DMA_MAP and
+    /// DMA_UNMAP (or left): a replaying client has re-mapped everything it
+    /// had, so what a killed server left and nobody re-mapped goes.
+    fn adoption_ended(&mut self) {}
     /// Whether `dma_mapped` needs a host address for fd-backed maps (a
     /// passthrough device pins it into the IOMMU); otherwise airlock never
     /// mmaps client memory and reaches it with pread/pwrite.

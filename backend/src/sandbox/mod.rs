@@ -5,7 +5,9 @@
 //!    as PID 1 of a new pid namespace and stays outside: it forwards
 //!    SIGTERM/SIGINT, restarts a server that dies, and removes the socket
 //!    path at the end.
-//! 2. the server opens the device.
+//! 2. the server makes the emulated device; with --vfio the supervisor
+//!    opened the device before the first server and each server inherits
+//!    it (so the device outlives a server: see supervisor.rs).
 //! 3. `confine`: new mount, net, ipc and uts namespaces; an empty read-only
 //!    root; rlimits; no capabilities; optionally another uid/gid;
 //!    no_new_privs; a seccomp allowlist that traps anything else (the

@@ -5,11 +5,19 @@
 //! server on the same socket; clients queue in the listen backlog
 //! meanwhile. A restart storm is bounded.
 //!
-//! With --vfio the old server's death quiesces the device before the new
-//! one opens it: the kernel closes the dead process's VFIO fds, vfio-pci
-//! turns bus mastering off and resets the device on release, and closing
-//! the container removes every IOMMU mapping. The supervisor reaps the old
-//! server before it starts the next, and never opens the device itself.
+//! With --vfio the supervisor opens the device (container, group, device
+//! fds) before the first server and every server inherits it: clone
+//! without CLONE_VM copies fds and memory, like fork. The supervisor's
+//! copies keep the device open while no server runs, so a server's death
+//! neither resets the device (vfio-pci resets on the last release) nor
+//! removes its IOMMU mappings (they go with the container): the pages stay
+//! pinned, a DMA in flight lands in the same guest page, and the next
+//! server adopts what the dead one left (device/vfio/handover.rs) while a
+//! reconnecting client replays its state. The supervisor never serves and
+//! never touches the device while a server runs; it quiesces it only once
+//! every server is reaped (airlock stopping, or giving up on restarts).
+//! The server still confines itself before serving: the inherited fds are
+//! what it would have opened itself, and seccomp still names each ioctl.
 //!
 //! It also watches the listening socket: a client left waiting in the
 //! backlog (the server is busy with another one) gets a log line saying

@@ -138,14 +138,16 @@ pub fn iommu_map(
 }
 
 /// VFIO_IOMMU_UNMAP_DMA on the container; returns once the IOMMU no longer
-/// translates the range (the kernel unpins the pages).
-pub fn iommu_unmap(container: BorrowedFd<'_>, iova: u64, size: u64) -> io::Result<()> {
+/// translates the range (the kernel unpins the pages), with the number of
+/// bytes the kernel unmapped.
+pub fn iommu_unmap(container: BorrowedFd<'_>, iova: u64, size: u64) -> io::Result<u64> {
     let mut b = [0u8; 24];
     b[8..16].copy_from_slice(&iova.to_ne_bytes());
     b[16..24].copy_from_slice(&size.to_ne_bytes());
     // SAFETY: struct vfio_iommu_type1_dma_unmap is these 24 bytes when no
     // bitmap flag is set.
-    unsafe { ioctl_buf(container, VFIO_IOMMU_UNMAP_DMA, &mut b) }
+    unsafe { ioctl_buf(container, VFIO_IOMMU_UNMAP_DMA, &mut b)? };
+    Ok(u64::from_ne_bytes(b[16..24].try_into().unwrap_or([0; 8])))
 }
 
 const VFIO_IOMMU_INFO_CAPS: u32 = 1 << 1;

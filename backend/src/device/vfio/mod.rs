@@ -11,8 +11,17 @@
 //!   into the IOMMU at its IOVA; unmapping goes IOMMU first.
 //! - Interrupts: the client's eventfds (QEMU's KVM irqfds) go straight into
 //!   VFIO_DEVICE_SET_IRQS, so airlock is never woken per interrupt.
+//! - Restarts: with the sandbox the supervisor opens the device and every
+//!   server inherits it, so a killed server leaves its IOMMU mappings and
+//!   interrupts in the kernel (no reset). Each server records them in a
+//!   table shared with the next (handover.rs); the next one adopts them:
+//!   a replayed DMA_MAP of the same memory takes over its mapping as it
+//!   is, a different one replaces it, and what nobody re-mapped by the
+//!   end of the adoption window is unmapped (adopt.rs).
 
+pub mod adopt;
 mod config;
+pub mod handover;
 pub mod ioctl;
 pub mod isolation;
 pub mod preflight;
@@ -38,10 +47,13 @@ use thiserror::Error;
 use tracing::{debug, warn};
 use vfio_ioctls::{VfioContainer, VfioDevice};
 
+use self::adopt::{MapDecision, MapRecord, Tally};
 use self::config::{BarInfo, BarShadow};
+use self::handover::{Handover, SlotState};
 use self::isolation::MsiIsolation;
 use self::sparse::{mmap_areas, Hole};
 use super::{Device, DeviceError, RegionDesc};
+use crate::dma::FileId;
 use crate::irq::IrqError;
 use crate::msi::{self, DoorbellWindow};
 use airlock_protocol::version::IovaRange;
@@ -78,6 +90,12 @@ pub enum VfioError {
     },
     #[error("{bdf}: the host cannot isolate this device's MSIs (no interrupt remapping on x86, or a GICv2m-style MSI frame without ITS DeviceID isolation on ARM): the device could forge interrupts as other devices. Refusing; pass --allow-unsafe-interrupts to run anyway")]
     UnsafeInterrupts { bdf: String },
+    #[error("{bdf}: cannot map the table of IOMMU mappings shared with restarted servers ({capacity} entries): {source}")]
+    Handover {
+        bdf: String,
+        capacity: usize,
+        source: std::io::Error,
+    },
     #[error("{bdf}: VFIO query failed: {what}: {source}")]
     Query {
         bdf: String,
@@ -113,8 +131,18 @@ pub struct VfioPci {
     /// The host IOMMU's usable IOVA ranges, if VFIO reports them.
     usable: Option<Vec<IovaRange>>,
     isolation: MsiIsolation,
-    /// DMA maps that are in the IOMMU, as (iova, size).
-    iommu_maps: std::collections::HashSet<(u64, u64)>,
+    /// DMA maps of this server's clients that are in the IOMMU: (iova,
+    /// size) -> their slot in the handover table.
+    iommu_maps: HashMap<(u64, u64), usize>,
+    /// What the kernel holds, shared with the servers before and after.
+    handover: Handover,
+    /// Mappings a killed server left that no client has re-mapped yet:
+    /// (slot, record).
+    adopted: Vec<(usize, MapRecord)>,
+    tally: Tally,
+    /// Interrupt indexes a killed server left enabled that this server's
+    /// client has not set since.
+    adopted_irqs: Vec<u32>,
     /// Mask/unmask notifier eventfds (INTx resample), per (index, vector, action).
     notifiers: HashMap<(u32, u32, u32), File>,
 }
@@ -126,12 +154,20 @@ impl Drop for VfioPci {
 }
 
 impl VfioPci {
+    /// Opens the device; `max_maps` sizes the table of IOMMU mappings
+    /// shared with the servers (at least the max_dma_maps they offer).
     pub fn open(
         bdf: &str,
         mediate_bars: bool,
         allow_unsafe_interrupts: bool,
+        max_maps: usize,
     ) -> Result<VfioPci, VfioError> {
         let (path, group) = preflight::check(&preflight::Roots::default(), bdf)?;
+        let handover = Handover::new(max_maps).map_err(|source| VfioError::Handover {
+            bdf: bdf.into(),
+            capacity: max_maps,
+            source,
+        })?;
         let (container, device, isolation) =
             isolation::attach_checked(bdf, &path, &group, allow_unsafe_interrupts)?;
         let q = |what: &str| {
@@ -177,7 +213,11 @@ impl VfioPci {
             windows: Vec::new(),
             usable: None,
             isolation,
-            iommu_maps: Default::default(),
+            iommu_maps: HashMap::new(),
+            handover,
+            adopted: Vec::new(),
+            tally: Tally::default(),
+            adopted_irqs: Vec::new(),
         };
         dev.usable = ioctl::iommu_iova_ranges(dev.container.as_fd_borrowed()).unwrap_or(None);
         dev.windows = msi::read_reserved_regions(&group);
@@ -238,6 +278,101 @@ impl VfioPci {
             }
         }
         Ok(dev)
+    }
+
+    /// In a server: takes over what a killed predecessor left in the
+    /// kernel (the device is neither reset nor quiesced). Mappings whose
+    /// map or unmap was cut short are unmapped; the others wait for the
+    /// client to re-map them (see `adoption_ended`).
+    pub fn adopt(&mut self) {
+        let mut settled = 0;
+        for (slot, state, r) in self.handover.scan() {
+            if state == SlotState::Mapped {
+                self.adopted.push((slot, r));
+                continue;
+            }
+            // Unmapping an exact range nobody mapped is a no-op.
+            if let Err(e) = ioctl::iommu_unmap(self.container.as_fd_borrowed(), r.iova, r.size) {
+                warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{:#x}, +{:#x}) of a map the previous server left half done failed: {e}", r.iova, r.size);
+            }
+            self.handover.free(slot);
+            settled += 1;
+        }
+        let irqs = self.handover.irqs();
+        self.adopted_irqs = irqs.iter().map(|r| r.index).collect();
+        self.tally = Tally {
+            adopted: self.adopted.len(),
+            ..Tally::default()
+        };
+        if self.adopted.is_empty() && irqs.is_empty() && settled == 0 {
+            return;
+        }
+        let bytes: u64 = self.adopted.iter().map(|(_, r)| r.size).sum();
+        let irqs: Vec<String> = irqs
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} (vectors {:?}{})",
+                    irq_index_name(r.index),
+                    r.vectors,
+                    if r.resample { ", resample" } else { "" }
+                )
+            })
+            .collect();
+        tracing::info!(
+            device = %self.name,
+            "adopted {} DMA mappings ({bytes:#x} bytes) and IRQ indexes [{}] from the previous server; the device was not reset{}",
+            self.adopted.len(),
+            irqs.join(", "),
+            if settled > 0 {
+                format!(" ({settled} map/unmap cut short by its death undone)")
+            } else {
+                String::new()
+            }
+        );
+    }
+
+    /// Unmaps a recorded mapping from the IOMMU and frees its slot.
+    fn unmap_slot(&mut self, slot: usize, iova: u64, size: u64) {
+        self.handover.mark(slot, SlotState::Unmapping);
+        match ioctl::iommu_unmap(self.container.as_fd_borrowed(), iova, size) {
+            Ok(n) if n != size => {
+                // Before Linux 6.0, type1 let only the mapping process unmap.
+                warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) unmapped {n:#x} bytes: a mapping made by a previous server may stay in the IOMMU (Linux before 6.0 lets only the process that mapped it unmap it; restart airlock to clear it)");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) failed: {e}");
+            }
+        }
+        self.handover.free(slot);
+    }
+
+    /// Tears down an interrupt index in the kernel and in the table.
+    fn disable_irq_index(&mut self, index: u32) {
+        if let Err(e) = ioctl::set_irqs(
+            self.fd(),
+            IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER,
+            index,
+            0,
+            0,
+            &[],
+        ) {
+            debug!(device = %self.name, "disabling IRQ index {index} failed: {e}");
+        }
+        self.handover.irq_disabled(index);
+        self.triggers.retain(|(i, _), _| *i != index);
+        self.notifiers.retain(|(i, _, _), _| *i != index);
+    }
+
+    /// Drops the adopted interrupt indexes this client has not set: it is
+    /// not replaying them (it resets the device, or enables another one).
+    fn drop_adopted_irqs(&mut self, which: &[u32], why: &str) {
+        for &index in which {
+            tracing::info!(device = %self.name, "{why}: disabling IRQ index {} the previous server's client had enabled", irq_index_name(index));
+            self.disable_irq_index(index);
+        }
+        self.adopted_irqs.retain(|i| !which.contains(i));
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
@@ -393,6 +528,10 @@ impl Device for VfioPci {
             })
         })?;
         let disable_all = crate::irq::check_range(&set, have).map_err(|e| self.irq_err(e))?;
+        let displaced = adopt::displaced_irqs(&self.adopted_irqs, set.index);
+        self.drop_adopted_irqs(&displaced, "the client sets another interrupt index");
+        // From here the client owns this index (a replay continues it).
+        self.adopted_irqs.retain(|&i| i != set.index);
         let action = match set.action {
             IrqAction::Mask => IRQ_SET_ACTION_MASK,
             IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
@@ -436,9 +575,18 @@ impl Device for VfioPci {
         if disable_all {
             self.triggers.retain(|(i, _), _| *i != set.index);
             self.notifiers.retain(|(i, _, _), _| *i != set.index);
+            self.handover.irq_disabled(set.index);
         } else if dflag == IRQ_SET_DATA_EVENTFD {
+            if action == IRQ_SET_ACTION_TRIGGER {
+                self.handover.irq_enabled(set.index);
+            }
             for (k, f) in files.into_iter().enumerate() {
                 let v = set.start + k as u32;
+                match action {
+                    IRQ_SET_ACTION_TRIGGER => self.handover.irq_vector(set.index, v, f.is_some()),
+                    IRQ_SET_ACTION_UNMASK => self.handover.irq_resample(set.index, f.is_some()),
+                    _ => {}
+                }
                 match (action, f) {
                     (IRQ_SET_ACTION_TRIGGER, Some(f)) => {
                         self.triggers.insert((set.index, v), f);
@@ -496,6 +644,10 @@ impl Device for VfioPci {
         if self.flags & DEVICE_FLAGS_RESET == 0 {
             return Err(DeviceError::NoReset(self.name.clone()));
         }
+        // A replaying client never resets: interrupts a killed server's
+        // client left are not this client's.
+        let stale = std::mem::take(&mut self.adopted_irqs);
+        self.drop_adopted_irqs(&stale, "DEVICE_RESET");
         ioctl::reset(self.fd()).map_err(self.os("VFIO_DEVICE_RESET"))
     }
 
@@ -525,7 +677,9 @@ impl Device for VfioPci {
                     &[],
                 );
             }
+            self.handover.irq_disabled(index as u32);
         }
+        self.adopted_irqs.clear();
         self.triggers.clear();
         self.notifiers.clear();
         if self.flags & DEVICE_FLAGS_RESET != 0 {
@@ -562,7 +716,31 @@ impl Device for VfioPci {
         size: u64,
         host: Option<u64>,
         flags: u32,
+        file: Option<FileId>,
     ) -> Result<(), DeviceError> {
+        if !self.adopted.is_empty() {
+            let records: Vec<MapRecord> = self.adopted.iter().map(|(_, r)| *r).collect();
+            let mut replace = match adopt::decide(&records, iova, size, flags, file) {
+                MapDecision::Claim(i) if host.is_some() => {
+                    // The same memory: the mapping stays as it is, so a DMA
+                    // the device has in flight keeps landing in the same page.
+                    let (slot, _) = self.adopted.swap_remove(i);
+                    self.iommu_maps.insert((iova, size), slot);
+                    self.tally.claimed += 1;
+                    debug!(device = %self.name, "DMA_MAP [{iova:#x}, +{size:#x}) takes over the previous server's IOMMU mapping");
+                    return Ok(());
+                }
+                MapDecision::Claim(i) => vec![i],
+                MapDecision::Fresh { replace } => replace,
+            };
+            replace.sort_unstable_by(|a, b| b.cmp(a));
+            for i in replace {
+                let (slot, r) = self.adopted.remove(i);
+                debug!(device = %self.name, "DMA_MAP [{iova:#x}, +{size:#x}) is other memory than the adopted mapping [{:#x}, +{:#x}): unmapping that first", r.iova, r.size);
+                self.unmap_slot(slot, r.iova, r.size);
+                self.tally.replaced += 1;
+            }
+        }
         let Some(host) = host else {
             // QEMU maps its firmware ROMs (read-only, no fd) too; the device
             // never DMAs there, so they are recorded but kept out of the
@@ -585,11 +763,30 @@ impl Device for VfioPci {
         if flags & DMA_MAP_FLAG_WRITE != 0 {
             vflags |= ioctl::VFIO_DMA_MAP_FLAG_WRITE;
         }
+        let record = MapRecord {
+            iova,
+            size,
+            flags,
+            file: file.unwrap_or_default(),
+        };
+        let slot = match self.handover.begin_map(&record) {
+            Some(s) => s,
+            None => {
+                // Full only while unclaimed adopted mappings hold slots.
+                self.adoption_ended();
+                self.handover.begin_map(&record).ok_or_else(|| {
+                    self.os(format!(
+                        "recording DMA_MAP [{iova:#x}, +{size:#x}) for a restarted server"
+                    ))(std::io::Error::from_raw_os_error(libc::ENOSPC))
+                })?
+            }
+        };
         if let Err(e) = ioctl::iommu_map(self.container.as_fd_borrowed(), host, iova, size, vflags)
         {
+            self.handover.free(slot);
             if e.raw_os_error() == Some(libc::ENOMEM) {
                 // VFIO pins every mapped page against RLIMIT_MEMLOCK.
-                let pinned: u64 = self.iommu_maps.iter().map(|(_, s)| s).sum();
+                let pinned: u64 = self.iommu_maps.keys().map(|(_, s)| s).sum();
                 return Err(DeviceError::MemlockTooLow {
                     device: self.name.clone(),
                     iova,
@@ -602,17 +799,49 @@ impl Device for VfioPci {
                 e
             ));
         }
-        self.iommu_maps.insert((iova, size));
+        self.handover.mark(slot, SlotState::Mapped);
+        self.iommu_maps.insert((iova, size), slot);
         Ok(())
     }
 
     fn dma_unmapped(&mut self, iova: u64, size: u64) {
-        if !self.iommu_maps.remove(&(iova, size)) {
-            return;
+        if let Some(slot) = self.iommu_maps.remove(&(iova, size)) {
+            self.unmap_slot(slot, iova, size);
         }
-        if let Err(e) = ioctl::iommu_unmap(self.container.as_fd_borrowed(), iova, size) {
-            warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) failed: {e}");
+    }
+
+    fn adoption_ended(&mut self) {
+        let left = std::mem::take(&mut self.adopted);
+        for (slot, r) in &left {
+            self.unmap_slot(*slot, r.iova, r.size);
         }
+        let t = Tally {
+            dropped: self.tally.dropped + left.len(),
+            ..self.tally
+        };
+        if t.adopted > 0 {
+            tracing::info!(
+                device = %self.name,
+                "adoption window closed: of {} DMA mappings adopted from the previous server, {} were re-mapped by the client with the same memory (kept), {} replaced by different memory, {} dropped (not re-mapped: unmapped from the IOMMU)",
+                t.adopted,
+                t.claimed,
+                t.replaced,
+                t.dropped
+            );
+        }
+        self.tally = Tally::default();
+    }
+}
+
+/// vfio-pci's interrupt indexes by name, for logs.
+fn irq_index_name(index: u32) -> String {
+    match index {
+        0 => "INTx".into(),
+        1 => "MSI".into(),
+        2 => "MSI-X".into(),
+        3 => "ERR".into(),
+        4 => "REQ".into(),
+        i => format!("index {i}"),
     }
 }
 
