@@ -87,14 +87,17 @@ if [ ! -S /tmp/edu.sock ]; then
 fi
 say "airlock (pid $pid) listening after $(cut -d' ' -f1 /proc/uptime) s of uptime"
 
+# The probe's restart-replay check kills the sandboxed server -9 with a DMA
+# in flight and replays its state to the restarted one (as patched QEMU
+# does); the supervisor holds the VFIO fds, so the device is not reset.
 /bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid "$@"
 rc=$?
+grep -E 'adopted [0-9]+ DMA mappings|adoption window closed' /tmp/airlock.log | sed 's/^.*INFO /INFO airlock: /' | cut -c1-400
 
-# Crash-only serving with a real device: kill -9 the sandboxed server; the
-# kernel quiesces the device as the dead server's VFIO fds close (vfio-pci
-# disables bus mastering and resets on release, the container's IOMMU maps
-# go), the supervisor starts a fresh server that opens it again, and the
-# probe's checks pass on it.
+# Crash-only serving with a real device: kill -9 the (idle) sandboxed
+# server; the supervisor keeps the device open (VFIO fds inherited by every
+# server), starts a fresh server, and a new client (no replay) passes the
+# probe's checks on it.
 srv=$(cut -d' ' -f1 /proc/$pid/task/$pid/children 2>/dev/null)
 if [ -n "$srv" ]; then
     kill -KILL "$srv"
@@ -106,7 +109,7 @@ if [ -n "$srv" ]; then
     done
     say "supervisor: $(grep -m1 'starting a fresh sandboxed server' /tmp/airlock.log | cut -c1-200)"
     echo "INFO restart: the probe again, against the restarted server"
-    /bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid --iterations 100 "$@" >/tmp/probe2.out 2>&1
+    /bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid --iterations 100 --skip restart-replay "$@" >/tmp/probe2.out 2>&1
     rc2=$?
     sed 's/^\([A-Z]* \)/\1restart: /; s/^\([0-9]* passed\)/INFO restart: \1/' /tmp/probe2.out
     if [ $rc2 -ne 0 ] || ! grep -q 'starting a fresh sandboxed server' /tmp/airlock.log; then

@@ -1,6 +1,8 @@
 //! The checks, in order: negotiate, ident, liveness, factorial,
 //! bar0-fast-path, dma, msi (+ msi-no-wakeups), dma-unmapped-blocked,
-//! dma-map-msi-window-refused (only with --msi-window), disconnect-quiesces. Each returns an Outcome; state that later checks
+//! dma-map-msi-window-refused (only with --msi-window), disconnect-quiesces,
+//! restart-replay (restart.rs: kills airlock's sandboxed server, so only
+//! with --airlock-pid naming its supervisor). Each returns an Outcome; state that later checks
 //! reuse (the connection, BAR0's mappings, the first DMA map) lives in Probe.
 
 use std::os::fd::AsFd;
@@ -47,6 +49,20 @@ pub fn run(report: &mut Report, args: &Args) {
         dev,
         mem: None,
     };
+    // As a guest driver does first (pci_enable_device): a device that the
+    // previous client left quiesced has memory decoding off.
+    match p.dev.config16(4) {
+        Ok(cmd) if cmd & CMD_MEMORY == 0 => {
+            info(&format!(
+                "command register {cmd:#06x} at connect (memory decoding off: the previous client left, the device was quiesced); turning decoding on as a driver does"
+            ));
+            if let Err(e) = p.dev.set_config16(4, cmd | CMD_MEMORY) {
+                info(&format!("turning memory decoding on failed: {e}"));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => info(&format!("command register not readable at connect: {e}")),
+    }
     report.check("ident", || ident(&mut p.dev).into());
     report.check("liveness", || liveness(&mut p.dev).into());
     report.check("factorial", || factorial(&mut p.dev).into());
@@ -62,6 +78,9 @@ pub fn run(report: &mut Report, args: &Args) {
         });
     }
     report.check("disconnect-quiesces", || disconnect_quiesces(p).into());
+    report.check("restart-replay", || {
+        crate::restart::restart_replay(&args.socket, args.airlock_pid)
+    });
 }
 
 fn negotiate(path: &str) -> Result<Dev, String> {

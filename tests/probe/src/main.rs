@@ -8,6 +8,7 @@ mod checks;
 mod device;
 mod os;
 mod report;
+mod restart;
 
 fn main() {
     let args = match args::parse(std::env::args().skip(1)) {

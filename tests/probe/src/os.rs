@@ -38,6 +38,11 @@ impl Mapping {
         self.len
     }
 
+    /// The start of the mapping, for a reader on another thread.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
     pub fn read32(&self, off: usize) -> u32 {
         assert!(
             off.is_multiple_of(4) && off + 4 <= self.len,
