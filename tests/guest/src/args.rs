@@ -1,13 +1,16 @@
-//! Command line: `[--bdf DDDD:BB:DD.F] [--skip NAME]...` (also `--opt=value`;
-//! --skip values may be comma-separated).
+//! Command line: `[--bdf DDDD:BB:DD.F] [--skip NAME]... [--soak SECONDS]`
+//! (also `--opt=value`; --skip values may be comma-separated).
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Args {
     pub bdf: Option<String>,
     pub skip: Vec<String>,
+    /// Drive the device in rounds for this long instead of the checks.
+    pub soak: Option<u64>,
 }
 
-pub const USAGE: &str = "usage: airlock-guest-test [--bdf DDDD:BB:DD.F] [--skip NAME]...";
+pub const USAGE: &str =
+    "usage: airlock-guest-test [--bdf DDDD:BB:DD.F] [--skip NAME]... [--soak SECONDS]";
 
 pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
     let mut a = Args::default();
@@ -34,6 +37,10 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
                     .filter(|s| !s.is_empty())
                     .map(str::to_string),
             ),
+            "--soak" => {
+                let v = value("--soak")?;
+                a.soak = Some(v.parse().map_err(|_| format!("--soak {v:?}: seconds"))?);
+            }
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {arg:?}")),
         }

@@ -8,6 +8,7 @@ mod checks;
 mod edu;
 mod os;
 mod report;
+mod soak;
 mod sysfs;
 mod vfio;
 
@@ -28,7 +29,10 @@ fn main() {
     match checks::open(args.bdf.as_deref()) {
         Ok(v) => {
             report.record("vfio-setup", Outcome::Pass);
-            checks::run(&mut report, &v);
+            match args.soak {
+                Some(secs) => soak::run(&mut report, &v, secs),
+                None => checks::run(&mut report, &v),
+            }
         }
         Err(e) => {
             report.record("vfio-setup", Outcome::Fail(e));
