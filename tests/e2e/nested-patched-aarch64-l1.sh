@@ -1,0 +1,97 @@
+#!/bin/sh
+# /test inside the L1 guest of tests/e2e/nested-patched-aarch64.sh (busybox sh).
+# L1 is arm64 (virt, GICv3 ITS, SMMUv3) with QEMU's edu. This binds the edu
+# to vfio-pci (its IOMMU group reserves the SMMU's software MSI window
+# 0x08000000-0x080fffff), starts `airlock --vfio <edu>` with its defaults
+# (sandbox on, no --reserve-iova: the windows come from airlock's own reading
+# of the group), then runs the patched arm64 QEMU from /opt/qemu (through its
+# own loader) for L2: virt, GICv3 ITS, virtio-iommu, TCG, with
+# -chardev socket + -device vfio-user-pci,chardev= on airlock's socket,
+# kernel /l2/Image, initramfs /l2/initrd.cpio (its /test is
+# tests/e2e/nested-patched-aarch64-l2.sh).
+# Kernel parameter: l2.mem=SIZE (L2 RAM, default 256M).
+# Output: "INFO l1: ..." lines, every L2 console line prefixed "l2| ",
+# airlock's log prefixed "airlock| ". Exit: L2's AIRLOCK-GUEST-EXIT status
+# (1 on a setup failure or if L2 printed none).
+
+up() { read -r u _ </proc/uptime; echo "$u"; }
+say() { echo "INFO l1: $*"; }
+fail() { echo "FAIL $*"; echo "0 passed, 1 failed"; exit 1; }
+
+say "start at uptime $(up) s; kernel $(uname -r); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
+dmesg | grep -iE 'arm-smmu-v3.*(ias|msi)|ITS.*@' | head -n 3 | while read -r l; do say "dmesg: $l"; done
+
+l2mem=256M
+for w in $(cat /proc/cmdline); do
+    case "$w" in l2.mem=*) l2mem=${w#l2.mem=} ;; esac
+done
+
+edu=""
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1234:0x11e8" ] && edu=${d##*/}
+done
+[ -n "$edu" ] || fail "l1-setup: no edu (1234:11e8) in /sys/bus/pci/devices"
+d=/sys/bus/pci/devices/$edu
+[ -e "$d/driver" ] && echo "$edu" >"$d/driver/unbind"
+echo vfio-pci >"$d/driver_override"
+echo "$edu" >/sys/bus/pci/drivers_probe
+[ "$(basename "$(readlink "$d/driver")")" = vfio-pci ] || fail "l1-setup: edu $edu did not bind to vfio-pci"
+# On arm64 the iommu_group link appears only after binding.
+g=$(basename "$(readlink "$d/iommu_group")")
+[ -c "/dev/vfio/$g" ] || fail "l1-setup: /dev/vfio/$g missing for $edu"
+say "edu $edu: vfio-pci, iommu group $g"
+while read -r l; do say "L1 group $g reserved_regions: $l"; done <"/sys/kernel/iommu_groups/$g/reserved_regions"
+
+# airlock's defaults: it reads the group's reserved regions and VFIO's
+# usable IOVA ranges itself and offers them with iova_ranges.
+AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/edu.sock \
+    </dev/null >/tmp/airlock.log 2>&1 &
+apid=$!
+i=0
+while [ ! -S /tmp/edu.sock ] && kill -0 $apid 2>/dev/null && [ $i -lt 300 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+show_log() { sed 's/^/airlock| /' /tmp/airlock.log; }
+if [ ! -S /tmp/edu.sock ]; then
+    kill $apid 2>/dev/null
+    show_log
+    fail "l1-setup: airlock --vfio $edu did not listen within 30 s"
+fi
+# What actually runs (the host checks it has no --reserve-iova).
+say "airlock cmdline: $(tr '\0' ' ' </proc/$apid/cmdline)"
+say "airlock (pid $apid) listening at uptime $(up) s"
+
+cr=$(printf '\r')
+qemu() {
+    /opt/qemu/lib/ld-linux-aarch64.so.1 --library-path /opt/qemu/lib --argv0 qemu-system-aarch64 \
+        /opt/qemu/bin/qemu-system-aarch64 "$@"
+}
+say "L2 QEMU: $(qemu -version | head -n 1)"
+t2=$(up)
+say "starting L2 QEMU at uptime $t2 s: TCG, virt gic-version=3 its=on, virtio-iommu-pci, $l2mem memfd share=on, vfio-user-pci,chardev= on /tmp/edu.sock"
+{
+    qemu -accel tcg -M virt,gic-version=3,its=on -cpu max,pauth-impdef=on -smp 1 -m "$l2mem" \
+        -object "memory-backend-memfd,id=mem,size=$l2mem,share=on" -machine memory-backend=mem \
+        -nographic -nodefaults -serial stdio -no-reboot \
+        -device virtio-iommu-pci \
+        -chardev socket,id=airlock0,path=/tmp/edu.sock -device vfio-user-pci,chardev=airlock0 \
+        -kernel /l2/Image -initrd /l2/initrd.cpio \
+        -append "console=ttyAMA0 quiet panic=-1" </dev/null 2>&1
+    echo "AIRLOCK-L2-QEMU-RC $?"
+} | while IFS= read -r l; do
+    l=${l%"$cr"}
+    case "$l" in
+        AIRLOCK-L2-QEMU-RC*) echo "$l" >/tmp/l2.rc ;;
+        *) echo "l2| $l"; echo "$l" >>/tmp/l2.log ;;
+    esac
+done
+say "L2 QEMU exited with $(cut -d' ' -f2 /tmp/l2.rc 2>/dev/null) at uptime $(up) s, $(awk -v a="$t2" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }') s after its start"
+
+rc=$(sed -n 's/^AIRLOCK-GUEST-EXIT \([0-9]*\).*/\1/p' /tmp/l2.log 2>/dev/null | tail -n 1)
+kill $apid 2>/dev/null
+wait $apid
+say "airlock exited with $? after SIGTERM"
+dmesg | grep -iE 'smmu.*(event|fault)|vfio' | tail -n 4 | while read -r l; do say "dmesg: $l"; done
+show_log
+exit "${rc:-1}"
