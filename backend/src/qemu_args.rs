@@ -17,6 +17,9 @@ pub enum QemuFlavor {
     Patched,
 }
 
+/// How often the patched QEMU's chardev retries a lost connection.
+pub const RECONNECT_MS: u32 = 100;
+
 /// The chardev id the patched form uses: named after the socket, so the
 /// arguments of several airlocks compose in one QEMU command line.
 fn chardev_id(listen: &Listen) -> String {
@@ -100,7 +103,13 @@ pub fn qemu_args_for(
         }
     }
     // QEMU's option parser splits on ',': a comma in the path is doubled.
-    let chardev = format!("socket,id={chardev_id},path={}", path.replace(',', ",,"));
+    // reconnect-ms: the patched QEMU keeps the device across a restart of
+    // airlock's server (or of airlock) and replays its state to the new one;
+    // 100 ms bounds the outage without a busy retry loop.
+    let chardev = format!(
+        "socket,id={chardev_id},path={},reconnect-ms={RECONNECT_MS}",
+        path.replace(',', ",,")
+    );
     match flavor {
         QemuFlavor::Stock => args.extend([
             "-device".to_string(),
@@ -182,7 +191,7 @@ mod tests {
         );
         assert!(out.contains("#   0x8000000-0x80fffff (user (--reserve-iova), user)"));
         assert!(out.contains(
-            "# With the patched QEMU (qemu-patches/), instead of -device: -chardev socket,id=airlock-a,path=/run/a.sock -device vfio-user-pci,chardev=airlock-a"
+            "# With the patched QEMU (qemu-patches/), instead of -device: -chardev socket,id=airlock-a,path=/run/a.sock,reconnect-ms=100 -device vfio-user-pci,chardev=airlock-a"
         ));
     }
 
@@ -202,7 +211,7 @@ mod tests {
                 "-machine",
                 "memory-backend=airlock-mem",
                 "-chardev",
-                "socket,id=airlock-a_b,path=/run/a,,b.sock",
+                "socket,id=airlock-a_b,path=/run/a,,b.sock,reconnect-ms=100",
                 "-device",
                 "vfio-user-pci,chardev=airlock-a_b"
             ]
@@ -237,7 +246,7 @@ mod tests {
             1,
             "guest RAM once"
         );
-        assert!(all.contains(&"socket,id=airlock-edu1,path=/run/airlock/edu1.sock"));
+        assert!(all.contains(&"socket,id=airlock-edu1,path=/run/airlock/edu1.sock,reconnect-ms=100"));
         assert!(all.contains(&"vfio-user-pci,chardev=airlock-edu2"));
     }
 }
