@@ -246,7 +246,9 @@ mod tests {
             1,
             "guest RAM once"
         );
-        assert!(all.contains(&"socket,id=airlock-edu1,path=/run/airlock/edu1.sock,reconnect-ms=100"));
+        assert!(
+            all.contains(&"socket,id=airlock-edu1,path=/run/airlock/edu1.sock,reconnect-ms=100")
+        );
         assert!(all.contains(&"vfio-user-pci,chardev=airlock-edu2"));
     }
 }
