@@ -136,6 +136,8 @@ if ((timed_out)); then
     verdict nested-run FAIL "timeout after $timeout_s s (console: $console)"
 elif [[ -z $marker ]]; then
     verdict nested-run FAIL "L1 stopped without an AIRLOCK-GUEST-EXIT line (console: $console): $(tail -n 3 "$console" | tr -d '\r' | tr '\n' ' ')"
+elif [[ ${marker##* } != 0 ]]; then
+    verdict nested-run FAIL "L1's /test ended with $marker (its FAIL line and airlock's log are above)"
 else
     verdict nested-run OK "L1 ran airlock and the L2 QEMU to the end ($marker, $(elapsed "$t_boot" "$t_end") s)"
 fi
