@@ -14,6 +14,12 @@ Listens on SOCKET, serves one connection, then exits. MODE:
   no-caps          read VERSION, reply with the version numbers but no
                    capabilities string, keep it open
   silent           read VERSION, never answer, keep it open
+  other-device     a well-behaved server of another device: answers VERSION
+                   (capabilities as airlock's edu: 4 KiB pages, the whole
+                   IOVA space usable), DMA_MAP/UNMAP, and DEVICE_GET_INFO
+                   with 2 regions and 1 IRQ index (edu has 9 and 5); every
+                   other request gets EINVAL. For a reconnecting client,
+                   which must refuse to resume its device on this one.
 Prints one line per event on stdout ("fake-server: ...").
 """
 import json
@@ -56,6 +62,29 @@ def version_reply(msg_id):
     return HDR.pack(msg_id, VERSION, HDR.size + len(body), REPLY, 0) + body
 
 
+def serve_other_device(conn):
+    caps = json.dumps({"capabilities": {
+        "max_msg_fds": 16, "pgsizes": 4096, "max_dma_maps": 65535,
+        "max_data_xfer_size": 1048576,
+        "iova_ranges": [{"start": 0, "end": 2**64 - 1}]}}).encode() + b"\0"
+    while True:
+        msg = read_msg(conn)
+        if msg is None:
+            return
+        msg_id, cmd, _ = msg
+        if cmd == VERSION:
+            body = struct.pack("<HH", 0, 0) + caps
+            conn.sendall(HDR.pack(msg_id, cmd, HDR.size + len(body), REPLY, 0) + body)
+        elif cmd in (2, 3):  # DMA_MAP, DMA_UNMAP
+            conn.sendall(HDR.pack(msg_id, cmd, HDR.size, REPLY, 0))
+        elif cmd == 4:  # DEVICE_GET_INFO: flags PCI|RESET, 2 regions, 1 irq index
+            body = struct.pack("<IIII", 16, 0x3, 2, 1)
+            conn.sendall(HDR.pack(msg_id, cmd, HDR.size + len(body), REPLY, 0) + body)
+            log("answered DEVICE_GET_INFO: 2 regions, 1 irq index")
+        else:
+            conn.sendall(HDR.pack(msg_id, cmd, HDR.size, REPLY | 0x20, 22))
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
@@ -69,6 +98,10 @@ def main():
     srv.settimeout(60)
     conn, _ = srv.accept()
     log("client connected")
+    if mode == "other-device":
+        serve_other_device(conn)
+        log("client closed")
+        return
     if mode == "close-unread":
         time.sleep(0.5)  # QEMU's VERSION request is now unread in our buffer
         conn.close()

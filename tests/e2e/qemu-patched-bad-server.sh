@@ -18,7 +18,13 @@
 #   silent           no reply at all: device_add fails after x-msg-timeout
 #                    (set to 1000 ms here), not before
 # Each mode also runs against stock QEMU 11.1 (INFO lines only: what the
-# patches change). Last line: "N passed, M failed". Exit 0 iff all passed;
+# patches change). Then, for the reconnecting client (qemu-patches/0008):
+#   other-device     the device realized against airlock (chardev with
+#                    reconnect-ms=100), airlock stopped, another device's
+#                    server on the same socket: QEMU reconnects, compares
+#                    the device info with airlock's and refuses to resume
+#                    ("not resuming the device"), within 5 s, and keeps
+#                    running Last line: "N passed, M failed". Exit 0 iff all passed;
 # 77 if it could not run.
 set -euo pipefail
 E2E_NAME=e2e-patched-bad-server
@@ -102,5 +108,45 @@ for mode in close-unread close-mid-reply wrong-id garbage no-caps silent; do
         note "INFO stock QEMU 11.1 (socket=): $st"
     fi
 done
+
+section "other-device: a different device behind the socket after a reconnect"
+sock="$RUN_DIR/other.sock" qmp_sock="$RUN_DIR/qmp-other.sock" R_LOG="$LOG_DIR/other-device.log.txt"
+: >"$R_LOG"
+spawn apid "$AIRLOCK_BIN" --socket-path "$sock" --emulate edu >>"$R_LOG" 2>&1 </dev/null
+for ((i = 0; i < 100; i++)); do [[ -S $sock ]] && break; sleep 0.05; done
+spawn qpid "$E2E_REPO/scripts/qemu" x86_64 -M q35 -accel tcg -S \
+    -object memory-backend-memfd,id=mem,size=128M,share=on -machine memory-backend=mem -m 128M \
+    -nodefaults -display none -chardev "socket,id=c0,path=$sock,reconnect-ms=100" \
+    -device vfio-user-pci,chardev=c0,id=dev0 -qmp "unix:$qmp_sock,server=on,wait=off" >>"$R_LOG" 2>&1 </dev/null
+for ((i = 0; i < 200; i++)); do [[ -S $qmp_sock ]] && break; sleep 0.05; done
+before=$(qmp_steps "$qmp_sock" '{"execute":"query-pci"}' 2>&1 || true)
+stop_pid "$apid"
+spawn spid python3 "$FAKE_SERVER" other-device "$sock" >>"$R_LOG" 2>&1
+t0=$(now) refused=""
+for ((i = 0; i < 100; i++)); do
+    refused=$(grep -a 'not resuming the device' "$R_LOG" | head -n1 || true)
+    [[ -n $refused ]] && break
+    sleep 0.05
+done
+refused_s=$(elapsed "$t0")
+lines=$(qmp_steps "$qmp_sock" '{"execute":"query-status"}' '{"execute":"quit"}' 2>&1 || true)
+printf '%s\n' "$before" "$lines" >>"$R_LOG"
+R_RC=0
+for ((i = 0; i < 100; i++)); do kill -0 "$qpid" 2>/dev/null || break; sleep 0.1; done
+wait "$qpid" 2>/dev/null || R_RC=$?
+stop_pid "$qpid"
+stop_pid "$spid"
+note "QEMU: ${refused#*: }"
+ok=1 detail=""
+[[ $before == *'"vendor": 4660'* ]] || { ok=0 detail+="the device was not realized against airlock; "; }
+[[ $refused == *"device differs"* ]] || { ok=0 detail+="no refusal naming the device info within 5 s; "; }
+[[ $(qmp_reply "$lines" query-status) == *'"status"'* ]] || { ok=0 detail+="QMP did not answer; "; }
+((R_RC == 0)) || { ok=0 detail+="QEMU exit code $R_RC; "; }
+if aborted "$R_LOG"; then ok=0 detail+="QEMU aborted; "; fi
+if ((ok)); then
+    verdict other-device OK "refused ${refused_s} s after the switch: ${refused#*: }; QEMU kept running, quit with 0"
+else
+    verdict other-device FAIL "$detail(see $R_LOG)"
+fi
 
 e2e_summary
