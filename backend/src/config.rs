@@ -31,9 +31,18 @@ QEMU side (guest RAM must be a shared memfd so DMA can reach it):
   -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
   -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"/run/airlock/edu.sock\"}}'
 
+Signals:
+  SIGTERM, SIGINT   stop: the device is quiesced, the socket path removed
+  SIGUSR2           live upgrade (systemctl reload): exec the airlock binary at the path this
+                    one was started from, in place (same pid, same arguments), handing over the
+                    listening socket and, with --vfio, the open device with its IOMMU mappings
+                    (no reset); its server adopts them as after a crash. If that binary cannot
+                    be executed, airlock logs why and carries on. Needs the sandbox (supervisor)
+
 Environment:
   AIRLOCK_LOG   log filter in tracing's syntax (default info; e.g. debug, airlock::session=debug)
-  LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, NOTIFY_SOCKET   systemd socket activation and notification";
+  LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, NOTIFY_SOCKET   systemd socket activation and notification
+  AIRLOCK_UPGRADE   set by airlock for its successor on SIGUSR2 (the fds handed over); not for users";
 
 #[derive(Parser, Debug)]
 #[command(

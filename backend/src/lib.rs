@@ -14,6 +14,7 @@ pub mod sandbox;
 pub mod server;
 pub mod session;
 pub mod systemd;
+pub mod upgrade;
 
 use airlock_protocol::limits::QEMU_MAX_MSG_FDS;
 

@@ -3,9 +3,11 @@
 use std::process::ExitCode;
 
 use airlock::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind};
-use airlock::device::{edu::Edu, vfio::VfioPci, Device};
+use airlock::device::vfio::{VfioFds, VfioPci};
+use airlock::device::{edu::Edu, Device};
 use airlock::sandbox::{self, Policy, Profile, ServerStart};
-use airlock::server::{install_stop_signals, serve, Listener};
+use airlock::server::{install_stop_signals, refuse_upgrade_signal, serve, Listener};
+use airlock::upgrade::{self, Handed, Successor};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -15,8 +17,23 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    // Saved before anything: a live upgrade execs the same arguments.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // A live upgrade's predecessor handed over its socket and device.
+    let handed = match upgrade::take_from_env() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut args = Args::parse();
-    if args.socket_path.is_none() && args.fd.is_none() {
+    if let Some(h) = &handed {
+        if args.socket_path.is_none() {
+            // Socket activation's variables went with the first airlock.
+            args.fd = Some(h.listen);
+        }
+    } else if args.socket_path.is_none() && args.fd.is_none() {
         // Started by systemd socket activation: serve on the passed socket.
         match airlock::systemd::listen_fd() {
             Ok(fd) => args.fd = fd,
@@ -33,7 +50,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(config) {
+    match run(config, argv, handed) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("airlock: {e}");
@@ -42,17 +59,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// AIRLOCK_LOG (tracing's filter syntax), info by default. vfio-ioctls
-/// warns about absent optional IRQ indexes on every open, so it is held at
-/// error unless the filter names it.
+/// AIRLOCK_LOG (tracing's filter syntax), info by default.
 fn log_filter() -> EnvFilter {
     let spec = std::env::var("AIRLOCK_LOG").unwrap_or_else(|_| "info".into());
-    let spec = if spec.contains("vfio_ioctls") {
-        spec
-    } else {
-        format!("{spec},vfio_ioctls=error")
-    };
-    EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info,vfio_ioctls=error"))
+    EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 /// `max_maps`: the most DMA maps a server will offer (sizes --vfio's
@@ -79,7 +89,11 @@ fn open_device(
     })
 }
 
-fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn run(
+    config: Config,
+    argv: Vec<std::ffi::OsString>,
+    handed: Option<Handed>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let (listen, kind, max_data_xfer, sandbox_config, windows) = match config {
         Config::PrintCapabilities => {
             println!("{}", capabilities_json());
@@ -126,8 +140,23 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
         } => (listen, device, max_data_xfer, sandbox, windows),
     };
     // The socket first: with the sandbox its owner is the supervisor, so
-    // the path stays in place while servers come and go.
-    let listener = Listener::open(&listen)?;
+    // the path stays in place while servers come and go (and, handed over
+    // by a live upgrade, while binaries do).
+    let listener = match &handed {
+        Some(h) => Listener::resume(upgrade::claim(h.listen, "listening socket")?, &listen)?,
+        None => Listener::open(&listen)?,
+    };
+    let handed_vfio = match handed.as_ref().and_then(|h| h.vfio) {
+        Some(v) => Some((
+            VfioFds {
+                device: upgrade::claim(v.device, "VFIO device fd")?,
+                group: upgrade::claim(v.group, "VFIO group fd")?,
+                container: upgrade::claim(v.container, "VFIO container fd")?,
+            },
+            upgrade::claim(v.table, "table of IOMMU mappings")?,
+        )),
+        None => None,
+    };
     let mut limits = airlock::server_limits(max_data_xfer);
     limits.windows = windows;
     if matches!(kind, DeviceKind::Vfio { .. }) {
@@ -136,6 +165,7 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let Some(sc) = sandbox_config else {
         tracing::warn!("sandbox off: the server runs with airlock's full privileges");
         install_stop_signals()?;
+        refuse_upgrade_signal()?;
         airlock::fit_dma_maps_to_nofile(&mut limits);
         let (device, _) = open_device(kind, limits.max_dma_maps)?;
         airlock::systemd::notify(&format!(
@@ -153,37 +183,88 @@ fn run(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // supervisor's copies of the container, group and device fds keep the
     // device open while no server runs, so a killed server's IOMMU
     // mappings and interrupts stay and the device is not reset.
-    let mut held = match &kind {
-        DeviceKind::Vfio {
-            bdf,
-            mediate_bars,
-            allow_unsafe_interrupts,
-        } => Some(VfioPci::open(
-            bdf,
-            *mediate_bars,
-            *allow_unsafe_interrupts,
-            limits.max_dma_maps as usize,
-        )?),
-        DeviceKind::Emulated(_) => None,
-    };
-    let supervised = sandbox::supervise(&name, &listener.describe(), listener.raw_fd(), |start| {
-        // In the server: its own copy of the supervisor's device.
-        let inherited = held.take();
-        match serve_confined(
-            &listener,
-            kind.clone(),
-            inherited,
-            &sc,
-            limits.clone(),
-            start,
-        ) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("airlock: {e}");
-                1
+    let mut held = match (&kind, handed_vfio) {
+        (
+            DeviceKind::Vfio {
+                bdf, mediate_bars, ..
+            },
+            Some((fds, table)),
+        ) => Some(VfioPci::resume(bdf, *mediate_bars, fds, table)?),
+        (
+            DeviceKind::Vfio {
+                bdf,
+                mediate_bars,
+                allow_unsafe_interrupts,
+            },
+            None,
+        ) => {
+            if handed.is_some() {
+                return Err(format!("{name}: the previous airlock handed over no VFIO device; restart airlock instead of upgrading it (the arguments changed?)").into());
             }
+            Some(VfioPci::open(
+                bdf,
+                *mediate_bars,
+                *allow_unsafe_interrupts,
+                limits.max_dma_maps as usize,
+            )?)
         }
-    });
+        // Handed VFIO fds an emulated device does not use close here.
+        (DeviceKind::Emulated(_), _) => None,
+    };
+    if let Some(h) = &handed {
+        tracing::info!(
+            "live upgrade: airlock {} ({}) took over {}{} from the previous binary; pid {} unchanged",
+            env!("CARGO_PKG_VERSION"),
+            h.exe.display(),
+            listener.describe(),
+            if held.is_some() {
+                format!(" and {name} as it was (no reset; the first server adopts its IOMMU mappings and interrupts)")
+            } else {
+                String::new()
+            },
+            std::process::id()
+        );
+    }
+    // What SIGUSR2 execs: the binary at the path the first airlock was
+    // started from, handed this socket and device.
+    let successor = handed
+        .as_ref()
+        .map(|h| h.exe.clone())
+        .or_else(upgrade::started_from)
+        .map(|exe| {
+            Successor::new(
+                argv,
+                Handed {
+                    listen: listener.raw_fd(),
+                    vfio: held.as_ref().map(VfioPci::handed),
+                    exe,
+                },
+            )
+        });
+    let supervised = sandbox::supervise(
+        &name,
+        &listener.describe(),
+        listener.raw_fd(),
+        successor.as_ref(),
+        |start| {
+            // In the server: its own copy of the supervisor's device.
+            let inherited = held.take();
+            match serve_confined(
+                &listener,
+                kind.clone(),
+                inherited,
+                &sc,
+                limits.clone(),
+                start,
+            ) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("airlock: {e}");
+                    1
+                }
+            }
+        },
+    );
     match supervised {
         // Every server was reaped: dropping the device quiesces it (a
         // server that stopped gracefully did so already).

@@ -8,7 +8,7 @@
 //! ends; the socket path is then removed by whoever created it.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -120,26 +120,23 @@ impl Listener {
         })
     }
 
+    /// The socket a live upgrade's predecessor handed over (it listens
+    /// already; clients wait in its backlog). The path, if any, is ours
+    /// to remove at the end, as if this airlock had bound it.
+    pub fn resume(fd: OwnedFd, listen: &Listen) -> Result<Listener, ServerError> {
+        check_listening(fd.as_raw_fd())?;
+        Ok(Listener {
+            listener: UnixListener::from(fd),
+            path: match listen {
+                Listen::Path(p) => Some(p.clone()),
+                Listen::Fd(_) => None,
+            },
+            owns_path: matches!(listen, Listen::Path(_)),
+        })
+    }
+
     fn inherit(fd: RawFd) -> Result<Listener, ServerError> {
-        let bad = |why: String| ServerError::BadFd { fd, why };
-        let mut val: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `val`.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ACCEPTCONN,
-                (&mut val as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if r != 0 {
-            return Err(bad(io::Error::last_os_error().to_string()));
-        }
-        if val == 0 {
-            return Err(bad("it is not listening".into()));
-        }
+        check_listening(fd)?;
         // SAFETY: the launcher handed this fd to us; from here we own it.
         let listener = unsafe { UnixListener::from_raw_fd(fd) };
         Ok(Listener {
@@ -183,6 +180,30 @@ impl Drop for Listener {
     }
 }
 
+/// Whether `fd` is a listening socket (SO_ACCEPTCONN).
+fn check_listening(fd: RawFd) -> Result<(), ServerError> {
+    let bad = |why: String| ServerError::BadFd { fd, why };
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `val`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(bad(io::Error::last_os_error().to_string()));
+    }
+    if val == 0 {
+        return Err(bad("it is not listening".into()));
+    }
+    Ok(())
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 static ACTIVE: AtomicI32 = AtomicI32::new(-1);
 
@@ -209,6 +230,30 @@ pub fn install_stop_signals() -> Result<(), ServerError> {
             if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
                 return Err(ServerError::Signals(io::Error::last_os_error()));
             }
+        }
+    }
+    Ok(())
+}
+
+extern "C" fn on_upgrade_without_supervisor(_sig: libc::c_int) {
+    const MSG: &[u8] = b"airlock: SIGUSR2 ignored: a live upgrade needs the supervisor, which runs only with the sandbox on (drop --sandbox off)\n";
+    // SAFETY: write(2) from a static buffer; async-signal-safe.
+    unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+}
+
+/// With --sandbox off there is no supervisor to upgrade: SIGUSR2 says so
+/// instead of killing airlock (its default action). SA_RESTART: a
+/// blocked read or poll resumes.
+pub fn refuse_upgrade_signal() -> Result<(), ServerError> {
+    // SAFETY: a zeroed sigaction is valid; the handler only writes a
+    // static message.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_upgrade_without_supervisor as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()) != 0 {
+            return Err(ServerError::Signals(io::Error::last_os_error()));
         }
     }
     Ok(())

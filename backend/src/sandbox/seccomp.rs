@@ -75,7 +75,6 @@ const VFIO_IOCTLS: &[(u64, &str)] = &[
     (ioctl::VFIO_DEVICE_RESET, "DEVICE_RESET, quiesce"),
     (ioctl::VFIO_IOMMU_MAP_DMA, "DMA_MAP"),
     (ioctl::VFIO_IOMMU_UNMAP_DMA, "DMA_UNMAP"),
-    (ioctl::VFIO_GROUP_UNSET_CONTAINER, "teardown at exit"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

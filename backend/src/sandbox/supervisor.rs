@@ -19,6 +19,14 @@
 //! The server still confines itself before serving: the inherited fds are
 //! what it would have opened itself, and seccomp still names each ioctl.
 //!
+//! SIGUSR2 is a live upgrade (upgrade.rs): the supervisor kills its
+//! server as a crash would and execs the binary at the path airlock was
+//! started from, handing over the socket and the device; if the binary
+//! cannot be executed it says why and carries on (with a fresh server if
+//! the old one was already stopped). Stop signals that arrive meanwhile
+//! are blocked, so they stay pending across the exec and stop the
+//! successor instead of getting lost.
+//!
 //! It also watches the listening socket: a client left waiting in the
 //! backlog (the server is busy with another one) gets a log line saying
 //! why, instead of an unexplained hang.
@@ -29,11 +37,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::violation::{syscall_name, SharedRecord};
 use super::SandboxError;
 use crate::systemd;
+use crate::upgrade::Successor;
 
 /// At most this many restarts within RESTART_WINDOW, then give up.
 pub const MAX_RESTARTS: usize = 5;
@@ -43,6 +52,19 @@ const WAIT_REPORT: Duration = Duration::from_secs(1);
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
 static STOPPING: AtomicBool = AtomicBool::new(false);
+static UPGRADE: AtomicBool = AtomicBool::new(false);
+/// Write end of the pipe that wakes `watch` when a signal arrives.
+static WAKE: AtomicI32 = AtomicI32::new(-1);
+
+fn wake() {
+    let fd = WAKE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let b = [1u8];
+        // SAFETY: a one-byte write from a stack buffer; async-signal-safe
+        // (the pipe is non-blocking: a full pipe already wakes).
+        unsafe { libc::write(fd, b.as_ptr().cast(), 1) };
+    }
+}
 
 extern "C" fn forward(sig: libc::c_int) {
     STOPPING.store(true, Ordering::SeqCst);
@@ -50,6 +72,35 @@ extern "C" fn forward(sig: libc::c_int) {
     if pid > 0 {
         // SAFETY: kill has no memory arguments; async-signal-safe.
         unsafe { libc::kill(pid, sig) };
+    }
+    wake();
+}
+
+extern "C" fn on_upgrade(_sig: libc::c_int) {
+    UPGRADE.store(true, Ordering::SeqCst);
+    wake();
+}
+
+/// The signals the supervisor handles: stop (forwarded) and upgrade.
+const HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR2];
+
+/// Blocks (or unblocks) the handled signals; blocked ones stay pending
+/// across execve.
+fn block_handled(block: bool) {
+    // SAFETY: a sigset we own, filled by sigemptyset/sigaddset, passed to
+    // sigprocmask with no old-set pointer.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in HANDLED {
+            libc::sigaddset(&mut set, sig);
+        }
+        let how = if block {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::sigprocmask(how, &set, std::ptr::null_mut());
     }
 }
 
@@ -70,6 +121,12 @@ impl ServerStart<'_> {
         // SAFETY: a one-byte write from a stack buffer to our pipe.
         unsafe { libc::write(self.ready, b.as_ptr().cast(), 1) };
     }
+}
+
+/// What `watch` saw.
+enum Watched {
+    Ended(Ending),
+    UpgradeRequested,
 }
 
 /// How a server ended.
@@ -93,23 +150,37 @@ fn step(what: &'static str) -> impl FnOnce(io::Error) -> SandboxError {
 
 /// Runs `server` (returning its exit code) as the sandboxed server until
 /// a stop signal, restarting it when it dies. `device` names the device in logs; `listener` is the
-/// socket to watch for waiting clients. Returns the exit code for airlock.
+/// socket to watch for waiting clients; `successor` is what SIGUSR2
+/// execs (None: the path airlock was started from is unknown). Returns
+/// the exit code for airlock.
 pub fn supervise(
     device: &str,
     socket: &str,
     listener: RawFd,
+    successor: Option<&Successor>,
     mut server: impl FnMut(&ServerStart<'_>) -> i32,
 ) -> Result<i32, SandboxError> {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
+    let (wake_rx, wake_tx) = pipe(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .map_err(step("creating the supervisor's wake-up pipe"))?;
+    WAKE.store(wake_tx.as_raw_fd(), Ordering::SeqCst);
+    for sig in HANDLED {
+        let handler = if sig == libc::SIGUSR2 {
+            on_upgrade as *const () as usize
+        } else {
+            forward as *const () as usize
+        };
         // SAFETY: a zeroed sigaction with a handler that only touches
-        // atomics and calls kill.
+        // atomics, calls kill and writes to a pipe.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = forward as *const () as usize;
+            sa.sa_sigaction = handler;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
+    // A predecessor blocked them for its exec: what arrived meanwhile
+    // is delivered now.
+    block_handled(false);
     let record = SharedRecord::new().map_err(step("mapping the seccomp report page"))?;
     let mut restarts: VecDeque<Instant> = VecDeque::new();
     let mut ever_ready = false;
@@ -119,12 +190,29 @@ pub fn supervise(
         let generation = restarts_total;
         restarts_total += 1;
         let (pid, pidfd, ready_rx) = spawn(&record, generation, &mut server)?;
-        let (ending, ready) = watch(device, socket, listener, pid, &pidfd, &ready_rx)?;
+        let mut ready = false;
+        // None: the server was stopped for an upgrade whose exec failed.
+        let ending = loop {
+            match watch(
+                device, socket, listener, pid, &pidfd, &ready_rx, &wake_rx, &mut ready,
+            )? {
+                Watched::Ended(e) => break Some(e),
+                Watched::UpgradeRequested => {
+                    if upgrade(device, socket, successor, pid)? {
+                        break None;
+                    }
+                }
+            }
+        };
         CHILD.store(0, Ordering::SeqCst);
         ever_ready |= ready;
         if STOPPING.load(Ordering::SeqCst) {
-            return Ok(ending.code());
+            return Ok(ending.map_or(0, |e| e.code()));
         }
+        let Some(ending) = ending else {
+            // Not a crash: no restart counted.
+            continue;
+        };
         systemd::notify(&format!(
             "STATUS={device}: the server died; restarting it on {socket}"
         ));
@@ -163,6 +251,68 @@ pub fn supervise(
     }
 }
 
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into our timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// SIGUSR2: replaces this airlock with `successor` (same pid). Returns
+/// false if nothing was stopped (the binary cannot be executed: said
+/// why), true if the server was stopped and the exec failed (said why;
+/// the caller starts a fresh server). Does not return when the exec
+/// succeeds.
+fn upgrade(
+    device: &str,
+    socket: &str,
+    successor: Option<&Successor>,
+    pid: i32,
+) -> Result<bool, SandboxError> {
+    let Some(s) = successor else {
+        error!("{device}: live upgrade (SIGUSR2) refused: the path airlock was started from is unknown (argv[0] is not a path and not on PATH); this airlock carries on. Start airlock by its full path to upgrade it in place");
+        return Ok(false);
+    };
+    let exe = s.exe().display();
+    if let Err(e) = s.check() {
+        error!("{device}: live upgrade (SIGUSR2) refused: {exe} cannot be executed ({e}); this airlock carries on serving, nothing was stopped. Install the new airlock there and send SIGUSR2 again");
+        return Ok(false);
+    }
+    // A stop signal from here on stays pending: delivered to the
+    // successor, or to this supervisor again if the exec fails.
+    block_handled(true);
+    systemd::notify(&format!(
+        "RELOADING=1
+MONOTONIC_USEC={}
+STATUS=live upgrade: executing {exe} on {socket}",
+        monotonic_usec()
+    ));
+    // The server dies as in a crash: no quiesce, no reset; what it left
+    // in the kernel waits for the successor's first server to adopt.
+    // SAFETY: kill has no memory arguments.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    reap(pid)?;
+    CHILD.store(0, Ordering::SeqCst);
+    debug!("{device}: live upgrade: server pid {pid} stopped; executing {exe}");
+    let e = s.exec();
+    error!("{device}: live upgrade failed: executing {exe}: {e}; carrying on with a fresh server of this airlock (it adopts the device as after a crash)");
+    block_handled(false);
+    Ok(true)
+}
+
+fn pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut p = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into p.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
+}
+
 fn describe(device: &str, pid: i32, ending: &Ending, record: &SharedRecord) -> String {
     if let Some(nr) = record.taken() {
         return format!(
@@ -190,15 +340,7 @@ fn spawn(
     generation: u32,
     server: &mut impl FnMut(&ServerStart<'_>) -> i32,
 ) -> Result<(i32, OwnedFd, OwnedFd), SandboxError> {
-    let mut p = [0 as RawFd; 2];
-    // SAFETY: pipe2 writes two fds into p.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(step("creating the readiness pipe")(
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: pipe2 returned two new fds that nothing else owns.
-    let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    let (rx, tx) = pipe(libc::O_CLOEXEC).map_err(step("creating the readiness pipe"))?;
     // A raw clone with a new pid namespace each time: unshare(CLONE_NEWPID)
     // works once per process, and a namespace dies with its PID 1.
     // SAFETY: clone without CLONE_VM or a stack behaves like fork; only
@@ -220,9 +362,14 @@ fn spawn(
         });
     }
     if pid == 0 {
-        // The server dies with its supervisor.
-        // SAFETY: prctl with integer arguments only.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        // The server dies with its supervisor, and leaves upgrades to it.
+        // SAFETY: prctl with integer arguments only; signal() installs
+        // SIG_IGN, no handler code.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+        }
+        WAKE.store(-1, Ordering::SeqCst);
         drop(rx);
         let start = ServerStart {
             record,
@@ -263,8 +410,10 @@ fn pollfd(fd: RawFd) -> libc::pollfd {
     }
 }
 
-/// Waits for the server to end, noting readiness and clients left
-/// waiting in the backlog. Returns how it ended and whether it got ready.
+/// Waits for the server to end or an upgrade request, noting readiness
+/// (in `ready`, kept across calls for the same server) and clients left
+/// waiting in the backlog.
+#[allow(clippy::too_many_arguments)]
 fn watch(
     device: &str,
     socket: &str,
@@ -272,9 +421,10 @@ fn watch(
     pid: i32,
     pidfd: &OwnedFd,
     ready_rx: &OwnedFd,
-) -> Result<(Ending, bool), SandboxError> {
-    let mut ready = false;
-    let mut ready_open = true;
+    wake_rx: &OwnedFd,
+    ready: &mut bool,
+) -> Result<Watched, SandboxError> {
+    let mut ready_open = !*ready;
     // Since when a connection has sat unaccepted, and whether it was said.
     let mut waiting: Option<(Instant, bool)> = None;
     let mut stop_sent = false;
@@ -284,7 +434,7 @@ fn watch(
             // The signal handler forwarded SIGTERM if the server was known
             // by then; a pid namespace's PID 1 ignores it until it has a
             // handler, so a server still starting up is killed instead.
-            let sig = if ready { libc::SIGTERM } else { libc::SIGKILL };
+            let sig = if *ready { libc::SIGTERM } else { libc::SIGKILL };
             // SAFETY: kill has no memory arguments.
             unsafe { libc::kill(pid, sig) };
             stop_sent = true;
@@ -295,24 +445,33 @@ fn watch(
             // While a client waits, poll the listener by timeout instead
             // (it stays readable until the server accepts).
             pollfd(if waiting.is_none() { listener } else { -1 }),
+            pollfd(wake_rx.as_raw_fd()),
         ];
         // While the server starts up, wake now and then to re-check a stop
         // request that raced with poll.
-        let timeout = (waiting.is_some() || !ready).then(|| Duration::from_millis(250));
+        let timeout = (waiting.is_some() || !*ready).then(|| Duration::from_millis(250));
         match poll(&mut fds, timeout) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(step("waiting on the server")(e)),
         }
         if fds[0].revents != 0 {
-            return Ok((reap(pid)?, ready));
+            return Ok(Watched::Ended(reap(pid)?));
+        }
+        if fds[3].revents != 0 {
+            let mut b = [0u8; 64];
+            // SAFETY: a read into a stack buffer from our non-blocking pipe.
+            unsafe { libc::read(wake_rx.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+        }
+        if UPGRADE.swap(false, Ordering::SeqCst) && !STOPPING.load(Ordering::SeqCst) {
+            return Ok(Watched::UpgradeRequested);
         }
         if fds[1].revents != 0 {
             let mut b = [0u8; 1];
             // SAFETY: a one-byte read into a stack buffer.
             let n = unsafe { libc::read(ready_rx.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
             if n == 1 {
-                ready = true;
+                *ready = true;
                 systemd::notify(&format!(
                     "READY=1\nSTATUS=serving {device} on {socket} (sandbox on)"
                 ));

@@ -5,9 +5,11 @@
 //!
 //! The supervisor opens the device once and keeps its VFIO fds, so a
 //! killed server's mappings and interrupts stay in the kernel; this table
-//! tells the next server what they are. It is one MAP_SHARED anonymous
-//! mapping made (in VfioPci::open) before the first server is cloned, so
-//! every server writes the same memory. Only one server runs at a time and
+//! tells the next server what they are. It is a memfd mapped MAP_SHARED
+//! (in VfioPci::open) before the first server is cloned, so every server
+//! writes the same memory; a live upgrade hands the memfd across execve
+//! with the VFIO fds, and the successor maps the same pages
+//! (`from_memfd`). Only one server runs at a time and
 //! the supervisor reaps it before it starts the next, so a reader never
 //! races a writer; the fields are atomics because the memory is shared.
 //!
@@ -18,6 +20,7 @@
 //! (unmapping an exact range nobody mapped is a no-op) and drops it.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::adopt::MapRecord;
@@ -68,8 +71,16 @@ struct IrqSlot {
     vectors: [AtomicU64; IRQ_VECTORS / 64],
 }
 
+/// Names the table's layout; a successor built with another layout
+/// refuses the table instead of misreading it. Bump on any change.
+const MAGIC: u64 = u64::from_be_bytes(*b"airlkHO1");
+
 #[repr(C)]
 struct Head {
+    magic: AtomicU64,
+    /// The MSI isolation the first airlock checked (MsiIsolation::to_u32).
+    isolation: AtomicU32,
+    _pad: AtomicU32,
     irqs: [IrqSlot; IRQ_INDEXES],
 }
 
@@ -82,45 +93,116 @@ pub struct IrqRecord {
     pub resample: bool,
 }
 
-/// The shared table; the mapping is unmapped on drop (each process drops
-/// its own view).
+/// The shared table; the mapping is unmapped and the memfd closed on
+/// drop (each process drops its own view).
 pub struct Handover {
     base: *mut u8,
     len: usize,
     capacity: usize,
     /// Free slots as this process knows them (rebuilt by `scan`).
     free: Vec<usize>,
+    /// The memory itself, handed to a successor on a live upgrade.
+    memfd: OwnedFd,
 }
 
 // SAFETY: the shared memory is only accessed through atomics.
 unsafe impl Send for Handover {}
 
+const HEAD: usize = std::mem::size_of::<Head>();
+const SLOT: usize = std::mem::size_of::<Slot>();
+
 impl Handover {
     /// A zeroed table for `capacity` mappings (no mapping, no interrupt).
     pub fn new(capacity: usize) -> io::Result<Handover> {
-        let len = std::mem::size_of::<Head>() + capacity * std::mem::size_of::<Slot>();
-        // SAFETY: a new anonymous shared mapping with no address hint;
-        // checked below and owned (unmapped on drop) by Handover. Pages
-        // are zero-filled, a valid Free/disabled state for every field.
+        let len = HEAD + capacity * SLOT;
+        // SAFETY: the name is NUL-terminated; the result is checked.
+        let fd =
+            unsafe { libc::memfd_create(c"airlock-vfio-handover".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: memfd_create returned a new fd nobody else owns.
+        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our memfd; a new memfd reads as zeroes, a
+        // valid Free/disabled state for every field.
+        if unsafe { libc::ftruncate(memfd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let h = Self::map(memfd, len)?;
+        h.head().magic.store(MAGIC, Ordering::Release);
+        Ok(h)
+    }
+
+    /// The table a previous airlock handed over across execve: the same
+    /// memory, with what its servers recorded.
+    pub fn from_memfd(memfd: OwnedFd) -> io::Result<Handover> {
+        // SAFETY: fstat writes into a zeroed stat we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; the fd is ours.
+        if unsafe { libc::fstat(memfd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = st.st_size as usize;
+        if len < HEAD || !(len - HEAD).is_multiple_of(SLOT) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the handed-over table is {len} bytes, not a table of this airlock's layout"
+                ),
+            ));
+        }
+        let h = Self::map(memfd, len)?;
+        let magic = h.head().magic.load(Ordering::Acquire);
+        if magic != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the handed-over table has layout {magic:#x}, this airlock reads {MAGIC:#x} (an upgrade across incompatible versions: restart airlock instead, which resets the device)"),
+            ));
+        }
+        Ok(h)
+    }
+
+    fn map(memfd: OwnedFd, len: usize) -> io::Result<Handover> {
+        // SAFETY: a shared mapping of the whole memfd with no address
+        // hint; checked below and owned (unmapped on drop) by Handover.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
                 0,
             )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        let capacity = (len - HEAD) / SLOT;
         Ok(Handover {
             base: p.cast(),
             len,
             capacity,
             free: (0..capacity).rev().collect(),
+            memfd,
         })
+    }
+
+    /// The memfd, for a live upgrade's handover.
+    pub fn raw_fd(&self) -> RawFd {
+        self.memfd.as_raw_fd()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn set_isolation(&self, v: u32) {
+        self.head().isolation.store(v, Ordering::Release);
+    }
+
+    pub fn isolation(&self) -> u32 {
+        self.head().isolation.load(Ordering::Acquire)
     }
 
     fn head(&self) -> &Head {
@@ -133,12 +215,7 @@ impl Handover {
         assert!(i < self.capacity, "slot {i} of {}", self.capacity);
         // SAFETY: i < capacity, so the Slot lies inside the mapping, after
         // the Head, 8-byte aligned (Head and Slot sizes are multiples of 8).
-        unsafe {
-            &*(self
-                .base
-                .add(std::mem::size_of::<Head>() + i * std::mem::size_of::<Slot>())
-                as *const Slot)
-        }
+        unsafe { &*(self.base.add(HEAD + i * SLOT) as *const Slot) }
     }
 
     fn read(&self, i: usize) -> MapRecord {
@@ -292,19 +369,15 @@ mod tests {
         h.irq_enabled(2);
         h.irq_vector(2, 0, true);
         h.irq_vector(2, 65, true);
-        // The next server sees the same memory with the free list the
-        // supervisor had before any map (its copy of this struct).
-        let mut next = Handover {
-            base: h.base,
-            len: h.len,
-            capacity: 4,
-            free: (0..4).rev().collect(),
-        };
+        h.set_isolation(2);
+        // The next server (or, after a live upgrade, the next airlock)
+        // maps the same memory from the memfd.
+        let mut next = Handover::from_memfd(h.memfd.try_clone().unwrap()).unwrap();
+        assert_eq!(next.capacity(), 4);
+        assert_eq!(next.isolation(), 2);
         let used = next.scan();
         let irqs = next.irqs();
         let free = next.free.clone();
-        // One owner unmaps: the view must not.
-        std::mem::forget(next);
         assert_eq!(
             used,
             vec![
@@ -321,6 +394,16 @@ mod tests {
             }]
         );
         assert_eq!(free, vec![3, 2]);
+    }
+
+    #[test]
+    fn a_memfd_that_is_not_a_table_is_refused() {
+        let other = Handover::new(1).unwrap();
+        other.head().magic.store(7, Ordering::Release);
+        let e = Handover::from_memfd(other.memfd.try_clone().unwrap())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("layout 0x7"), "{e}");
     }
 
     #[test]

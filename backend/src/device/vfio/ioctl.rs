@@ -1,11 +1,12 @@
-//! The VFIO device ioctls airlock issues itself (linux/vfio.h). Container,
-//! group and DMA-map handling come from vfio-ioctls; these are the calls it
-//! does not expose with the flexibility vfio-user needs (per-vector
-//! SET_IRQS with holes, masks and bools; capability chains; errors as
-//! values).
+//! The VFIO ioctls airlock issues (linux/vfio.h): opening the container,
+//! group and device (legacy container + type1v2), per-vector SET_IRQS with
+//! holes, masks and bools, capability chains, DMA maps; errors as values.
+//! airlock owns the three fds itself (plain OwnedFds), so a live upgrade
+//! can hand them across execve and the successor can use them as they are.
 
+use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use airlock_protocol::device::RegionInfo;
 
@@ -14,7 +15,12 @@ const VFIO_BASE: u64 = 100;
 const fn vfio_io(nr: u64) -> u64 {
     (VFIO_TYPE << 8) | (VFIO_BASE + nr)
 }
-pub const VFIO_GROUP_UNSET_CONTAINER: u64 = vfio_io(5);
+pub const VFIO_GET_API_VERSION: u64 = vfio_io(0);
+pub const VFIO_CHECK_EXTENSION: u64 = vfio_io(1);
+pub const VFIO_SET_IOMMU: u64 = vfio_io(2);
+pub const VFIO_GROUP_GET_STATUS: u64 = vfio_io(3);
+pub const VFIO_GROUP_SET_CONTAINER: u64 = vfio_io(4);
+pub const VFIO_GROUP_GET_DEVICE_FD: u64 = vfio_io(6);
 pub const VFIO_DEVICE_GET_INFO: u64 = vfio_io(7);
 pub const VFIO_DEVICE_GET_REGION_INFO: u64 = vfio_io(8);
 pub const VFIO_DEVICE_GET_IRQ_INFO: u64 = vfio_io(9);
@@ -37,6 +43,101 @@ unsafe fn ioctl_buf(fd: BorrowedFd<'_>, request: u64, buf: &mut [u8]) -> io::Res
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+const VFIO_API_VERSION: i32 = 0;
+const VFIO_TYPE1V2_IOMMU: libc::c_ulong = 3;
+const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
+
+/// An ioctl whose argument is an integer (or none); returns its result.
+fn ioctl_int(fd: BorrowedFd<'_>, request: u64, arg: libc::c_ulong) -> io::Result<i32> {
+    // SAFETY: the requests used with this take an integer argument (or
+    // ignore it); no memory is passed.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+fn open_rw(path: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: path is NUL-terminated; the result is checked.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open returned a new fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// /dev/vfio/vfio, checked for the API version and type1v2.
+pub fn open_container() -> io::Result<OwnedFd> {
+    let c = open_rw(c"/dev/vfio/vfio")?;
+    let v = ioctl_int(c.as_fd(), VFIO_GET_API_VERSION, 0)?;
+    if v != VFIO_API_VERSION {
+        return Err(io::Error::other(format!(
+            "VFIO API version {v}, airlock speaks {VFIO_API_VERSION}"
+        )));
+    }
+    if ioctl_int(c.as_fd(), VFIO_CHECK_EXTENSION, VFIO_TYPE1V2_IOMMU)? != 1 {
+        return Err(io::Error::other(
+            "the kernel's VFIO has no type1v2 IOMMU (load vfio_iommu_type1)",
+        ));
+    }
+    Ok(c)
+}
+
+/// /dev/vfio/<group>, checked viable (every device of the group bound to
+/// vfio-pci or unbound).
+pub fn open_group(group: &str) -> io::Result<OwnedFd> {
+    let path = std::ffi::CString::new(format!("/dev/vfio/{group}"))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let g = open_rw(&path)?;
+    let mut b = [0u8; 8];
+    // SAFETY: struct vfio_group_status is 8 bytes (argsz, flags).
+    unsafe { ioctl_buf(g.as_fd(), VFIO_GROUP_GET_STATUS, &mut b)? };
+    if u32_at(&b, 4) & VFIO_GROUP_FLAGS_VIABLE == 0 {
+        return Err(io::Error::other("the group is not viable"));
+    }
+    Ok(g)
+}
+
+/// Attaches the group to the container and, as the first group, selects
+/// the type1v2 IOMMU; the kernel checks MSI isolation here.
+pub fn attach_group(container: BorrowedFd<'_>, group: BorrowedFd<'_>) -> io::Result<()> {
+    let fd: i32 = container.as_raw_fd();
+    // SAFETY: VFIO_GROUP_SET_CONTAINER reads one int (the container fd).
+    let r = unsafe {
+        libc::ioctl(
+            group.as_raw_fd(),
+            VFIO_GROUP_SET_CONTAINER as _,
+            &fd as *const i32,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ioctl_int(container, VFIO_SET_IOMMU, VFIO_TYPE1V2_IOMMU).map(|_| ())
+}
+
+/// The device fd for `bdf` from its (attached) group.
+pub fn group_device(group: BorrowedFd<'_>, bdf: &str) -> io::Result<OwnedFd> {
+    let name =
+        std::ffi::CString::new(bdf).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: VFIO_GROUP_GET_DEVICE_FD reads a NUL-terminated name; the
+    // result (a new fd, O_CLOEXEC) is checked.
+    let fd = unsafe {
+        libc::ioctl(
+            group.as_raw_fd(),
+            VFIO_GROUP_GET_DEVICE_FD as _,
+            name.as_ptr(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {

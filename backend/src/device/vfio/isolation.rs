@@ -9,13 +9,11 @@
 //! airlock refuses unless --allow-unsafe-interrupts. The parameter is
 //! restored right after (it is only read at attach time).
 
-use std::path::Path;
-use std::sync::Arc;
+use std::os::fd::AsFd;
 
 use tracing::warn;
-use vfio_ioctls::{VfioContainer, VfioDevice};
 
-use super::VfioError;
+use super::{ioctl, VfioError, VfioFds};
 
 const PARAM: &str = "/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts";
 
@@ -29,6 +27,26 @@ pub enum MsiIsolation {
     Unverified,
 }
 
+impl MsiIsolation {
+    /// As recorded in the handover table (a successor cannot re-check:
+    /// the group is attached already).
+    pub fn to_u32(self) -> u32 {
+        match self {
+            MsiIsolation::Isolated => 1,
+            MsiIsolation::Unsafe => 2,
+            MsiIsolation::Unverified => 0,
+        }
+    }
+
+    pub fn from_u32(v: u32) -> MsiIsolation {
+        match v {
+            1 => MsiIsolation::Isolated,
+            2 => MsiIsolation::Unsafe,
+            _ => MsiIsolation::Unverified,
+        }
+    }
+}
+
 fn read_param() -> Option<bool> {
     let v = std::fs::read_to_string(PARAM).ok()?;
     Some(v.trim() == "Y" || v.trim() == "1")
@@ -38,48 +56,51 @@ fn write_param(on: bool) -> bool {
     std::fs::write(PARAM, if on { "1" } else { "0" }).is_ok()
 }
 
-fn attach(
-    bdf: &str,
-    path: &Path,
-    group: &str,
-) -> Result<(Arc<VfioContainer>, VfioDevice), VfioError> {
-    let container = Arc::new(VfioContainer::new(None).map_err(|e| VfioError::Container {
+/// Opens the container and the group, attaches them, takes the device
+/// fd. On an error every fd opened so far is closed (the group leaves the
+/// container with its last fd).
+fn attach(bdf: &str, group: &str) -> Result<VfioFds, VfioError> {
+    let container = ioctl::open_container().map_err(|e| VfioError::Container {
         bdf: bdf.into(),
-        why: format!("{e}"),
-    })?);
-    let device = VfioDevice::new(path, container.clone()).map_err(|e| VfioError::Attach {
+        why: e.to_string(),
+    })?;
+    let attach_err = |e: std::io::Error| VfioError::Attach {
         bdf: bdf.into(),
         group: group.into(),
-        why: format!("{e}"),
-    })?;
-    Ok((container, device))
+        why: e.to_string(),
+    };
+    let group_fd = ioctl::open_group(group).map_err(attach_err)?;
+    ioctl::attach_group(container.as_fd(), group_fd.as_fd()).map_err(attach_err)?;
+    let device = ioctl::group_device(group_fd.as_fd(), bdf).map_err(attach_err)?;
+    Ok(VfioFds {
+        device,
+        group: group_fd,
+        container,
+    })
 }
 
 pub fn attach_checked(
     bdf: &str,
-    path: &Path,
     group: &str,
     allow_unsafe: bool,
-) -> Result<(Arc<VfioContainer>, VfioDevice, MsiIsolation), VfioError> {
+) -> Result<(VfioFds, MsiIsolation), VfioError> {
     let Some(prev) = read_param() else {
-        let (c, d) = attach(bdf, path, group)?;
-        return Ok((c, d, MsiIsolation::Unverified));
+        return Ok((attach(bdf, group)?, MsiIsolation::Unverified));
     };
     if prev && !write_param(false) {
-        let (c, d) = attach(bdf, path, group)?;
-        return Ok((c, d, MsiIsolation::Unverified));
+        return Ok((attach(bdf, group)?, MsiIsolation::Unverified));
     }
-    let strict = attach(bdf, path, group);
+    let strict = attach(bdf, group);
     let result = match strict {
-        Ok((c, d)) => Ok((c, d, MsiIsolation::Isolated)),
+        Ok(fds) => Ok((fds, MsiIsolation::Isolated)),
         Err(strict_err) => {
             if !write_param(true) {
                 Err(strict_err)
             } else {
-                match attach(bdf, path, group) {
-                    Ok((c, d)) if allow_unsafe => {
+                match attach(bdf, group) {
+                    Ok(fds) if allow_unsafe => {
                         warn!("vfio {bdf}: the host cannot isolate this device's MSIs; continuing because of --allow-unsafe-interrupts");
-                        Ok((c, d, MsiIsolation::Unsafe))
+                        Ok((fds, MsiIsolation::Unsafe))
                     }
                     Ok(_) => Err(VfioError::UnsafeInterrupts { bdf: bdf.into() }),
                     Err(_) => Err(strict_err),

@@ -1,6 +1,6 @@
 //! Passthrough of a real PCI function through VFIO (legacy container +
-//! type1v2; the container handling sits behind vfio-ioctls so iommufd can
-//! be added beside it).
+//! type1v2, opened with airlock's own ioctls: VfioFds owns the container,
+//! group and device fds, so a live upgrade can hand them across execve).
 //!
 //! - BARs: REGION_READ/WRITE go to the device with pread/pwrite; by
 //!   default GET_REGION_INFO also hands the client the VFIO device fd with
@@ -18,6 +18,10 @@
 //!   a replayed DMA_MAP of the same memory takes over its mapping as it
 //!   is, a different one replaces it, and what nobody re-mapped by the
 //!   end of the adoption window is unmapped (adopt.rs).
+//! - Live upgrade: the supervisor execs the new airlock binary with the
+//!   VFIO fds and the handover table (a memfd) left open; the successor
+//!   rebuilds a VfioPci from them (`resume`: the same queries as `open`,
+//!   no attach) and its first server adopts as after a crash.
 
 pub mod adopt;
 mod config;
@@ -29,10 +33,9 @@ pub mod sparse;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use airlock_protocol::device::{
     RegionCap, RegionInfo, SparseArea, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET,
@@ -45,7 +48,6 @@ use airlock_protocol::irqs::{
 };
 use thiserror::Error;
 use tracing::{debug, warn};
-use vfio_ioctls::{VfioContainer, VfioDevice};
 
 use self::adopt::{MapDecision, MapRecord, Tally};
 use self::config::{BarInfo, BarShadow};
@@ -96,12 +98,34 @@ pub enum VfioError {
         capacity: usize,
         source: std::io::Error,
     },
+    #[error("{bdf}: the table of IOMMU mappings handed over by the previous airlock cannot be used: {source}")]
+    HandedTable { bdf: String, source: std::io::Error },
     #[error("{bdf}: VFIO query failed: {what}: {source}")]
     Query {
         bdf: String,
         what: String,
         source: std::io::Error,
     },
+}
+
+/// The device's VFIO fds. Fields drop in order: the device first (the
+/// group leaves the container only once no device fd is open), then the
+/// group, then the container (its IOMMU mappings go with it).
+pub struct VfioFds {
+    pub device: OwnedFd,
+    pub group: OwnedFd,
+    pub container: OwnedFd,
+}
+
+/// Raw numbers of what a live upgrade hands over, valid while the VfioPci
+/// they came from lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandedVfio {
+    pub container: RawFd,
+    pub group: RawFd,
+    pub device: RawFd,
+    /// The handover table's memfd.
+    pub table: RawFd,
 }
 
 /// A kernel region and what airlock offers the client for it.
@@ -113,12 +137,7 @@ struct Region {
 
 pub struct VfioPci {
     name: String,
-    container: Arc<VfioContainer>,
-    /// Holds its own reference to the container, so the container outlives
-    /// it. Never dropped: vfio-ioctls' drop re-reads sysfs to find the
-    /// group, which the sandbox hides; a VfioPci lives until the process
-    /// exits, and the kernel then releases device, group and container.
-    device: std::mem::ManuallyDrop<VfioDevice>,
+    fds: VfioFds,
     flags: u32,
     regions: Vec<Region>,
     irqs: Vec<(u32, u32)>,
@@ -162,21 +181,61 @@ impl VfioPci {
         allow_unsafe_interrupts: bool,
         max_maps: usize,
     ) -> Result<VfioPci, VfioError> {
-        let (path, group) = preflight::check(&preflight::Roots::default(), bdf)?;
+        let (_, group) = preflight::check(&preflight::Roots::default(), bdf)?;
         let handover = Handover::new(max_maps).map_err(|source| VfioError::Handover {
             bdf: bdf.into(),
             capacity: max_maps,
             source,
         })?;
-        let (container, device, isolation) =
-            isolation::attach_checked(bdf, &path, &group, allow_unsafe_interrupts)?;
+        let (fds, isolation) = isolation::attach_checked(bdf, &group, allow_unsafe_interrupts)?;
+        handover.set_isolation(isolation.to_u32());
+        Self::from_fds(bdf, &group, fds, handover, mediate_bars, true)
+    }
+
+    /// Takes over the device a previous airlock handed across execve (a
+    /// live upgrade): its fds, attached and in use, and its table. Nothing
+    /// is reset or re-attached; the first server adopts as after a crash.
+    pub fn resume(
+        bdf: &str,
+        mediate_bars: bool,
+        fds: VfioFds,
+        table: OwnedFd,
+    ) -> Result<VfioPci, VfioError> {
+        let (_, group) = preflight::check(&preflight::Roots::default(), bdf)?;
+        let handover = Handover::from_memfd(table).map_err(|source| VfioError::HandedTable {
+            bdf: bdf.into(),
+            source,
+        })?;
+        Self::from_fds(bdf, &group, fds, handover, mediate_bars, false)
+    }
+
+    /// The fds a live upgrade hands to the successor.
+    pub fn handed(&self) -> HandedVfio {
+        HandedVfio {
+            container: self.fds.container.as_raw_fd(),
+            group: self.fds.group.as_raw_fd(),
+            device: self.fds.device.as_raw_fd(),
+            table: self.handover.raw_fd(),
+        }
+    }
+
+    /// The queries both `open` and `resume` make on an attached device.
+    /// `announce`: log the IOVA windows at info (once per airlock start).
+    fn from_fds(
+        bdf: &str,
+        group: &str,
+        fds: VfioFds,
+        handover: Handover,
+        mediate_bars: bool,
+        announce: bool,
+    ) -> Result<VfioPci, VfioError> {
+        let isolation = MsiIsolation::from_u32(handover.isolation());
         let q = |what: &str| {
             let what = what.to_string();
             let bdf = bdf.to_string();
             move |source| VfioError::Query { bdf, what, source }
         };
-        // SAFETY: the fd is owned by `device`, which lives as long as this borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
+        let fd = fds.device.as_fd();
         let (flags, num_regions, num_irqs) = ioctl::device_info(fd).map_err(q("device info"))?;
         let mut regions = Vec::new();
         for i in 0..num_regions.min(100) {
@@ -196,8 +255,7 @@ impl VfioPci {
         }
         let mut dev = VfioPci {
             name: format!("vfio {bdf}"),
-            container,
-            device: std::mem::ManuallyDrop::new(device),
+            fds,
             flags,
             regions,
             irqs,
@@ -219,8 +277,8 @@ impl VfioPci {
             tally: Tally::default(),
             adopted_irqs: Vec::new(),
         };
-        dev.usable = ioctl::iommu_iova_ranges(dev.container.as_fd_borrowed()).unwrap_or(None);
-        dev.windows = msi::read_reserved_regions(&group);
+        dev.usable = ioctl::iommu_iova_ranges(dev.fds.container.as_fd()).unwrap_or(None);
+        dev.windows = msi::read_reserved_regions(group);
         if let Some(u) = &dev.usable {
             for h in msi::holes(u) {
                 if !dev
@@ -233,7 +291,16 @@ impl VfioPci {
             }
         }
         let list: Vec<String> = dev.windows.iter().map(|w| w.to_string()).collect();
-        tracing::info!(device = %dev.name, "IOVA windows DMA must avoid: {}; MSI isolation: {:?}", if list.is_empty() { "none".into() } else { list.join(", ") }, dev.isolation);
+        let list = if list.is_empty() {
+            "none".into()
+        } else {
+            list.join(", ")
+        };
+        if announce {
+            tracing::info!(device = %dev.name, "IOVA windows DMA must avoid: {list}; MSI isolation: {:?}", dev.isolation);
+        } else {
+            debug!(device = %dev.name, "IOVA windows DMA must avoid: {list}; MSI isolation: {:?}", dev.isolation);
+        }
         let mut bars = [BarInfo {
             register: 0,
             size: 0,
@@ -292,7 +359,7 @@ impl VfioPci {
                 continue;
             }
             // Unmapping an exact range nobody mapped is a no-op.
-            if let Err(e) = ioctl::iommu_unmap(self.container.as_fd_borrowed(), r.iova, r.size) {
+            if let Err(e) = ioctl::iommu_unmap(self.fds.container.as_fd(), r.iova, r.size) {
                 warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{:#x}, +{:#x}) of a map the previous server left half done failed: {e}", r.iova, r.size);
             }
             self.handover.free(slot);
@@ -335,7 +402,7 @@ impl VfioPci {
     /// Unmaps a recorded mapping from the IOMMU and frees its slot.
     fn unmap_slot(&mut self, slot: usize, iova: u64, size: u64) {
         self.handover.mark(slot, SlotState::Unmapping);
-        match ioctl::iommu_unmap(self.container.as_fd_borrowed(), iova, size) {
+        match ioctl::iommu_unmap(self.fds.container.as_fd(), iova, size) {
             Ok(n) if n != size => {
                 // Before Linux 6.0, type1 let only the mapping process unmap.
                 warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) unmapped {n:#x} bytes: a mapping made by a previous server may stay in the IOMMU (Linux before 6.0 lets only the process that mapped it unmap it; restart airlock to clear it)");
@@ -376,16 +443,15 @@ impl VfioPci {
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the fd is owned by self.device, alive as long as &self.
-        unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
+        self.fds.device.as_fd()
     }
 
     fn file(&self) -> std::mem::ManuallyDrop<File> {
         // The device fd viewed as a File for positional I/O; ManuallyDrop
-        // keeps this view from closing the fd VfioDevice owns.
+        // keeps this view from closing the fd `fds` owns.
         // SAFETY: the fd stays open while self lives; the File is never dropped.
         std::mem::ManuallyDrop::new(unsafe {
-            <File as std::os::fd::FromRawFd>::from_raw_fd(self.device.as_raw_fd())
+            <File as std::os::fd::FromRawFd>::from_raw_fd(self.fds.device.as_raw_fd())
         })
     }
 
@@ -781,8 +847,7 @@ impl Device for VfioPci {
                 })?
             }
         };
-        if let Err(e) = ioctl::iommu_map(self.container.as_fd_borrowed(), host, iova, size, vflags)
-        {
+        if let Err(e) = ioctl::iommu_map(self.fds.container.as_fd(), host, iova, size, vflags) {
             self.handover.free(slot);
             if e.raw_os_error() == Some(libc::ENOMEM) {
                 // VFIO pins every mapped page against RLIMIT_MEMLOCK.
@@ -842,17 +907,5 @@ fn irq_index_name(index: u32) -> String {
         3 => "ERR".into(),
         4 => "REQ".into(),
         i => format!("index {i}"),
-    }
-}
-
-/// Borrowing the container's fd (vfio-ioctls exposes only AsRawFd).
-trait ContainerFd {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
-}
-
-impl ContainerFd for Arc<VfioContainer> {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        // SAFETY: the container owns the fd for as long as &self lives.
-        unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
     }
 }
