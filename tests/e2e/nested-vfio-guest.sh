@@ -90,9 +90,16 @@ say "airlock (pid $pid) listening after $(cut -d' ' -f1 /proc/uptime) s of uptim
 # The probe's restart-replay check kills the sandboxed server -9 with a DMA
 # in flight and replays its state to the restarted one (as patched QEMU
 # does); the supervisor holds the VFIO fds, so the device is not reset.
+# upgrade-replay does the same through a live upgrade: SIGUSR2 makes the
+# supervisor exec /bin/airlock in place, handing over the socket, the VFIO
+# fds and the table of IOMMU mappings.
 /bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid "$@"
 rc=$?
-grep -E 'adopted [0-9]+ DMA mappings|adoption window closed' /tmp/airlock.log | sed 's/^.*INFO /INFO airlock: /' | cut -c1-400
+grep -E 'adopted [0-9]+ DMA mappings|adoption window closed|live upgrade' /tmp/airlock.log | sed 's/^.*\(INFO\|WARN\|ERROR\) /INFO airlock: /' | cut -c1-400
+if ! kill -0 $pid 2>/dev/null; then
+    echo "FAIL upgrade-in-place: airlock (pid $pid) is gone after the upgrade-replay check"
+    rc=1
+fi
 
 # Crash-only serving with a real device: kill -9 the (idle) sandboxed
 # server; the supervisor keeps the device open (VFIO fds inherited by every
@@ -109,7 +116,7 @@ if [ -n "$srv" ]; then
     done
     say "supervisor: $(grep -m1 'starting a fresh sandboxed server' /tmp/airlock.log | cut -c1-200)"
     echo "INFO restart: the probe again, against the restarted server"
-    /bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid --iterations 100 --skip restart-replay "$@" >/tmp/probe2.out 2>&1
+    /bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid --iterations 100 --skip restart-replay,upgrade-replay "$@" >/tmp/probe2.out 2>&1
     rc2=$?
     sed 's/^\([A-Z]* \)/\1restart: /; s/^\([0-9]* passed\)/INFO restart: \1/' /tmp/probe2.out
     if [ $rc2 -ne 0 ] || ! grep -q 'starting a fresh sandboxed server' /tmp/airlock.log; then

@@ -10,7 +10,8 @@
 # sandboxed server killed -9 with a device DMA in flight, the probe
 # replaying its state to the restarted server as patched QEMU does (the
 # device keeps its registers, the DMA lands, MSIs still arrive; the
-# outage is printed in ms).
+# outage is printed in ms), and upgrade-replay: the same across a live
+# upgrade (SIGUSR2: airlock execs itself in place with the VFIO fds).
 #
 # Usage: tests/e2e/nested-vfio-x86_64.sh [PROBE ARG...]   (e.g. --skip msi)
 # Env:   AIRLOCK_LOG_DIR  logs (default logs/e2e-nested-x86_64/): console.log,

@@ -12,8 +12,11 @@
 #      socket path, as an upgrade would;
 #   c. stops airlock for longer than QEMU holds a request (x-msg-timeout,
 #      5 s): the guest's accesses fail (all-ones) from then on, and the
-#      device comes back when airlock does.
-# a and b pass when QEMU logs the resume, at most one round failed at the
+#      device comes back when airlock does;
+#   d. live upgrade: SIGUSR2 to the running airlock, which kills its server
+#      and execs its binary in place (same pid), handing over the listening
+#      socket: the path never disappears, QEMU reconnects and replays.
+# a, b and d pass when QEMU logs the resume, at most one round failed at the
 # restart (the documented effect: the emulated edu's registers live in the
 # server, so an operation the old server had in progress when it died is
 # lost; the DMA and interrupt wiring is restored) and every later round
@@ -125,6 +128,12 @@ if ((ok)); then
     start_airlock apid "$sock" "$LOG_DIR/airlock-3.log"
     note "airlock stopped at round ~${AT[c]} and started 7 s later"
     event_done c 3
+
+    section "d. live upgrade: SIGUSR2 to airlock (it execs itself in place, keeping the socket)"
+    AT[d]=$(last_round)
+    kill -USR2 "$apid"
+    note "SIGUSR2 to airlock (pid $apid) at round ~${AT[d]}"
+    event_done d 4
 fi
 AT[end]=999999999
 
@@ -155,7 +164,7 @@ window() {
 }
 
 judge() { # judge NAME EVENT NEXT_EVENT RESUME_INDEX MAX_FAILED
-    local name=$1 from=${AT[$2]:-} to=${AT[$3]:-} q=${qemu_ms[$4]:-} max=$5 failed late longest lr
+    local name=$1 from=${AT[$2]:-} to=${AT[$3]:-999999999} q=${qemu_ms[$4]:-} max=$5 failed late longest lr
     if [[ -z $from ]]; then
         verdict "$name" FAIL "not run"
         return
@@ -174,12 +183,21 @@ judge() { # judge NAME EVENT NEXT_EVENT RESUME_INDEX MAX_FAILED
 }
 judge a-server-killed a b 0 1
 judge b-airlock-restarted b c 1 1
-judge c-long-outage c end 2 any
+judge c-long-outage c d 2 any
 expired=$(console | grep -a 'the server is still away after' | head -n1 || true)
 if [[ -z $expired ]]; then
     verdict c-hold-expired FAIL "QEMU did not report the expired hold"
 else
     verdict c-hold-expired OK "QEMU: ${expired#*: }"
+fi
+judge d-live-upgrade d end 3 1
+upgraded=$(grep -a -m1 'live upgrade: airlock' "$LOG_DIR/airlock-3.log" 2>/dev/null || true)
+if [[ -z ${AT[d]:-} ]]; then
+    verdict d-same-process FAIL "not run"
+elif ! kill -0 "$apid" 2>/dev/null || [[ -z $upgraded ]]; then
+    verdict d-same-process FAIL "airlock pid $apid did not log the upgrade or is gone (see $LOG_DIR/airlock-3.log)"
+else
+    verdict d-same-process OK "pid $apid kept; airlock: ${upgraded#*INFO airlock: }"
 fi
 
 sum=$(summary_line <(console | result_lines) || true)

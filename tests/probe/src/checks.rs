@@ -1,8 +1,9 @@
 //! The checks, in order: negotiate, ident, liveness, factorial,
 //! bar0-fast-path, dma, msi (+ msi-no-wakeups), dma-unmapped-blocked,
 //! dma-map-msi-window-refused (only with --msi-window), disconnect-quiesces,
-//! restart-replay (restart.rs: kills airlock's sandboxed server, so only
-//! with --airlock-pid naming its supervisor). Each returns an Outcome; state that later checks
+//! restart-replay and upgrade-replay (restart.rs: kill airlock's sandboxed
+//! server, or SIGUSR2 its supervisor for a live upgrade, so only with
+//! --airlock-pid naming the supervisor). Each returns an Outcome; state that later checks
 //! reuse (the connection, BAR0's mappings, the first DMA map) lives in Probe.
 
 use std::os::fd::AsFd;
@@ -80,6 +81,9 @@ pub fn run(report: &mut Report, args: &Args) {
     report.check("disconnect-quiesces", || disconnect_quiesces(p).into());
     report.check("restart-replay", || {
         crate::restart::restart_replay(&args.socket, args.airlock_pid)
+    });
+    report.check("upgrade-replay", || {
+        crate::restart::upgrade_replay(&args.socket, args.airlock_pid)
     });
 }
 

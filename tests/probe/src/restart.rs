@@ -8,6 +8,12 @@
 //! same eventfd. It also replays one map with different memory at the same
 //! IOVA (it must replace the adopted mapping) and leaves one map out (it
 //! must be dropped when the adoption window ends).
+//!
+//! upgrade-replay: the same, but the disruption is a live upgrade: SIGUSR2
+//! to airlock's supervisor, which kills its server as a crash would and
+//! execs the airlock binary again in place (same pid), handing over the
+//! socket and the VFIO fds. The probe waits, as QEMU does, until the old
+//! server's connection hangs up, then reconnects and replays.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -125,7 +131,56 @@ fn bar0_page(dev: &mut Dev) -> Result<Option<Mapping>, String> {
     Mapping::new(fd.as_fd(), ri.offset, 4096).map(Some)
 }
 
+/// What takes the server away.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Disruption {
+    /// kill -9 of the sandboxed server; the supervisor starts another.
+    KillServer,
+    /// SIGUSR2 to the supervisor: a live upgrade (exec in place).
+    Upgrade,
+}
+
+impl Disruption {
+    fn name(self) -> &'static str {
+        match self {
+            Disruption::KillServer => "restart-replay",
+            Disruption::Upgrade => "upgrade-replay",
+        }
+    }
+}
+
+/// Waits until the server closes this connection (it died), as QEMU
+/// notices a server going away.
+fn wait_hangup(dev: &Dev, limit: Duration) -> Result<(), String> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(dev.client.socket().stream());
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: p is one live pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, 100) };
+        if r > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0 {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "the server did not go away within {} s of SIGUSR2",
+        limit.as_secs()
+    ))
+}
+
 pub fn restart_replay(socket: &str, supervisor: Option<u32>) -> Outcome {
+    replay_check(socket, supervisor, Disruption::KillServer)
+}
+
+pub fn upgrade_replay(socket: &str, supervisor: Option<u32>) -> Outcome {
+    replay_check(socket, supervisor, Disruption::Upgrade)
+}
+
+fn replay_check(socket: &str, supervisor: Option<u32>, how: Disruption) -> Outcome {
     let Some(sup) = supervisor else {
         return Outcome::Skip("no --airlock-pid: the server to kill is unknown".into());
     };
@@ -134,10 +189,15 @@ pub fn restart_replay(socket: &str, supervisor: Option<u32>) -> Outcome {
             "pid {sup} has no child: airlock runs without the sandbox's supervisor"
         ));
     }
-    run(socket, sup).into()
+    run(socket, sup, how).into()
 }
 
-fn run(socket: &str, sup: u32) -> Result<(), String> {
+fn run(socket: &str, sup: u32, how: Disruption) -> Result<(), String> {
+    let name = how.name();
+    let event = match how {
+        Disruption::KillServer => "kill",
+        Disruption::Upgrade => "upgrade signal",
+    };
     // --- first server: set the device up as a guest driver would ---------
     let mut dev = connect(socket)?;
     let before = layout(&mut dev)?;
@@ -174,14 +234,18 @@ fn run(socket: &str, sup: u32) -> Result<(), String> {
     left.map.fill(0, SMALL, |_| 0x22);
     let bar0 = bar0_page(&mut dev)?;
 
-    // --- kill the server with a DMA in flight -----------------------------
+    // --- take the server away with a DMA in flight ------------------------
     let srv = server_pid(sup).ok_or("the server disappeared before the kill")?;
     start_dma_to_ram(&mut dev, IOVA_SAME + LANDING as u64)?;
     let killed = Instant::now();
-    // SAFETY: kill has no memory arguments; srv is airlock's server.
-    if unsafe { libc::kill(srv, libc::SIGKILL) } != 0 {
+    let (target, sig, what) = match how {
+        Disruption::KillServer => (srv, libc::SIGKILL, "kill -9 of server"),
+        Disruption::Upgrade => (sup as i32, libc::SIGUSR2, "SIGUSR2 to supervisor"),
+    };
+    // SAFETY: kill has no memory arguments; target is airlock's.
+    if unsafe { libc::kill(target, sig) } != 0 {
         return Err(format!(
-            "kill -9 {srv}: {}",
+            "{what} {target}: {}",
             std::io::Error::last_os_error()
         ));
     }
@@ -198,6 +262,11 @@ fn run(socket: &str, sup: u32) -> Result<(), String> {
             None
         })
     });
+    if how == Disruption::Upgrade {
+        // The old server still serves until the supervisor kills it: a
+        // client leaving before that would have it quiesce the device.
+        wait_hangup(&dev, Duration::from_secs(10))?;
+    }
     drop(dev);
 
     // --- reconnect and replay, as patched QEMU does -----------------------
@@ -208,23 +277,29 @@ fn run(socket: &str, sup: u32) -> Result<(), String> {
     let dma_done = watcher.and_then(|w| w.join().ok().flatten());
     let mut dev = reconnected?;
     info(&format!(
-        "restart-replay: outage {} ms (kill -9 of server pid {srv} to the replayed VERSION's reply from pid {})",
+        "{name}: outage {} ms ({what} pid {target} to the replayed VERSION's reply from server pid {})",
         outage.as_millis(),
         new_srv.map_or("?".into(), |p| p.to_string())
     ));
     match dma_done {
         Some(t) if t < outage => info(&format!(
-            "restart-replay: the device finished the in-flight DMA {} ms after the kill, before the restarted server's first reply",
+            "{name}: the device finished the in-flight DMA {} ms after the {event}, before the restarted server's first reply",
             t.as_millis()
         )),
         Some(t) => info(&format!(
-            "restart-replay: the in-flight DMA finished {} ms after the kill (after the new server answered)",
+            "{name}: the in-flight DMA finished {} ms after the {event} (after the new server answered)",
             t.as_millis()
         )),
-        None => info("restart-replay: DMA completion not observed through BAR0 (no mmap, or still busy after 10 s)"),
+        None => info(&format!("{name}: DMA completion not observed through BAR0 (no mmap, or still busy after 10 s)")),
     }
     if new_srv == Some(srv) {
-        return Err(format!("server pid {srv} still runs after kill -9"));
+        return Err(format!("server pid {srv} still runs after the {what}"));
+    }
+    // SAFETY: kill with signal 0 only checks the process exists.
+    if how == Disruption::Upgrade && unsafe { libc::kill(sup as i32, 0) } != 0 {
+        return Err(format!(
+            "the supervisor pid {sup} is gone after SIGUSR2: the upgrade did not exec in place"
+        ));
     }
     let other_new = Memfd::new(c"airlock-probe-restart-new", SMALL)?;
     other_new.map.fill(0, SMALL, |_| 0x33);
@@ -264,12 +339,12 @@ fn run(socket: &str, sup: u32) -> Result<(), String> {
     let landed = same.map.bytes(LANDING, 4096);
     if let Some(i) = (0..4096).find(|&i| landed[i] != pattern(i)) {
         return Err(format!(
-            "the DMA issued before the kill did not land: byte {i} of the page is {:#04x}, expected {:#04x}",
+            "the DMA issued before the {event} did not land: byte {i} of the page is {:#04x}, expected {:#04x}",
             landed[i],
             pattern(i)
         ));
     }
-    info("restart-replay: the DMA in flight at the kill landed in the same guest page; liveness kept its value (no reset)");
+    info(&format!("{name}: the DMA in flight at the {event} landed in the same guest page; liveness kept its value (no reset)"));
     let _ = irq.take();
     dev.msg_write32(REG_IRQ_RAISE, 1)?;
     irq.wait(Duration::from_secs(5))
@@ -296,7 +371,7 @@ fn run(socket: &str, sup: u32) -> Result<(), String> {
             "a DMA to {IOVA_LEFT:#x} reached memory the new client never mapped: the adopted mapping was not dropped"
         ));
     }
-    info("restart-replay: MSI through the replayed eventfd; different memory at an adopted IOVA replaced the mapping; the map left out was dropped");
+    info(&format!("{name}: MSI through the replayed eventfd; different memory at an adopted IOVA replaced the mapping; the map left out was dropped"));
     // Leave as a client does: the server quiesces and unmaps everything.
     let _ = dev
         .client
