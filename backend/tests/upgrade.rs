@@ -239,3 +239,54 @@ fn an_upgrade_to_a_binary_that_cannot_run_leaves_airlock_serving() {
     assert!(log.contains("Exec format error"), "{log}");
     assert!(!log.contains("live upgrade: airlock"), "{log}");
 }
+
+#[test]
+fn a_socket_activated_airlock_upgrades_on_the_socket_systemd_passed() {
+    // What `systemctl reload airlock@edu` does: ExecReload sends SIGUSR2.
+    let Some(activate) = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("systemd-socket-activate"))
+            .find(|p| p.exists())
+    }) else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "systemd-socket-activate not found"
+        );
+        eprintln!("!!! SKIP: systemd-socket-activate not found (Debian package systemd)");
+        return;
+    };
+    if !is_root() {
+        eprintln!("skipped: the live upgrade needs the supervisor (sandbox on: root)");
+        return;
+    }
+    let dir = tempdir("upgrade-activated");
+    let sock = dir.0.join("edu.sock");
+    let log = dir.0.join("airlock.log");
+    let child = Command::new(activate)
+        .arg("--listen")
+        .arg(&sock)
+        .arg("--fdname=airlock")
+        .arg("--setenv=AIRLOCK_LOG=info")
+        .arg("--setenv=NO_COLOR=1")
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .args(["--device", "edu"])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let s = Server {
+        path: sock,
+        child,
+        log,
+        _dir: dir,
+    };
+    wait_for("the activation socket", || s.path.exists());
+    assert_eq!(ident(&s.path), IDENT);
+    let pid = s.child.id();
+    sigusr2(pid);
+    wait_log(&s, "live upgrade: airlock");
+    assert_eq!(ident(&s.path), IDENT);
+    let log = s.log();
+    assert!(log.contains("took over fd 3"), "{log}");
+    assert_eq!(log.matches("listening on fd 3").count(), 2, "{log}");
+}
