@@ -238,7 +238,7 @@ impl Memfd {
         }
     }
 
-    pub fn slice(&self) -> &mut [u8] {
+    pub fn slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr maps `size` bytes for the life of self; tests are
         // single-threaded on this memory.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.size) }

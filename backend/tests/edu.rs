@@ -90,7 +90,7 @@ fn config_space_has_ids_sizable_bars_and_a_capability_chain() {
 fn dma_both_ways_through_a_memfd_backed_map() {
     let s = start_edu("dma-memfd");
     let mut c = connect(&s);
-    let mem = Memfd::new(1 << 20);
+    let mut mem = Memfd::new(1 << 20);
     c.dma_map(
         0x100000,
         1 << 20,
