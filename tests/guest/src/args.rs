@@ -1,5 +1,6 @@
-//! Command line: `[--bdf DDDD:BB:DD.F] [--skip NAME]... [--soak SECONDS]`
-//! (also `--opt=value`; --skip values may be comma-separated).
+//! Command line: `[--bdf DDDD:BB:DD.F] [--skip NAME]... [--soak SECONDS
+//! [--sentinel AT:HOLD]]` (also `--opt=value`; --skip values may be
+//! comma-separated).
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Args {
@@ -7,10 +8,12 @@ pub struct Args {
     pub skip: Vec<String>,
     /// Drive the device in rounds for this long instead of the checks.
     pub soak: Option<u64>,
+    /// With --soak: (AT, HOLD) seconds; see soak.rs (the sentinel).
+    pub sentinel: Option<(u64, u64)>,
 }
 
 pub const USAGE: &str =
-    "usage: airlock-guest-test [--bdf DDDD:BB:DD.F] [--skip NAME]... [--soak SECONDS]";
+    "usage: airlock-guest-test [--bdf DDDD:BB:DD.F] [--skip NAME]... [--soak SECONDS [--sentinel AT:HOLD]]";
 
 pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
     let mut a = Args::default();
@@ -41,9 +44,23 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
                 let v = value("--soak")?;
                 a.soak = Some(v.parse().map_err(|_| format!("--soak {v:?}: seconds"))?);
             }
+            "--sentinel" => {
+                let v = value("--sentinel")?;
+                let bad = || format!("--sentinel {v:?}: AT:HOLD (seconds)");
+                let (at, hold) = v.split_once(':').ok_or_else(bad)?;
+                let at: u64 = at.parse().map_err(|_| bad())?;
+                let hold: u64 = hold.parse().map_err(|_| bad())?;
+                if hold == 0 {
+                    return Err(bad());
+                }
+                a.sentinel = Some((at, hold));
+            }
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {arg:?}")),
         }
+    }
+    if a.sentinel.is_some() && a.soak.is_none() {
+        return Err("--sentinel needs --soak".into());
     }
     Ok(a)
 }
@@ -76,6 +93,17 @@ mod tests {
         assert_eq!(a.skip, vec!["intx", "msix", "msi"]);
         let a = p(&["--bdf=0000:00:04.0"]).unwrap();
         assert_eq!(a.bdf.as_deref(), Some("0000:00:04.0"));
+    }
+
+    #[test]
+    fn soak_and_sentinel() {
+        let a = p(&["--soak", "60", "--sentinel=15:20"]).unwrap();
+        assert_eq!(a.soak, Some(60));
+        assert_eq!(a.sentinel, Some((15, 20)));
+        assert!(p(&["--sentinel", "15:20"]).is_err());
+        assert!(p(&["--soak", "60", "--sentinel", "15"]).is_err());
+        assert!(p(&["--soak", "60", "--sentinel", "15:0"]).is_err());
+        assert!(p(&["--soak", "60", "--sentinel", "a:b"]).is_err());
     }
 
     #[test]

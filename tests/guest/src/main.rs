@@ -30,7 +30,7 @@ fn main() {
         Ok(v) => {
             report.record("vfio-setup", Outcome::Pass);
             match args.soak {
-                Some(secs) => soak::run(&mut report, &v, secs),
+                Some(secs) => soak::run(&mut report, &v, secs, args.sentinel),
                 None => checks::run(&mut report, &v),
             }
         }

@@ -11,6 +11,14 @@
 //! round of at least SLOW, every PROGRESS-th round, the first failed round
 //! of a streak, and the round that ends one (`... after-failed K`); at the end
 //! `SOAK rounds R failed F median-ms M longest-ms L longest-round N`.
+//!
+//! `--sentinel AT:HOLD` (seconds) proves the device kept its state across
+//! a restart made meanwhile: before the first round that starts AT seconds
+//! into the soak, a sentinel goes into the liveness register (line
+//! `SENTINEL wrote V round n t_ms T`); the rounds then leave that register
+//! alone until HOLD seconds later, when it is read back once (line
+//! `SENTINEL kept|LOST V read R round n t_ms T held_ms H`, and a `sentinel`
+//! result). A device reset or a new device in between loses it.
 
 use crate::checks::Vfio;
 use crate::edu::{self, Bar0};
@@ -31,6 +39,9 @@ const PCI_COMMAND_MEMORY_MASTER: u16 = (1 << 1) | (1 << 2);
 const SLOW: Duration = Duration::from_millis(20);
 /// Every this many rounds a progress line is printed.
 const PROGRESS: u32 = 500;
+/// What `--sentinel` writes into the liveness register (which reads back
+/// its complement).
+const SENTINEL: u32 = 0xa171_0c4d;
 
 struct Soak<'v> {
     v: &'v Vfio,
@@ -65,12 +76,16 @@ impl<'v> Soak<'v> {
         Ok(Soak { v, bar, a, b, msi })
     }
 
-    fn round(&self, n: u32) -> Result<(), String> {
-        let w = 0x5eed_0000 ^ n.wrapping_mul(0x9e37_79b9);
-        self.bar.write32(edu::LIVENESS, w);
-        let got = self.bar.read32(edu::LIVENESS);
-        if got != !w {
-            return Err(format!("liveness: wrote {w:#010x}, read {got:#010x}"));
+    /// One round; `liveness` false leaves the liveness register alone
+    /// (it holds the sentinel).
+    fn round(&self, n: u32, liveness: bool) -> Result<(), String> {
+        if liveness {
+            let w = 0x5eed_0000 ^ n.wrapping_mul(0x9e37_79b9);
+            self.bar.write32(edu::LIVENESS, w);
+            let got = self.bar.read32(edu::LIVENESS);
+            if got != !w {
+                return Err(format!("liveness: wrote {w:#010x}, read {got:#010x}"));
+            }
         }
         self.bar.write32(edu::FACTORIAL, 8);
         self.bar
@@ -114,10 +129,82 @@ impl Drop for Soak<'_> {
     }
 }
 
+/// The `--sentinel` check: where it is.
+enum Sentinel {
+    /// Not written yet: (at, hold).
+    Due(Duration, Duration),
+    /// Written at this time into the soak; read back at `until`.
+    Held {
+        at: Duration,
+        until: Duration,
+    },
+    Done,
+}
+
+impl Sentinel {
+    /// Before round `n`, `now` into the soak (or at the end, `last`):
+    /// writes or reads back the sentinel when it is time. Returns whether
+    /// the round may use the liveness register.
+    fn step(&mut self, s: &Soak, report: &mut Report, n: u32, now: Duration, last: bool) -> bool {
+        match *self {
+            Sentinel::Due(at, hold) if now >= at && !last => {
+                s.bar.write32(edu::LIVENESS, SENTINEL);
+                let got = s.bar.read32(edu::LIVENESS);
+                out(&format!(
+                    "SENTINEL wrote {SENTINEL:#010x} read {got:#010x} round {n} t_ms {}",
+                    now.as_millis()
+                ));
+                if got != !SENTINEL {
+                    report.record(
+                        "sentinel",
+                        Outcome::Fail(format!(
+                            "wrote {SENTINEL:#010x} into the liveness register, read {got:#010x} at once (want {:#010x})",
+                            !SENTINEL
+                        )),
+                    );
+                    *self = Sentinel::Done;
+                    return true;
+                }
+                *self = Sentinel::Held {
+                    at: now,
+                    until: now + hold,
+                };
+                false
+            }
+            Sentinel::Held { at, until } if now >= until || last => {
+                let got = s.bar.read32(edu::LIVENESS);
+                let held = (now - at).as_millis();
+                let kept = got == !SENTINEL;
+                out(&format!(
+                    "SENTINEL {} {SENTINEL:#010x} read {got:#010x} round {n} t_ms {} held_ms {held}",
+                    if kept { "kept" } else { "LOST" },
+                    now.as_millis()
+                ));
+                report.record(
+                    "sentinel",
+                    if kept {
+                        Outcome::Pass
+                    } else {
+                        Outcome::Fail(format!(
+                            "the liveness register reads {got:#010x} {held} ms after {SENTINEL:#010x} was written (want {:#010x}): the device lost its state",
+                            !SENTINEL
+                        ))
+                    },
+                );
+                *self = Sentinel::Done;
+                true
+            }
+            Sentinel::Held { .. } => false,
+            _ => true,
+        }
+    }
+}
+
 /// Runs rounds for `secs` seconds. The guest's verdict is only that rounds
-/// ran and the last ones passed; the host judges the failed ones against
+/// ran and the last ones passed (and, with `sentinel`, that the liveness
+/// register kept the sentinel); the host judges the failed ones against
 /// the restarts it made.
-pub fn run(report: &mut Report, v: &Vfio, secs: u64) {
+pub fn run(report: &mut Report, v: &Vfio, secs: u64, sentinel: Option<(u64, u64)>) {
     let s = match Soak::new(v) {
         Ok(s) => s,
         Err(e) => {
@@ -130,16 +217,23 @@ pub fn run(report: &mut Report, v: &Vfio, secs: u64) {
     let mut times = Vec::new();
     let (mut failed, mut tail_failed, mut longest) = (0u32, 0u32, (0u128, 0u32));
     let mut n = 0u32;
+    let mut sentinel = match sentinel {
+        Some((at, hold)) => Sentinel::Due(Duration::from_secs(at), Duration::from_secs(hold)),
+        None => Sentinel::Done,
+    };
     while start.elapsed() < Duration::from_secs(secs) {
+        let liveness = sentinel.step(&s, report, n, start.elapsed(), false);
         let t = Instant::now();
-        let r = s.round(n);
+        let r = s.round(n, liveness);
         let took = t.elapsed();
         let ms = took.as_millis();
         let at = t.duration_since(start).as_millis();
         match &r {
             Ok(()) => {
                 if tail_failed > 0 {
-                    out(&format!("ROUND {n} ok {at} {ms} after-failed {tail_failed}"));
+                    out(&format!(
+                        "ROUND {n} ok {at} {ms} after-failed {tail_failed}"
+                    ));
                 } else if took >= SLOW || n % PROGRESS == 0 {
                     out(&format!("ROUND {n} ok {at} {ms}"));
                 }
@@ -158,6 +252,13 @@ pub fn run(report: &mut Report, v: &Vfio, secs: u64) {
         }
         times.push(ms);
         n += 1;
+    }
+    sentinel.step(&s, report, n, start.elapsed(), true);
+    if let Sentinel::Due(..) = sentinel {
+        report.record(
+            "sentinel",
+            Outcome::Fail("the soak ended before the sentinel was due".into()),
+        );
     }
     times.sort_unstable();
     let median = times.get(times.len() / 2).copied().unwrap_or(0);
