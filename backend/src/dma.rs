@@ -150,7 +150,7 @@ impl DmaSpace {
         }
         if iova % PAGE_SIZE != 0
             || size % PAGE_SIZE != 0
-            || (fd.is_some() && m.offset % PAGE_SIZE != 0)
+            || (fd.is_some() && !m.offset.is_multiple_of(PAGE_SIZE))
         {
             return Err(DmaError::Unaligned { iova, size });
         }

@@ -58,7 +58,7 @@ pub fn fit_dma_maps_to_nofile(limits: &mut negotiate::ServerLimits) -> u64 {
                 rlim_max: r.rlim_max,
             };
             libc::setrlimit(libc::RLIMIT_NOFILE, &capped);
-            r.rlim_max as u64
+            r.rlim_max
         }
     };
     limits.max_dma_maps = limits

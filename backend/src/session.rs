@@ -514,7 +514,7 @@ impl<'a> Session<'a> {
                     let fixed = a.encode_fixed();
                     if let Err(e) = self.sock.send(
                         &h.reply(REGION_ACCESS_SIZE + buf.len()),
-                        &[&fixed, &buf],
+                        &[&fixed, buf],
                         &[],
                     ) {
                         debug!("reply failed: {e}");

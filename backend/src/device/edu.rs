@@ -194,7 +194,8 @@ impl Edu {
     }
 
     fn bar0_read(&self, offset: u64, len: usize) -> u64 {
-        if (offset < 0x80 && len != 4) || (offset >= 0x80 && len != 4 && len != 8) {
+        // 4-byte accesses anywhere; 8-byte ones only from 0x80 (the DMA registers).
+        if len != 4 && (offset < 0x80 || len != 8) {
             return u64::MAX;
         }
         let r = &self.regs;
@@ -220,18 +221,17 @@ impl Edu {
     }
 
     fn bar0_write(&mut self, offset: u64, len: usize, val: u64) {
-        if (offset < 0x80 && len != 4) || (offset >= 0x80 && len != 4 && len != 8) {
+        // 4-byte accesses anywhere; 8-byte ones only from 0x80 (the DMA registers).
+        if len != 4 && (offset < 0x80 || len != 8) {
             return;
         }
         let v32 = val as u32;
         match offset {
             REG_LIVENESS => self.regs.liveness = !v32,
-            REG_FACTORIAL => {
-                if self.regs.status & STATUS_COMPUTING == 0 {
-                    self.regs.factorial = Self::factorial(v32);
-                    if self.regs.status & STATUS_IRQFACT != 0 {
-                        self.raise_irq(FACT_IRQ);
-                    }
+            REG_FACTORIAL if self.regs.status & STATUS_COMPUTING == 0 => {
+                self.regs.factorial = Self::factorial(v32);
+                if self.regs.status & STATUS_IRQFACT != 0 {
+                    self.raise_irq(FACT_IRQ);
                 }
             }
             REG_STATUS => {
@@ -239,10 +239,8 @@ impl Edu {
             }
             REG_IRQ_RAISE => self.raise_irq(v32),
             REG_IRQ_ACK => self.lower_irq(v32),
-            REG_MSIX_RAISE => {
-                if v32 < MSIX_VECTORS {
-                    self.irqs.fire(PCI_MSIX_IRQ_INDEX, v32);
-                }
+            REG_MSIX_RAISE if v32 < MSIX_VECTORS => {
+                self.irqs.fire(PCI_MSIX_IRQ_INDEX, v32);
             }
             REG_DMA_SRC if !self.dma_running() => self.regs.dma_src = val,
             0x84 if !self.dma_running() => {
@@ -253,11 +251,9 @@ impl Edu {
                 self.regs.dma_dst = (self.regs.dma_dst & 0xffff_ffff) | (val << 32);
             }
             REG_DMA_COUNT if !self.dma_running() => self.regs.dma_count = val,
-            REG_DMA_CMD => {
-                if val & DMA_CMD_RUN != 0 && !self.dma_running() {
-                    self.regs.dma_cmd = val;
-                    self.start_dma();
-                }
+            REG_DMA_CMD if val & DMA_CMD_RUN != 0 && !self.dma_running() => {
+                self.regs.dma_cmd = val;
+                self.start_dma();
             }
             REG_DMA_ERROR => self.regs.dma_error = 0,
             _ => {}

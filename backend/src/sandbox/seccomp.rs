@@ -97,7 +97,7 @@ pub fn build(p: Profile) -> Result<BpfProgram, SandboxError> {
     let err = |e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (nr, _why) in COMMON.iter().chain(ARCH_ONLY) {
-        rules.insert(*nr as i64, vec![]);
+        rules.insert(*nr, vec![]);
     }
     // fcntl(fd, F_GETFD) only: debug builds check an fd is open before
     // closing it (std's IO-safety assertion).
@@ -109,7 +109,7 @@ pub fn build(p: Profile) -> Result<BpfProgram, SandboxError> {
     )
     .map_err(err)?;
     rules.insert(
-        libc::SYS_fcntl as i64,
+        libc::SYS_fcntl,
         vec![SeccompRule::new(vec![getfd]).map_err(err)?],
     );
     if p == Profile::Vfio {
@@ -119,7 +119,7 @@ pub fn build(p: Profile) -> Result<BpfProgram, SandboxError> {
                 .map_err(err)?;
             ioctls.push(SeccompRule::new(vec![c]).map_err(err)?);
         }
-        rules.insert(libc::SYS_ioctl as i64, ioctls);
+        rules.insert(libc::SYS_ioctl, ioctls);
     }
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| SandboxError::Seccomp(e.to_string()))?;

@@ -213,7 +213,7 @@ fn framed(bytes: &[u8]) -> Vec<(u16, u16)> {
     while pos + 16 <= bytes.len() {
         let h = Header::decode(bytes[pos..pos + 16].try_into().unwrap());
         let size = h.size as usize;
-        if size < 16 || size > 16 + (64 << 20) {
+        if !(16..=16 + (64 << 20)).contains(&size) {
             out.push((h.id, h.cmd));
             break;
         }

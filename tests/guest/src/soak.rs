@@ -234,13 +234,13 @@ pub fn run(report: &mut Report, v: &Vfio, secs: u64, sentinel: Option<(u64, u64)
                     out(&format!(
                         "ROUND {n} ok {at} {ms} after-failed {tail_failed}"
                     ));
-                } else if took >= SLOW || n % PROGRESS == 0 {
+                } else if took >= SLOW || n.is_multiple_of(PROGRESS) {
                     out(&format!("ROUND {n} ok {at} {ms}"));
                 }
                 tail_failed = 0;
             }
             Err(e) => {
-                if tail_failed == 0 || n % PROGRESS == 0 {
+                if tail_failed == 0 || n.is_multiple_of(PROGRESS) {
                     out(&format!("ROUND {n} FAIL {at} {ms}: {e}"));
                 }
                 failed += 1;
