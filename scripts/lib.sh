@@ -98,3 +98,32 @@ deb_arch() {
         *) die "unknown arch '$1' (want x86_64 or aarch64)" ;;
     esac
 }
+
+# private_apt DIR ARCH MIRROR KEYRING SUITE...: a private apt configuration in
+# DIR for packages of ARCH (the host's dpkg architectures stay as they are),
+# from MIRROR's SUITEs (main); prints its path, for APT_CONFIG.
+private_apt() {
+    local d=$1 arch=$2 mirror=$3 keyring=$4 suite
+    shift 4
+    mkdir -p "$d/sources.list.d" "$d/preferences.d" "$d/state/lists/partial" \
+        "$d/cache/archives/partial"
+    : >"$d/state/status"
+    : >"$d/sources.list"
+    for suite in "$@"; do
+        printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" "$suite" >>"$d/sources.list"
+    done
+    cat >"$d/apt.conf" <<EOF
+APT::Architecture "$arch";
+APT::Architectures { "$arch"; };
+Dir::Etc::SourceList "$d/sources.list";
+Dir::Etc::SourceParts "$d/sources.list.d";
+Dir::Etc::Preferences "$d/preferences";
+Dir::Etc::PreferencesParts "$d/preferences.d";
+Dir::State "$d/state";
+Dir::State::status "$d/state/status";
+Dir::Cache "$d/cache";
+Acquire::Languages "none";
+APT::Sandbox::User "root";
+EOF
+    printf '%s\n' "$d/apt.conf"
+}

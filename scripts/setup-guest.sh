@@ -32,30 +32,9 @@ mirror=$(debian_mirror)
 keyring=$(debian_keyring)
 log "mirror $mirror"
 
-# apt_for ARCH: set up a private apt configuration, print its APT_CONFIG path.
+# apt_for ARCH: a private apt configuration for ARCH, its APT_CONFIG path.
 apt_for() {
-    local arch=$1 d="$AIRLOCK_CACHE/apt/$1"
-    mkdir -p "$d/sources.list.d" "$d/preferences.d" "$d/state/lists/partial" \
-        "$d/cache/archives/partial"
-    : >"$d/state/status"
-    cat >"$d/sources.list" <<EOF
-deb [signed-by=$keyring] $mirror bookworm main
-deb [signed-by=$keyring] $mirror bookworm-backports main
-EOF
-    cat >"$d/apt.conf" <<EOF
-APT::Architecture "$arch";
-APT::Architectures { "$arch"; };
-Dir::Etc::SourceList "$d/sources.list";
-Dir::Etc::SourceParts "$d/sources.list.d";
-Dir::Etc::Preferences "$d/preferences";
-Dir::Etc::PreferencesParts "$d/preferences.d";
-Dir::State "$d/state";
-Dir::State::status "$d/state/status";
-Dir::Cache "$d/cache";
-Acquire::Languages "none";
-APT::Sandbox::User "root";
-EOF
-    printf '%s\n' "$d/apt.conf"
+    private_apt "$AIRLOCK_CACHE/apt/$1" "$1" "$mirror" "$keyring" bookworm bookworm-backports
 }
 
 # newest_pkg REGEX: newest package name (by version in the name) matching REGEX.

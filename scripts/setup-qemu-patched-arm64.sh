@@ -36,19 +36,11 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib.sh"
 repo=$(cd "$here/.." && pwd)
+. "$here/qemu-series.sh"
 patches="$repo/qemu-patches"
 series="$patches/series"
-upstream=${AIRLOCK_QEMU_GIT:-https://gitlab.com/qemu-project/qemu.git}
 triplet=aarch64-linux-gnu
-
-[[ -f $series ]] || die "no $series"
-base=$(sed -nE 's/^#[[:space:]]*base:[[:space:]]*([0-9a-f]{40}).*/\1/p' "$series" | head -n1)
-[[ -n $base ]] || die "$series has no '# base: <40-hex commit>' line"
-mapfile -t files < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$series" | grep -v '^$')
-((${#files[@]})) || die "$series lists no patches"
-for f in "${files[@]}"; do [[ -f $patches/$f ]] || die "$series names $f, which is missing"; done
-# The same key as setup-qemu-patched.sh: one series, one hash.
-hash=$(cd "$patches" && cat series "${files[@]}" | sha256sum | cut -c1-12)
+series_load "$patches"
 
 top="$AIRLOCK_CACHE/qemu-patched"
 work="$top/${base:0:12}-arm64"
@@ -88,24 +80,9 @@ if [[ ! -f $sysroot/.stamp ]]; then
     rel=$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-bookworm}")
     a="$work/apt"
     rm -rf "$a" "$sysroot"
-    mkdir -p "$a/sources.list.d" "$a/preferences.d" "$a/state/lists/partial" \
-        "$a/cache/archives/partial" "$a/debs" "$sysroot"
-    : >"$a/state/status"
-    printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" "$rel" >"$a/sources.list"
-    cat >"$a/apt.conf" <<EOF
-APT::Architecture "arm64";
-APT::Architectures { "arm64"; };
-Dir::Etc::SourceList "$a/sources.list";
-Dir::Etc::SourceParts "$a/sources.list.d";
-Dir::Etc::Preferences "$a/preferences";
-Dir::Etc::PreferencesParts "$a/preferences.d";
-Dir::State "$a/state";
-Dir::State::status "$a/state/status";
-Dir::Cache "$a/cache";
-Acquire::Languages "none";
-APT::Sandbox::User "root";
-EOF
-    export APT_CONFIG="$a/apt.conf"
+    mkdir -p "$a/debs" "$sysroot"
+    APT_CONFIG=$(private_apt "$a" arm64 "$mirror" "$keyring" "$rel")
+    export APT_CONFIG
     log "arm64 sysroot: apt-get update (private config, $mirror $rel)"
     apt-get update -qq >&2
     # The closure of the -dev packages QEMU links against, libraries only
@@ -137,62 +114,9 @@ PKG_CONFIG_PATH= exec pkg-config "\$@"
 EOF
 chmod +x "$pc"
 
-git_q() { git -C "$src" -c user.name=airlock -c user.email=airlock@localhost \
-    -c advice.detachedHead=false "$@"; }
-
-# --- the source tree at the base commit (our own copy) ----------------------------
-download=--disable-download
-if ! git_q rev-parse -q --verify airlock-base >/dev/null 2>&1; then
-    rm -rf "$src" "$build"
-    tarball=""
-    if [[ -n ${AIRLOCK_QEMU_SRC:-} ]]; then
-        if [[ -d $AIRLOCK_QEMU_SRC ]]; then
-            log "QEMU source: the tree $AIRLOCK_QEMU_SRC"
-            mkdir -p "$src"
-            tar -C "$AIRLOCK_QEMU_SRC" --exclude=./build --exclude=./.git -cf - . | tar -C "$src" -xf -
-        elif [[ -f $AIRLOCK_QEMU_SRC ]]; then
-            tarball=$AIRLOCK_QEMU_SRC
-        else
-            die "AIRLOCK_QEMU_SRC=$AIRLOCK_QEMU_SRC is neither a directory nor a file"
-        fi
-    else
-        for t in "$repo"/../shared/qemu/qemu-*.tar.xz; do
-            [[ -f $t ]] && tarball=$t && break
-        done
-    fi
-    if [[ -n $tarball ]]; then
-        log "QEMU source: $tarball"
-        mkdir -p "$src"
-        tar -C "$src" --strip-components=1 -xf "$tarball"
-    fi
-    if [[ -d $src ]]; then
-        # A git tree of the source, so a series can be applied and undone.
-        git init -q "$src"
-        git_q add -A -f .
-        GIT_AUTHOR_DATE=2000-01-01T00:00:00Z GIT_COMMITTER_DATE=2000-01-01T00:00:00Z git_q commit -q -m "QEMU $base (unpacked source)"
-    else
-        log "QEMU source: git clone $upstream at $base"
-        git clone -q --no-checkout "$upstream" "$src"
-        git_q checkout -q --detach "$base"
-        download=--enable-download
-    fi
-    git_q tag airlock-base
-    echo "$download" >"$work/download"
-fi
-[[ -f $work/download ]] && download=$(cat "$work/download")
-
-# --- apply the series (as setup-qemu-patched.sh) ---------------------------------
-git_q am --abort >/dev/null 2>&1 || true
-git_q diff --name-only --diff-filter=A airlock-base HEAD -- | while IFS= read -r f; do
-    rm -f "$src/$f"
-done
-git_q checkout -q -f -B airlock-series airlock-base
-for f in "${files[@]}"; do
-    git_q am -q --keep-cr "$patches/$f" >&2 || {
-        git_q am --abort >/dev/null 2>&1 || true
-        die "patch $f does not apply to QEMU $base"
-    }
-done
+# --- the source tree at the base commit (our own copy), the series applied ---------
+qemu_source "$src" "$build" "$work/download" "$repo"
+series_apply "$src" "$patches"
 log "applied ${#files[@]} patches (series $hash) to QEMU ${base:0:12} (arm64 tree)"
 
 # --- configure and build (cross) ------------------------------------------------

@@ -26,17 +26,10 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib.sh"
 repo=$(cd "$here/.." && pwd)
+. "$here/qemu-series.sh"
 patches="$repo/qemu-patches"
 series="$patches/series"
-upstream=${AIRLOCK_QEMU_GIT:-https://gitlab.com/qemu-project/qemu.git}
-
-[[ -f $series ]] || die "no $series"
-base=$(sed -nE 's/^#[[:space:]]*base:[[:space:]]*([0-9a-f]{40}).*/\1/p' "$series" | head -n1)
-[[ -n $base ]] || die "$series has no '# base: <40-hex commit>' line"
-mapfile -t files < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$series" | grep -v '^$')
-((${#files[@]})) || die "$series lists no patches"
-for f in "${files[@]}"; do [[ -f $patches/$f ]] || die "$series names $f, which is missing"; done
-hash=$(cd "$patches" && cat series "${files[@]}" | sha256sum | cut -c1-12)
+series_load "$patches"
 
 top="$AIRLOCK_CACHE/qemu-patched"
 work="$top/${base:0:12}"
@@ -76,66 +69,9 @@ if ((${#libs[@]})); then
         ${rel:+-t "$rel"} "${libs[@]}" >/dev/null
 fi
 
-git_q() { git -C "$src" -c user.name=airlock -c user.email=airlock@localhost \
-    -c advice.detachedHead=false "$@"; }
-
-# --- the source tree at the base commit --------------------------------------
-download=--disable-download
-if ! git_q rev-parse -q --verify airlock-base >/dev/null 2>&1; then
-    rm -rf "$work"
-    mkdir -p "$work"
-    tarball=""
-    if [[ -n ${AIRLOCK_QEMU_SRC:-} ]]; then
-        if [[ -d $AIRLOCK_QEMU_SRC ]]; then
-            log "QEMU source: the tree $AIRLOCK_QEMU_SRC"
-            mkdir -p "$src"
-            tar -C "$AIRLOCK_QEMU_SRC" --exclude=./build --exclude=./.git -cf - . | tar -C "$src" -xf -
-        elif [[ -f $AIRLOCK_QEMU_SRC ]]; then
-            tarball=$AIRLOCK_QEMU_SRC
-        else
-            die "AIRLOCK_QEMU_SRC=$AIRLOCK_QEMU_SRC is neither a directory nor a file"
-        fi
-    else
-        for t in "$repo"/../shared/qemu/qemu-*.tar.xz; do
-            [[ -f $t ]] && tarball=$t && break
-        done
-    fi
-    if [[ -n $tarball ]]; then
-        log "QEMU source: $tarball"
-        mkdir -p "$src"
-        tar -C "$src" --strip-components=1 -xf "$tarball"
-    fi
-    if [[ -d $src ]]; then
-        # A git tree of the source, so a series can be applied and undone.
-        git init -q "$src"
-        git_q add -A -f .
-        GIT_AUTHOR_DATE=2000-01-01T00:00:00Z GIT_COMMITTER_DATE=2000-01-01T00:00:00Z git_q commit -q -m "QEMU $base (unpacked source)"
-    else
-        log "QEMU source: git clone $upstream at $base"
-        git clone -q --no-checkout "$upstream" "$src"
-        git_q checkout -q --detach "$base"
-        download=--enable-download
-    fi
-    git_q tag airlock-base
-    echo "$download" >"$work/download"
-fi
-[[ -f $work/download ]] && download=$(cat "$work/download")
-
-# --- apply the series ----------------------------------------------------------
-# Undo the previous series: drop files it added, reset the files it changed
-# (only files that differ are rewritten, so their mtimes tell ninja what to
-# rebuild), then apply this series on a fresh branch.
-git_q am --abort >/dev/null 2>&1 || true
-git_q diff --name-only --diff-filter=A airlock-base HEAD -- | while IFS= read -r f; do
-    rm -f "$src/$f"
-done
-git_q checkout -q -f -B airlock-series airlock-base
-for f in "${files[@]}"; do
-    git_q am -q --keep-cr "$patches/$f" >&2 || {
-        git_q am --abort >/dev/null 2>&1 || true
-        die "patch $f does not apply to QEMU $base"
-    }
-done
+# --- the source tree at the base commit, the series applied -----------------------
+qemu_source "$src" "$build" "$work/download" "$repo"
+series_apply "$src" "$patches"
 log "applied ${#files[@]} patches (series $hash) to QEMU ${base:0:12}"
 
 # --- configure and build ---------------------------------------------------------

@@ -1,0 +1,98 @@
+# shellcheck shell=bash
+# The patched QEMU's source tree, shared by scripts/setup-qemu-patched.sh
+# (host build) and scripts/setup-qemu-patched-arm64.sh (arm64 cross build):
+# reading qemu-patches/series, a git tree of QEMU at the base commit, and
+# applying the series to it. Source after scripts/lib.sh; do not run it.
+
+# series_load PATCHES: read PATCHES/series. Sets base (the 40-hex commit of
+# its "# base:" line), files (the patches, in order) and hash (12 hex digits
+# of the series file and its patches: one series, one cache key).
+series_load() {
+    local patches=$1 series="$1/series" f
+    [[ -f $series ]] || die "no $series"
+    base=$(sed -nE 's/^#[[:space:]]*base:[[:space:]]*([0-9a-f]{40}).*/\1/p' "$series" | head -n1)
+    [[ -n $base ]] || die "$series has no '# base: <40-hex commit>' line"
+    mapfile -t files < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$series" | grep -v '^$')
+    ((${#files[@]})) || die "$series lists no patches"
+    for f in "${files[@]}"; do [[ -f $patches/$f ]] || die "$series names $f, which is missing"; done
+    hash=$(cd "$patches" && cat series "${files[@]}" | sha256sum | cut -c1-12)
+}
+
+# qemu_git SRC ARGS...: git in the tree SRC, with a fixed identity.
+qemu_git() {
+    local src=$1
+    shift
+    git -C "$src" -c user.name=airlock -c user.email=airlock@localhost \
+        -c advice.detachedHead=false "$@"
+}
+
+# qemu_source SRC BUILD STATE REPO: make SRC a git tree of QEMU at $base
+# (tag airlock-base) unless it is one; a new tree drops BUILD. Source, first
+# match: $AIRLOCK_QEMU_SRC (a tree or tarball), REPO/../shared/qemu/qemu-*.tar.xz,
+# else a clone of $AIRLOCK_QEMU_GIT (or upstream). Sets download to the
+# configure flag: a clone lacks the subprojects, so meson may download them.
+# STATE keeps that flag between runs.
+qemu_source() {
+    local src=$1 build=$2 state=$3 repo=$4 tarball="" t
+    local upstream=${AIRLOCK_QEMU_GIT:-https://gitlab.com/qemu-project/qemu.git}
+    download=--disable-download
+    if ! qemu_git "$src" rev-parse -q --verify airlock-base >/dev/null 2>&1; then
+        rm -rf "$src" "$build"
+        if [[ -n ${AIRLOCK_QEMU_SRC:-} ]]; then
+            if [[ -d $AIRLOCK_QEMU_SRC ]]; then
+                log "QEMU source: the tree $AIRLOCK_QEMU_SRC"
+                mkdir -p "$src"
+                tar -C "$AIRLOCK_QEMU_SRC" --exclude=./build --exclude=./.git -cf - . | tar -C "$src" -xf -
+            elif [[ -f $AIRLOCK_QEMU_SRC ]]; then
+                tarball=$AIRLOCK_QEMU_SRC
+            else
+                die "AIRLOCK_QEMU_SRC=$AIRLOCK_QEMU_SRC is neither a directory nor a file"
+            fi
+        else
+            for t in "$repo"/../shared/qemu/qemu-*.tar.xz; do
+                [[ -f $t ]] && tarball=$t && break
+            done
+        fi
+        if [[ -n $tarball ]]; then
+            log "QEMU source: $tarball"
+            mkdir -p "$src"
+            tar -C "$src" --strip-components=1 -xf "$tarball"
+        fi
+        if [[ -d $src ]]; then
+            # A git tree of the source, so a series can be applied and undone.
+            git init -q "$src"
+            qemu_git "$src" add -A -f .
+            GIT_AUTHOR_DATE=2000-01-01T00:00:00Z GIT_COMMITTER_DATE=2000-01-01T00:00:00Z \
+                qemu_git "$src" commit -q -m "QEMU $base (unpacked source)"
+        else
+            log "QEMU source: git clone $upstream at $base"
+            git clone -q --no-checkout "$upstream" "$src"
+            qemu_git "$src" checkout -q --detach "$base"
+            download=--enable-download
+        fi
+        qemu_git "$src" tag airlock-base
+        mkdir -p "$(dirname "$state")"
+        echo "$download" >"$state"
+    fi
+    [[ -f $state ]] && download=$(cat "$state")
+    return 0
+}
+
+# series_apply SRC PATCHES: undo the previous series (drop the files it
+# added, reset the files it changed: only files that differ are rewritten,
+# so their mtimes tell ninja what to rebuild), then apply $files on a fresh
+# branch.
+series_apply() {
+    local src=$1 patches=$2 f
+    qemu_git "$src" am --abort >/dev/null 2>&1 || true
+    qemu_git "$src" diff --name-only --diff-filter=A airlock-base HEAD -- | while IFS= read -r f; do
+        rm -f "$src/$f"
+    done
+    qemu_git "$src" checkout -q -f -B airlock-series airlock-base
+    for f in "${files[@]}"; do
+        qemu_git "$src" am -q --keep-cr "$patches/$f" >&2 || {
+            qemu_git "$src" am --abort >/dev/null 2>&1 || true
+            die "patch $f does not apply to QEMU $base"
+        }
+    done
+}
