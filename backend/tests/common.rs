@@ -53,10 +53,25 @@ pub fn start_edu(tag: &str) -> Server {
 
 /// The same with more arguments (e.g. --reserve-iova windows).
 pub fn start_edu_args(tag: &str, extra: &[&str]) -> Server {
-    let dir = tempdir(tag);
+    spawn_edu(
+        tempdir(tag),
+        Path::new(env!("CARGO_BIN_EXE_airlock")),
+        extra,
+        |_| {},
+    )
+}
+
+/// Starts the airlock binary `exe` as start_edu_args does, its socket and log
+/// in `dir`; `setup` adds to the command (e.g. environment) before it runs.
+pub fn spawn_edu(
+    dir: TempDir,
+    exe: &Path,
+    extra: &[&str],
+    setup: impl FnOnce(&mut Command),
+) -> Server {
     let path = dir.0.join("edu.sock");
     let log = dir.0.join("airlock.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_airlock"));
+    let mut cmd = Command::new(exe);
     cmd.args(["--socket-path", path.to_str().unwrap(), "--emulate", "edu"])
         .args(extra)
         .env(
@@ -70,6 +85,7 @@ pub fn start_edu_args(tag: &str, extra: &[&str]) -> Server {
         eprintln!("!!! not root: airlock runs with --sandbox off (the sandbox needs root); allowlist gaps go unseen");
         cmd.args(["--sandbox", "off"]);
     }
+    setup(&mut cmd);
     let child = cmd.spawn().expect("airlock starts");
     let s = Server {
         path,

@@ -48,27 +48,12 @@ fn install_and_start(tag: &str) -> Installed {
     let exe = dir.0.join("bin/airlock");
     std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
     std::fs::copy(env!("CARGO_BIN_EXE_airlock"), &exe).unwrap();
-    let path = dir.0.join("edu.sock");
-    let log = dir.0.join("airlock.log");
     let notify_path = dir.0.join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_nonblocking(true).unwrap();
-    let child = Command::new(&exe)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .args(["--socket-path", path.to_str().unwrap(), "--emulate", "edu"])
-        .env("AIRLOCK_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("airlock starts");
-    let server = Server {
-        path,
-        child,
-        log,
-        _dir: dir,
-    };
-    wait_for("airlock's socket", || server.path.exists());
+    let server = spawn_edu(dir, &exe, &[], |cmd| {
+        cmd.env("NOTIFY_SOCKET", &notify_path);
+    });
     Installed {
         exe,
         server,
