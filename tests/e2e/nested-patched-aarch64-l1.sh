@@ -16,9 +16,9 @@
 # airlock's log prefixed "airlock| ". Exit: L2's AIRLOCK-GUEST-EXIT status
 # (1 on a setup failure or if L2 printed none).
 
-up() { read -r u _ </proc/uptime; echo "$u"; }
 say() { echo "INFO l1: $*"; }
-fail() { echo "FAIL $*"; echo "0 passed, 1 failed"; exit 1; }
+fail() { echo "FAIL $*"; show_log; echo "0 passed, 1 failed"; exit 1; }
+. /l1-vfio.sh
 
 say "start at uptime $(up) s; kernel $(uname -r); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
 dmesg | grep -iE 'arm-smmu-v3.*(ias|msi)|ITS.*@' | head -n 3 | while read -r l; do say "dmesg: $l"; done
@@ -31,38 +31,12 @@ for w in $(cat /proc/cmdline); do
     esac
 done
 
-edu=""
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1234:0x11e8" ] && edu=${d##*/}
-done
-[ -n "$edu" ] || fail "l1-setup: no edu (1234:11e8) in /sys/bus/pci/devices"
-d=/sys/bus/pci/devices/$edu
-[ -e "$d/driver" ] && echo "$edu" >"$d/driver/unbind"
-echo vfio-pci >"$d/driver_override"
-echo "$edu" >/sys/bus/pci/drivers_probe
-[ "$(basename "$(readlink "$d/driver")")" = vfio-pci ] || fail "l1-setup: edu $edu did not bind to vfio-pci"
-# On arm64 the iommu_group link appears only after binding.
-g=$(basename "$(readlink "$d/iommu_group")")
-[ -c "/dev/vfio/$g" ] || fail "l1-setup: /dev/vfio/$g missing for $edu"
-say "edu $edu: vfio-pci, iommu group $g"
+bind_edu
 while read -r l; do say "L1 group $g reserved_regions: $l"; done <"/sys/kernel/iommu_groups/$g/reserved_regions"
 
 # airlock's defaults: it reads the group's reserved regions and VFIO's
 # usable IOVA ranges itself and offers them with iova_ranges.
-AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/edu.sock \
-    </dev/null >/tmp/airlock.log 2>&1 &
-apid=$!
-i=0
-while [ ! -S /tmp/edu.sock ] && kill -0 $apid 2>/dev/null && [ $i -lt 300 ]; do
-    sleep 0.1
-    i=$((i + 1))
-done
-show_log() { sed 's/^/airlock| /' /tmp/airlock.log; }
-if [ ! -S /tmp/edu.sock ]; then
-    kill $apid 2>/dev/null
-    show_log
-    fail "l1-setup: airlock --vfio $edu did not listen within 30 s"
-fi
+start_airlock
 # What actually runs (the host checks it has no --reserve-iova).
 say "airlock cmdline: $(tr '\0' ' ' </proc/$apid/cmdline)"
 say "airlock (pid $apid) listening at uptime $(up) s"

@@ -42,6 +42,7 @@ set -euo pipefail
 E2E_NAME=e2e-nested-patched-aarch64
 E2E_ARCH=aarch64
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/patched-lib.sh"
 
 timeout_s=${GUEST_TIMEOUT:-1200}
 l1_mem=${L1_MEM:-2G}
@@ -82,7 +83,7 @@ l2_cpio=$(AIRLOCK_UNSAFE_INTERRUPTS=0 initramfs nested-patched-aarch64-l2 \
 bundle=("$qdir/qemu-system-aarch64:/opt/qemu/bin/qemu-system-aarch64")
 for f in "$qdir"/lib/*; do bundle+=("$f:/opt/qemu/lib/${f##*/}"); done
 l1_cpio=$(AIRLOCK_UNSAFE_INTERRUPTS=0 initramfs nested-patched-aarch64-l1 \
-    "$bin/airlock:/bin/airlock" "$e2e/nested-patched-aarch64-l1.sh:/test" \
+    "$bin/airlock:/bin/airlock" "$e2e/nested-patched-aarch64-l1.sh:/test" "$e2e/l1-vfio.sh:/l1-vfio.sh" \
     "$AIRLOCK_CACHE/guest/arm64/Image:/l2/Image" "$l2_cpio:/l2/initrd.cpio" "${bundle[@]}")
 note "L2 initramfs $(($(stat -c %s "$l2_cpio") / 1024)) KiB; L1 initramfs $(($(stat -c %s "$l1_cpio") / 1048576)) MiB (uncompressed; holds L2's Image, initramfs and the QEMU bundle of ${#bundle[@]} files)"
 
@@ -198,23 +199,7 @@ mapfile -t resv < <(printf '%s\n' "$l2" | sed -nE 's/^AIRLOCK-RESV (0x[0-9a-f]+ 
 printf '%s\n' "${resv[@]}" >"$LOG_DIR/l2-reserved-regions.txt"
 note "L2: ${group:-?} (device, iommu group): reserved_regions:"
 for l in "${resv[@]}"; do note "  | $l"; done
-# covered START END: walk the window in address order over the regions;
-# prints "covered N" (N regions of type reserved on the way) or "gap-at-X N".
-covered() {
-    local at=$1 hi=$2 nres=0 moved=1 l s e t
-    while ((moved && at <= hi)); do
-        moved=0
-        for l in "${resv[@]}"; do
-            read -r s e t <<<"$l"
-            if ((s <= at && e >= at)); then
-                [[ $t == reserved ]] && nres=$((nres + 1))
-                at=$((e + 1)) moved=1
-            fi
-        done
-    done
-    if ((at > hi)); then echo "covered $nres"; else printf 'gap-at-0x%x %d\n' "$at" "$nres"; fi
-}
-cover=$(covered 0x8000000 0x80fffff)
+cover=$(resv_covered 0x8000000 0x80fffff)
 if [[ ${cover% *} == covered && ${cover#* } -ge 1 ]]; then
     verdict l2-reserved-regions OK "L2's group lists the host's window 0x0000000008000000-0x00000000080fffff as reserved ($cover 'reserved' region(s) around virt's ITS doorbell page)"
 else

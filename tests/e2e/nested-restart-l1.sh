@@ -22,10 +22,9 @@
 # prefixed "airlock| ". Exit: L2's AIRLOCK-GUEST-EXIT status (1 on a setup
 # failure or if L2 printed none).
 
-up() { read -r u _ </proc/uptime; echo "$u"; }
 say() { echo "INFO l1: $*"; }
-show_log() { [ -f /tmp/airlock.log ] && sed 's/^/airlock| /' /tmp/airlock.log; }
 fail() { echo "FAIL $*"; show_log; exit 1; }
+. /l1-vfio.sh
 
 say "start at uptime $(up) s; kernel $(uname -r); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
 dmesg | grep -iE 'DMAR: IOMMU enabled|DMAR-IR: Enabled' | while read -r l; do say "dmesg: $l"; done
@@ -40,30 +39,10 @@ for w in $(cat /proc/cmdline); do
     esac
 done
 
-edu=""
-for d in /sys/bus/pci/devices/*; do
-    [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1234:0x11e8" ] && edu=${d##*/}
-done
-[ -n "$edu" ] || fail "l1-setup: no edu (1234:11e8) in /sys/bus/pci/devices"
-d=/sys/bus/pci/devices/$edu
-[ -e "$d/driver" ] && echo "$edu" >"$d/driver/unbind"
-echo vfio-pci >"$d/driver_override"
-echo "$edu" >/sys/bus/pci/drivers_probe
-[ "$(basename "$(readlink "$d/driver")")" = vfio-pci ] || fail "l1-setup: edu $edu did not bind to vfio-pci"
-g=$(basename "$(readlink "$d/iommu_group")")
-[ -c "/dev/vfio/$g" ] || fail "l1-setup: /dev/vfio/$g missing for $edu"
-say "edu $edu: vfio-pci, iommu group $g"
+bind_edu
 
 # shellcheck disable=SC2086 # $extra is split on purpose
-AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/edu.sock $extra \
-    </dev/null >/tmp/airlock.log 2>&1 &
-apid=$!
-i=0
-while [ ! -S /tmp/edu.sock ] && kill -0 $apid 2>/dev/null && [ $i -lt 300 ]; do
-    sleep 0.1
-    i=$((i + 1))
-done
-[ -S /tmp/edu.sock ] || { kill $apid 2>/dev/null; fail "l1-setup: airlock --vfio $edu did not listen within 30 s"; }
+start_airlock $extra
 say "airlock (supervisor pid $apid) listening at uptime $(up) s${extra:+ (extra: $extra)}"
 
 # The L2 QEMU; each of its lines goes to L1's console at once with L1's

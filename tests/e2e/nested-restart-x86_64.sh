@@ -135,7 +135,7 @@ note "L2 QEMU bundle (patched): ${#bundle[@]} files, $((bundle_bytes / 1048576))
 
 cpio="$work/l1.cpio"
 AIRLOCK_UNSAFE_INTERRUPTS=0 "$E2E_REPO/scripts/mkinitramfs" x86_64 "$cpio" \
-    "$airlock_bin:/bin/airlock" "$E2E_REPO/tests/e2e/nested-restart-l1.sh:/test" \
+    "$airlock_bin:/bin/airlock" "$E2E_REPO/tests/e2e/nested-restart-l1.sh:/test" "$E2E_REPO/tests/e2e/l1-vfio.sh:/l1-vfio.sh" \
     "$g/vmlinux:/l2/vmlinux" "$l2_cpio:/l2/initrd.cpio" "${bundle[@]}" >>"$LOG_DIR/build.log" 2>&1 ||
     die "mkinitramfs (L1) failed (see $LOG_DIR/build.log)"
 note "L1 initramfs $(($(stat -c %s "$cpio") / 1048576)) MiB (uncompressed; holds L2's vmlinux, initramfs and the patched QEMU)"

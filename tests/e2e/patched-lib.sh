@@ -33,3 +33,22 @@ qmp_reply() { sed -nE "s/^qmp $2 [0-9.]+ (.*)/\\1/p" <<<"$1" | head -n1; }
 
 # aborted FILE: true if QEMU's output in FILE shows an assertion or abort.
 aborted() { grep -qaE 'Assertion|Aborted|core dumped|hw_error|qemu: hardware error' "$1"; }
+
+# resv_covered START END: walk the IOVA window START-END in address order
+# over the reserved regions in the array resv ("0xS 0xE type" lines of an
+# IOMMU group's reserved_regions); prints "covered N" (N regions of type
+# reserved on the way) or "gap-at-0xX N".
+resv_covered() {
+    local at=$1 hi=$2 nres=0 moved=1 l s e t
+    while ((moved && at <= hi)); do
+        moved=0
+        for l in "${resv[@]}"; do
+            read -r s e t <<<"$l"
+            if ((s <= at && e >= at)); then
+                [[ $t == reserved ]] && nres=$((nres + 1))
+                at=$((e + 1)) moved=1
+            fi
+        done
+    done
+    if ((at > hi)); then echo "covered $nres"; else printf 'gap-at-0x%x %d\n' "$at" "$nres"; fi
+}

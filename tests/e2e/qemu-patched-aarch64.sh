@@ -92,23 +92,7 @@ printf '%s\n' "${resv[@]}" >"$LOG_DIR/a-reserved-regions.txt"
 # The window must be covered, from its first to its last byte, by
 # reserved regions, at least one of them of type "reserved" (from QEMU's
 # host IOMMU device of vfio-user-pci, i.e. from airlock).
-# covered START END: walk the window in address order over the regions;
-# prints "covered N" (N regions of type reserved on the way) or "gap-at-X N".
-covered() {
-    local at=$1 hi=$2 nres=0 moved=1 l s e t
-    while ((moved && at <= hi)); do
-        moved=0
-        for l in "${resv[@]}"; do
-            read -r s e t <<<"$l"
-            if ((s <= at && e >= at)); then
-                [[ $t == reserved ]] && nres=$((nres + 1))
-                at=$((e + 1)) moved=1
-            fi
-        done
-    done
-    if ((at > hi)); then echo "covered $nres"; else printf 'gap-at-0x%x %d\n' "$at" "$nres"; fi
-}
-cover=$(covered 0x8000000 0x80fffff)
+cover=$(resv_covered 0x8000000 0x80fffff)
 window_line=$(printf '%s\n' "${resv[@]}" | grep -E '^0x0000000008000000 0x00000000080fffff ' || true)
 note "window 0x0000000008000000-0x00000000080fffff: $cover 'reserved' region(s)${window_line:+; whole-window line: $window_line}"
 [[ ${cover% *} == covered && ${cover#* } -ge 1 ]] ||

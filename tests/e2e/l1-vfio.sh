@@ -1,0 +1,41 @@
+# shellcheck shell=sh
+# Helpers for the /test scripts of nested L1 guests that serve QEMU's edu
+# with `airlock --vfio` to an L2 QEMU (busybox sh; the host puts this file
+# in L1's initramfs as /l1-vfio.sh). Source it after defining say and fail
+# (which may call show_log).
+
+up() { read -r u _ </proc/uptime; echo "$u"; }
+show_log() { [ -f /tmp/airlock.log ] && sed 's/^/airlock| /' /tmp/airlock.log; }
+
+# bind_edu: bind QEMU's edu (1234:11e8) to vfio-pci. Sets edu (its BDF) and
+# g (its IOMMU group; on arm64 the link appears only after binding).
+bind_edu() {
+    edu=""
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1234:0x11e8" ] && edu=${d##*/}
+    done
+    [ -n "$edu" ] || fail "l1-setup: no edu (1234:11e8) in /sys/bus/pci/devices"
+    d=/sys/bus/pci/devices/$edu
+    [ -e "$d/driver" ] && echo "$edu" >"$d/driver/unbind"
+    echo vfio-pci >"$d/driver_override"
+    echo "$edu" >/sys/bus/pci/drivers_probe
+    [ "$(basename "$(readlink "$d/driver")")" = vfio-pci ] || fail "l1-setup: edu $edu did not bind to vfio-pci"
+    g=$(basename "$(readlink "$d/iommu_group")")
+    [ -c "/dev/vfio/$g" ] || fail "l1-setup: /dev/vfio/$g missing for $edu"
+    say "edu $edu: vfio-pci, iommu group $g"
+}
+
+# start_airlock [ARG...]: `airlock --vfio $edu --socket-path /tmp/edu.sock ARG...`
+# in the background (sandbox on, its defaults), log in /tmp/airlock.log; sets
+# apid (the supervisor) once the socket listens, fails after 30 s.
+start_airlock() {
+    AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/edu.sock "$@" \
+        </dev/null >/tmp/airlock.log 2>&1 &
+    apid=$!
+    i=0
+    while [ ! -S /tmp/edu.sock ] && kill -0 $apid 2>/dev/null && [ $i -lt 300 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -S /tmp/edu.sock ] || { kill $apid 2>/dev/null; fail "l1-setup: airlock --vfio $edu did not listen within 30 s"; }
+}
