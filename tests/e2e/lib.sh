@@ -23,6 +23,7 @@ E2E_ARCH=${E2E_ARCH:-x86_64}
 GUEST_TARGET=$E2E_ARCH-unknown-linux-gnu
 GUEST_BIN="$E2E_REPO/target/$GUEST_TARGET/release/airlock-guest-test"
 IMG_DIR="$E2E_REPO/target/airlock-e2e"
+mkdir -p "$IMG_DIR" # scripts write their guest /test into it before any initramfs
 export NO_COLOR=1 # plain airlock logs
 
 if [[ -t 1 ]]; then
