@@ -144,7 +144,9 @@ stop_pid "$gpid"
 console | grep -aE '^(ROUND [0-9]+ (FAIL|ok [0-9]+ [0-9]+ after)|SOAK|PASS|FAIL|[0-9]+ passed)' |
     while IFS= read -r l; do note "guest| $l"; done
 console | grep -aE '^ROUND [0-9]+ ok [0-9]+ [0-9]{2,}$' | while IFS= read -r l; do note "guest| slow: $l"; done
-console | grep -a 'vfio' | sed 's/^qemu-system-[a-z0-9_]*: //' | sort | uniq -c | sort -rn |
+# (values and addresses folded, so the outage's thousands of failed
+# accesses are a few lines)
+console | grep -a 'vfio' | sed -E 's/^qemu-system-[a-z0-9_]*: //; s/0x[0-9a-f]+/0x#/g' | sort | uniq -c | sort -rn | head -n 20 |
     while IFS= read -r l; do note "qemu| $l"; done
 soak=$(console | grep -a '^SOAK ' | tail -n1)
 median=$(sed -nE 's/.* median-ms ([0-9]+).*/\1/p' <<<"$soak")
@@ -152,25 +154,32 @@ mapfile -t qemu_ms < <(console | sed -nE 's/.*the server is back.* resumed after
 setups=$(console | grep -ac '^PASS vfio-setup' || true)
 
 # window FROM TO: over the printed rounds FROM <= n < TO: "FAILED LATE
-# LONGEST_MS LONGEST_ROUND", FAILED counting every round of a streak, LATE
-# the failures after the streak that the restart caused.
+# LONGEST_MS LONGEST_ROUND WHY", FAILED counting every round of a streak,
+# LATE the failures after the streak that the restart caused, WHY the
+# first failed rounds as the guest printed them.
 window() {
     console | awk -v from="$1" -v to="$2" '
         $1 != "ROUND" || $2 < from || $2 >= to { next }
         { d = $5 + 0; if (d > longest) { longest = d; lr = $2 } }
-        $3 == "FAIL" { if (ended) late++; streak = 1; next }
+        $3 == "FAIL" {
+            if (ended) late++
+            if (nwhy++ < 3) why = why (why == "" ? "" : " | ") $0
+            next
+        }
         $3 == "ok" && $6 == "after-failed" { failed += $7; ended = 1 }
-        END { printf "%d %d %d %s", failed, late, longest, (lr == "" ? "-" : lr) }'
+        END { printf "%d %d %d %s %s", failed, late, longest, (lr == "" ? "-" : lr), why }'
 }
 
 judge() { # judge NAME EVENT NEXT_EVENT RESUME_INDEX MAX_FAILED
-    local name=$1 from=${AT[$2]:-} to=${AT[$3]:-999999999} q=${qemu_ms[$4]:-} max=$5 failed late longest lr
+    local name=$1 from=${AT[$2]:-} to=${AT[$3]:-999999999} q=${qemu_ms[$4]:-} max=$5 failed late longest lr why
     if [[ -z $from ]]; then
         verdict "$name" FAIL "not run"
         return
     fi
-    read -r failed late longest lr <<<"$(window "$from" "$to")"
+    read -r failed late longest lr why <<<"$(window "$from" "$to")"
     local detail="QEMU: server lost -> state replayed in ${q:-?} ms; guest: longest round $lr took $((longest - ${median:-0})) ms more than the median (${median:-?} ms); $failed rounds failed"
+    # a failing verdict says what the guest saw (rounds FROM..TO)
+    detail+="${why:+ (rounds $from..$to: $why)}"
     if [[ -z $q ]]; then
         verdict "$name" FAIL "QEMU never resumed the device; $detail"
     elif ((late > 0)); then
@@ -178,7 +187,7 @@ judge() { # judge NAME EVENT NEXT_EVENT RESUME_INDEX MAX_FAILED
     elif [[ $max != any ]] && ((failed > max)); then
         verdict "$name" FAIL "more than $max round failed; $detail"
     else
-        verdict "$name" OK "$detail"
+        verdict "$name" OK "${detail% (rounds *}"
     fi
 }
 judge a-server-killed a b 0 1
