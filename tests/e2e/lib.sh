@@ -96,6 +96,13 @@ e2e_cleanup() {
     rm -rf "$RUN_DIR"
 }
 trap 'e2e_cleanup' EXIT
+# A command failing outside the checks ends a script (set -e): say where,
+# as a failing verdict, instead of stopping without one.
+e2e_stopped() { # e2e_stopped LINE COMMAND STATUS
+    printf '=> FAIL script: %s stopped at line %s: `%s` exited %s (a bug in the test script, not a verdict on airlock)\n' \
+        "${0##*/}" "$1" "$2" "$3"
+}
+trap 'e2e_stopped "$LINENO" "$BASH_COMMAND" "$?"' ERR
 trap 'echo; echo "interrupted" >&2; exit 130' INT
 trap 'exit 143' TERM
 
