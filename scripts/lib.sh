@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared helpers for airlock's setup scripts. Source it; do not run it.
+# Shared helpers for airlock's setup and test scripts. Source it; do not run it.
 #
 # AIRLOCK_CACHE       where downloaded/built artefacts live (outside the clone)
 # AIRLOCK_DEBIAN_MIRROR  override the Debian mirror (default: the host's apt config)
@@ -126,4 +126,24 @@ Acquire::Languages "none";
 APT::Sandbox::User "root";
 EOF
     printf '%s\n' "$d/apt.conf"
+}
+
+# qemu_bundle_x86 QEMU LOADER [LIBRARY_PATH]: sets the array bundle (SRC:DST
+# for scripts/mkinitramfs) to what an L1 guest needs to run QEMU from
+# /opt/qemu: the binary, its libraries by soname (as LOADER resolves them),
+# the loader, and the stock root's firmware for q35 + a PVH vmlinux (SeaBIOS
+# runs pvh.bin; kvmvapic.bin is asked for even under TCG); bundle_bytes to
+# their total size.
+qemu_bundle_x86() {
+    local qemu=$1 loader=$2 libs=${3:-} soname path fw s
+    bundle=("$qemu:/opt/qemu/bin/qemu-system-x86_64" "$loader:/opt/qemu/lib/ld-linux-x86-64.so.2")
+    while read -r soname _ path _; do
+        [[ $path == /* && $soname != */* ]] || continue
+        bundle+=("$(readlink -f "$path"):/opt/qemu/lib/$soname")
+    done < <("$loader" ${libs:+--library-path "$libs"} --list "$qemu")
+    for fw in "$AIRLOCK_CACHE"/qemu-root/usr/share/{seabios/bios-256k.bin,qemu/pvh.bin,qemu/kvmvapic.bin}; do
+        bundle+=("$(readlink -f "$fw"):/opt/qemu/share/${fw##*/}")
+    done
+    bundle_bytes=0
+    for s in "${bundle[@]}"; do bundle_bytes=$((bundle_bytes + $(stat -L -c %s "${s%%:*}"))); done
 }

@@ -39,3 +39,15 @@ start_airlock() {
     done
     [ -S /tmp/edu.sock ] || { kill $apid 2>/dev/null; fail "l1-setup: airlock --vfio $edu did not listen within 30 s"; }
 }
+
+# end_l1 RC DMESG_RE N: stop airlock (SIGTERM) and say how it exited, show
+# the last N kernel lines matching DMESG_RE and airlock's log, then exit
+# with RC (1 when RC is empty: L2 never reported).
+end_l1() {
+    kill $apid 2>/dev/null
+    wait $apid
+    say "airlock exited with $? after SIGTERM"
+    dmesg | grep -iE "$2" | tail -n "$3" | while read -r l; do say "dmesg: $l"; done
+    show_log
+    exit "${1:-1}"
+}

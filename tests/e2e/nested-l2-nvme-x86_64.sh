@@ -140,21 +140,7 @@ mk_l2_cpio "$l2_cpio"
 # --- the L2 QEMU bundle: binary, its libraries (by soname), loader, firmware -
 qr="$AIRLOCK_CACHE/qemu-root"
 ql="$qr/usr/lib/x86_64-linux-gnu"
-bundle=()   # SRC:DST for mkinitramfs
-qemu_bin="$qr/usr/bin/qemu-system-x86_64"
-bundle+=("$qemu_bin:/opt/qemu/bin/qemu-system-x86_64" "$ql/ld-linux-x86-64.so.2:/opt/qemu/lib/ld-linux-x86-64.so.2")
-while read -r soname _ path _; do
-    [[ $path == /* && $soname != */* ]] || continue
-    bundle+=("$(readlink -f "$path"):/opt/qemu/lib/$soname")
-done < <("$ql/ld-linux-x86-64.so.2" --library-path "$ql" --list "$qemu_bin")
-# q35 with -kernel <PVH vmlinux>: SeaBIOS (bios-256k.bin) runs pvh.bin as its
-# option ROM; with -nodefaults nothing else is needed.
-# kvmvapic.bin: q35 asks for it even under TCG (an error line, not fatal).
-for fw in "$qr/usr/share/seabios/bios-256k.bin" "$qr/usr/share/qemu/pvh.bin" "$qr/usr/share/qemu/kvmvapic.bin"; do
-    bundle+=("$(readlink -f "$fw"):/opt/qemu/share/${fw##*/}")
-done
-bundle_bytes=0
-for s in "${bundle[@]}"; do bundle_bytes=$((bundle_bytes + $(stat -L -c %s "${s%%:*}"))); done
+qemu_bundle_x86 "$qr/usr/bin/qemu-system-x86_64" "$ql/ld-linux-x86-64.so.2" "$ql"
 note "L2 QEMU bundle: ${#bundle[@]} files, $((bundle_bytes / 1048576)) MiB; L2 initramfs $(($(stat -c %s "$l2_cpio") / 1024)) KiB"
 
 cpio="$work/l1.cpio"

@@ -68,9 +68,4 @@ done
 say "L2 QEMU exited with $(cut -d' ' -f2 /tmp/l2.rc 2>/dev/null) at uptime $(up) s, $(awk -v a="$t2" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }') s after its start"
 
 rc=$(sed -n 's/^AIRLOCK-GUEST-EXIT \([0-9]*\).*/\1/p' /tmp/l2.log 2>/dev/null | tail -n 1)
-kill $apid 2>/dev/null
-wait $apid
-say "airlock exited with $? after SIGTERM"
-dmesg | grep -iE 'smmu.*(event|fault)|vfio' | tail -n 4 | while read -r l; do say "dmesg: $l"; done
-show_log
-exit "${rc:-1}"
+end_l1 "$rc" 'smmu.*(event|fault)|vfio' 4

@@ -132,9 +132,4 @@ say "L2 QEMU ended: $(grep -m1 'AIRLOCK-L2-QEMU-RC' /tmp/l2.log | cut -d' ' -f2-
 grep -E 'starting a fresh sandboxed server|adopted [0-9]+ DMA mappings|adoption window closed' /tmp/airlock.log |
     sed -E 's/^[^ ]+ +[A-Z]+ [a-z_:]+: /INFO airlock: /' | cut -c1-500
 rc=$(sed -n 's/^[0-9.]* AIRLOCK-GUEST-EXIT \([0-9]*\).*/\1/p' /tmp/l2.log | tail -n 1)
-kill $apid 2>/dev/null
-wait $apid
-say "airlock exited with $? after SIGTERM"
-dmesg | grep -iE 'DMAR.*(fault|fail)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
-show_log
-exit "${rc:-1}"
+end_l1 "$rc" 'DMAR.*(fault|fail)|vfio' 6

@@ -98,7 +98,6 @@ note "built static airlock and airlock-guest-test in $(elapsed "$t0") s"
 
 work=$RUN_DIR
 g="$AIRLOCK_CACHE/guest/amd64"
-qr="$AIRLOCK_CACHE/qemu-root"
 
 # L2: the generic initramfs (vfio modules behind virtio-iommu) with the soak as /test.
 # It first says where L2's boot spent its time (dmesg gaps over 5 s).
@@ -116,21 +115,10 @@ l2_cpio="$work/l2.cpio"
 "$E2E_REPO/scripts/mkinitramfs" x86_64 "$l2_cpio" "$bin/airlock-guest-test:/airlock-guest-test" \
     "$work/soak.sh:/test" >>"$LOG_DIR/build.log" 2>&1 || die "mkinitramfs (L2) failed (see $LOG_DIR/build.log)"
 
-# The patched QEMU for L1 (a host build): the binary, its host libraries by
-# soname, the host's loader, and the stock root's firmware (q35 + PVH vmlinux:
-# SeaBIOS runs pvh.bin; kvmvapic.bin is asked for even under TCG).
+# The patched QEMU for L1 (a host build), run by the host's loader.
 loader=$(readlink -f /lib64/ld-linux-x86-64.so.2)
 [[ -x $loader ]] || skip_exit "no /lib64/ld-linux-x86-64.so.2 on this host to run the patched QEMU with"
-bundle=("$pq_bin:/opt/qemu/bin/qemu-system-x86_64" "$loader:/opt/qemu/lib/ld-linux-x86-64.so.2")
-while read -r soname _ path _; do
-    [[ $path == /* && $soname != */* ]] || continue
-    bundle+=("$(readlink -f "$path"):/opt/qemu/lib/$soname")
-done < <("$loader" --list "$pq_bin")
-for fw in "$qr/usr/share/seabios/bios-256k.bin" "$qr/usr/share/qemu/pvh.bin" "$qr/usr/share/qemu/kvmvapic.bin"; do
-    bundle+=("$(readlink -f "$fw"):/opt/qemu/share/${fw##*/}")
-done
-bundle_bytes=0
-for s in "${bundle[@]}"; do bundle_bytes=$((bundle_bytes + $(stat -L -c %s "${s%%:*}"))); done
+qemu_bundle_x86 "$pq_bin" "$loader"
 note "L2 QEMU bundle (patched): ${#bundle[@]} files, $((bundle_bytes / 1048576)) MiB; L2 initramfs $(($(stat -c %s "$l2_cpio") / 1024)) KiB"
 
 cpio="$work/l1.cpio"

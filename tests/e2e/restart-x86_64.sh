@@ -182,16 +182,16 @@ judge() { # judge NAME EVENT NEXT_EVENT RESUME_INDEX MAX_FAILED
     fi
     read -r failed late longest lr why <<<"$(window "$from" "$to")"
     local detail="QEMU: server lost -> state replayed in ${q:-?} ms; guest: longest round $lr took $((longest - ${median:-0})) ms more than the median (${median:-?} ms); $failed rounds failed"
-    # a failing verdict says what the guest saw (rounds FROM..TO)
-    detail+="${why:+ (rounds $from..$to: $why)}"
+    # a failing verdict also says what the guest saw
+    local seen="${why:+ (rounds $from..$to: $why)}"
     if [[ -z $q ]]; then
-        verdict "$name" FAIL "QEMU never resumed the device; $detail"
+        verdict "$name" FAIL "QEMU never resumed the device; $detail$seen"
     elif ((late > 0)); then
-        verdict "$name" FAIL "rounds failed again after the restart; $detail"
+        verdict "$name" FAIL "rounds failed again after the restart; $detail$seen"
     elif [[ $max != any ]] && ((failed > max)); then
-        verdict "$name" FAIL "more than $max round failed; $detail"
+        verdict "$name" FAIL "more than $max round failed; $detail$seen"
     else
-        verdict "$name" OK "${detail% (rounds *}"
+        verdict "$name" OK "$detail"
     fi
 }
 judge a-server-killed a b 0 1
