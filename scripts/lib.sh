@@ -68,26 +68,71 @@ debian_keyring() {
     printf '%s\n' "$k"
 }
 
-# need_host_pkgs CMD:PKG ...: install host packages (from the host's own
-# release) for commands that are missing.
+# need_host_pkgs CMD:PKG ...: install host packages for commands that are
+# missing. Only tools that must run on the host go through here (mmdebstrap,
+# cpio, kmod, systemd's tools...): libraries and -dev packages live in Debian
+# roots (scripts/setup-build-root.sh), never on the host. No target release is
+# pinned: apt picks the candidates of the host's own sources (a pin to the main
+# suite would rank it above -security and break on security-updated libraries).
+# On failure: names the packages and quotes apt's own error; returns 1.
 _apt_updated=""
 need_host_pkgs() {
-    local item cmd pkg missing=()
+    local item cmd pkg missing=() err
     for item in "$@"; do
         cmd=${item%%:*} pkg=${item#*:}
         command -v "$cmd" >/dev/null 2>&1 || [[ " ${missing[*]} " == *" $pkg "* ]] ||
             missing+=("$pkg")
     done
     ((${#missing[@]})) || return 0
-    [[ $(id -u) == 0 ]] || die "need root to install: ${missing[*]}"
+    if [[ $(id -u) != 0 ]]; then
+        log "error: need root to install host packages: ${missing[*]} (or install them yourself)"
+        return 1
+    fi
     log "installing host packages: ${missing[*]}"
+    err=$(mktemp)
     if [[ -z "$_apt_updated" ]]; then
-        apt-get update -qq >&2
+        apt-get update -qq >/dev/null 2>"$err" || log "warning: apt-get update: $(tr '\n' ' ' <"$err")"
         _apt_updated=1
     fi
-    local rel
-    rel=$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")
-    apt-get install -y -qq -o DPkg::Lock::Timeout=120 --no-install-recommends ${rel:+-t "$rel"} "${missing[@]}" >/dev/null
+    if ! apt-get install -y -qq -o DPkg::Lock::Timeout=120 --no-install-recommends \
+        "${missing[@]}" >/dev/null 2>"$err"; then
+        log "error: could not install host packages ${missing[*]}: apt-get said:"
+        sed 's/^/    /' "$err" >&2
+        rm -f "$err"
+        return 1
+    fi
+    rm -f "$err"
+}
+
+# need_mmdebstrap: the one tool that makes the Debian roots (QEMU, build).
+need_mmdebstrap() {
+    need_host_pkgs mmdebstrap:mmdebstrap ||
+        die "mmdebstrap is needed to make the Debian roots in $AIRLOCK_CACHE (see above)"
+}
+
+# in_root ROOT DIR... -- CMD...: run CMD chrooted in the Debian root ROOT,
+# inside a private mount namespace (nothing leaks to the host, everything is
+# unmounted when CMD ends) with /proc, /dev and /sys from the host and each DIR
+# bind-mounted at its own path, so paths read the same inside and out (meson
+# and ninja record absolute paths). HOME is / inside.
+in_root() {
+    local root=$1 d binds=()
+    shift
+    while (($#)) && [[ $1 != -- ]]; do binds+=("$1"); shift; done
+    [[ ${1:-} == -- ]] || die "in_root: missing --"
+    shift
+    [[ -x $root/bin/sh ]] || die "in_root: $root is not a Debian root"
+    for d in "${binds[@]}"; do mkdir -p "$d" "$root$d"; done
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    unshare --mount --propagation private -- /bin/sh -euc '
+        root=$1; n=$2; shift 2
+        mount -t proc proc "$root/proc"
+        mount --rbind /dev "$root/dev"
+        mount --rbind /sys "$root/sys"
+        while [ "$n" -gt 0 ]; do mount --bind "$1" "$root$1"; shift; n=$((n - 1)); done
+        exec chroot "$root" /usr/bin/env -i HOME=/ LC_ALL=C.UTF-8 \
+            PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "$@"' \
+        in_root "$root" "${#binds[@]}" "${binds[@]}" "$@"
 }
 
 # guest_arch ARCH: map qemu arch names to Debian arch names.

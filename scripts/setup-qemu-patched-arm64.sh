@@ -15,8 +15,9 @@
 #   <base12>-arm64/src      QEMU at the base commit, a git tree (tag
 #                           airlock-base) with the current series applied
 #   <base12>-arm64/build    its meson build directory (cross), kept
-#   <base12>-arm64/sysroot  arm64 Debian -dev packages, unpacked (never installed)
-#   <base12>-arm64/apt      a private apt configuration for arm64
+#   <base12>-arm64/sysroot  arm64 Debian -dev packages and their dependencies
+#                           as resolved by apt, unpacked, never installed
+#                           (mmdebstrap --variant=extract)
 #   <base12>-<hash>-arm64/  the bundle for one series (hash of the series file
 #                           and its patches, as setup-qemu-patched.sh computes
 #                           it): an unchanged series is not rebuilt; a changed
@@ -27,11 +28,14 @@
 #   $AIRLOCK_QEMU_SRC      a QEMU tree or tarball at the base commit
 #   <repo>/../shared/qemu/qemu-*.tar.xz   a vendored tarball (with subprojects)
 #   otherwise              git clone of upstream QEMU at the base commit
-# Build tools come from the host's own apt (gcc-aarch64-linux-gnu, ninja...,
-# needs root when missing). The arm64 libraries (glib, pixman, libfdt, zlib
-# and what they depend on) are downloaded as arm64 .debs with a private
-# APT_CONFIG (the host's dpkg architectures stay as they are) from the
-# mirror of the host's apt sources, and unpacked into the sysroot.
+# The compiler, ninja and the rest run chrooted in the build root
+# (scripts/setup-build-root.sh: bookworm with Debian's aarch64 cross gcc), with
+# <base12>-arm64 bind-mounted at its own path. The arm64 libraries (glib,
+# pixman, libfdt, zlib and what they depend on) come from the sysroot, made by
+# mmdebstrap from bookworm (the build root's release, so its cross gcc and the
+# sysroot's glibc agree) at the mirror of the host's apt sources. The host
+# installs no library and no -dev package, and its dpkg architectures stay as
+# they are.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib.sh"
@@ -63,45 +67,38 @@ if installed; then
 fi
 start=$SECONDS
 
-# --- host build tools ----------------------------------------------------------
-need_host_pkgs ninja:ninja-build flex:flex bison:bison pkg-config:pkg-config \
-    python3:python3 git:git xz:xz-utils dpkg-deb:dpkg apt-get:apt \
-    "$triplet-gcc:gcc-$triplet" "$triplet-readelf:binutils-$triplet" >&2
-if ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'ok installed'; then
-    need_host_pkgs __no_such_cmd__:python3-venv >&2
-fi
+# --- the build root and the arm64 sysroot ----------------------------------------
+need_host_pkgs git:git xz:xz-utils >&2
+broot=$("$here/setup-build-root.sh") || die "the build root could not be made"
+suite=bookworm
+# inroot CMD...: CMD in the build root, with the arm64 work tree at its own path.
+inroot() { in_root "$broot" "$work" -- "$@"; }
 
-# --- the arm64 sysroot ---------------------------------------------------------
 # Debian's multiarch layout (usr/include/<triplet>, usr/lib/<triplet>) is what
-# the cross gcc expects under --sysroot, so the .debs are just unpacked.
-if [[ ! -f $sysroot/.stamp ]]; then
+# the cross gcc expects under --sysroot, so the packages are just unpacked;
+# their dependencies are apt's to resolve (libc6-dev brings the crt files).
+sysroot_pkgs="libc6-dev,libglib2.0-dev,libpixman-1-dev,libfdt-dev,zlib1g-dev"
+if [[ ! -f $sysroot/.stamp || $(cat "$sysroot/.stamp") != "$suite $sysroot_pkgs" ]]; then
+    [[ $(id -u) == 0 ]] || die "must run as root to make $sysroot (mmdebstrap root mode)"
+    need_mmdebstrap
     mirror=$(debian_mirror)
     keyring=$(debian_keyring)
-    rel=$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-bookworm}")
-    a="$work/apt"
-    rm -rf "$a" "$sysroot"
-    mkdir -p "$a/debs" "$sysroot"
-    APT_CONFIG=$(private_apt "$a" arm64 "$mirror" "$keyring" "$rel")
-    export APT_CONFIG
-    log "arm64 sysroot: apt-get update (private config, $mirror $rel)"
-    apt-get update -qq >&2
-    # The closure of the -dev packages QEMU links against, libraries only
-    # (interpreters and tools they pull in are never run here).
-    mapfile -t pkgs < <(apt-cache depends --recurse --no-recommends --no-suggests \
-        --no-conflicts --no-breaks --no-replaces --no-enhances \
-        libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev libc6-dev |
-        grep -E '^[a-z0-9]' | sort -u |
-        grep -E '^(lib|linux-libc-dev$|zlib1g|uuid-dev$)' | grep -vE '^lib(perl|python|glib2\.0-(bin|dev-bin|data))')
-    log "arm64 sysroot: downloading ${#pkgs[@]} packages"
-    (cd "$a/debs" && apt-get download -qq "${pkgs[@]}" >&2)
-    unset APT_CONFIG
-    for deb in "$a/debs"/*.deb; do dpkg-deb -x "$deb" "$sysroot"; done
-    rm -rf "$a/debs"
+    log "arm64 sysroot: $sysroot_pkgs and their dependencies ($suite, $mirror)"
+    rm -rf "$sysroot" "$sysroot.tmp"
+    mkdir -p "$work"
+    mmdebstrap --quiet --variant=extract --mode=root --architectures=arm64 \
+        --include="$sysroot_pkgs" \
+        --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        "$suite" "$sysroot.tmp" "deb [signed-by=$keyring] $mirror $suite main" >&2 ||
+        die "mmdebstrap could not make the arm64 sysroot (its error above)"
+    mv "$sysroot.tmp" "$sysroot"
     # Absolute symlinks (e.g. lib*.so -> /lib/...) must point into the sysroot.
     find "$sysroot" -type l -lname '/*' | while IFS= read -r l; do
         ln -sfn "$sysroot$(readlink "$l")" "$l"
     done
-    date -u +%FT%TZ >"$sysroot/.stamp"
+    printf '%s\n' "$suite $sysroot_pkgs" >"$sysroot/.stamp"
 fi
 
 # pkg-config for the target: only the sysroot's .pc files, paths prefixed.
@@ -123,35 +120,47 @@ log "applied ${#files[@]} patches (series $hash) to QEMU ${base:0:12} (arm64 tre
 # configure's --cross-prefix writes meson's cross file; --sysroot makes the
 # cross gcc take headers, crt files and libraries (libc too) from the sysroot;
 # -rpath-link lets ld follow the libraries' own DT_NEEDED there.
+# No debug info: the binary is stripped, and -g costs a cold build minutes.
+conf=(--cross-prefix="$triplet-"
+    --extra-cflags="--sysroot=$sysroot"
+    --extra-ldflags="--sysroot=$sysroot -Wl,-rpath-link=$sysroot/lib/$triplet:$sysroot/usr/lib/$triplet"
+    --target-list=aarch64-softmmu --disable-docs --disable-debug-info
+    --disable-tools --disable-user --disable-gtk --disable-sdl --disable-vnc
+    --disable-opengl --disable-spice --disable-curses --disable-slirp
+    --disable-werror "$download" --disable-install-blobs --disable-rust)
+# A build directory configured otherwise (other options, or by an older airlock
+# with the host's cross gcc) is configured anew.
+configured="$build/.airlock-build-root"
+if [[ -f $build/build.ninja && $(cat "$configured" 2>/dev/null) != "${conf[*]}" ]]; then
+    log "dropping $build (configured with other options or outside the build root)"
+    rm -rf "$build"
+fi
 if [[ ! -f $build/build.ninja ]]; then
     rm -rf "$build"
     mkdir -p "$build"
-    log "configuring QEMU (cross, $triplet) in $build"
-    (cd "$build" && PKG_CONFIG="$pc" nice -n 10 "$src/configure" \
-        --cross-prefix="$triplet-" \
-        --extra-cflags="--sysroot=$sysroot" \
-        --extra-ldflags="--sysroot=$sysroot -Wl,-rpath-link=$sysroot/lib/$triplet:$sysroot/usr/lib/$triplet" \
-        --target-list=aarch64-softmmu --disable-docs \
-        --disable-tools --disable-user --disable-gtk --disable-sdl --disable-vnc \
-        --disable-opengl --disable-spice --disable-curses --disable-slirp \
-        --disable-werror "$download" --disable-install-blobs --disable-rust) >&2 ||
+    log "configuring QEMU (cross, $triplet) in $build (build root $broot)"
+    # shellcheck disable=SC2016 # expanded by the root's shell
+    inroot /bin/sh -c 'cd "$1" && shift && PKG_CONFIG="$1" && shift && export PKG_CONFIG && exec nice -n 10 "$@"' \
+        sh "$build" "$pc" "$src/configure" "${conf[@]}" >&2 ||
         { rm -f "$build/build.ninja"; die "QEMU configure (cross) failed"; }
+    printf '%s\n' "${conf[*]}" >"$configured"
 fi
 log "building qemu-system-aarch64 for arm64 (nice -n 10)"
-nice -n 10 ninja -C "$build" qemu-system-aarch64 >&2 || die "QEMU build (cross) failed"
+inroot nice -n 10 ninja -C "$build" qemu-system-aarch64 >&2 || die "QEMU build (cross) failed"
 
 # --- bundle: the binary, its libraries by soname, the loader ------------------------
 bin="$build/qemu-system-aarch64"
-[[ $("$triplet-readelf" -h "$bin" | sed -nE 's/^ *Machine: *//p') == AArch64 ]] ||
+[[ $(inroot "$triplet-readelf" -h "$bin" | sed -nE 's/^ *Machine: *//p') == AArch64 ]] ||
     die "$bin is not an AArch64 program"
 # It cannot run here (no arm64 user emulation); look for the type patch 6
 # adds, the reason this build exists (the nested test checks what it does).
 grep -qaF host-iommu-device-vfio-user "$bin" || die "$bin has no host-iommu-device-vfio-user (patch 6)"
 rm -rf "$out.tmp"
 mkdir -p "$out.tmp/lib"
-"$triplet-strip" -o "$out.tmp/qemu-system-aarch64" "$bin"
+inroot "$triplet-strip" -o "$work/qemu-system-aarch64.stripped" "$bin"
+mv "$work/qemu-system-aarch64.stripped" "$out.tmp/qemu-system-aarch64"
 # needed FILE: its DT_NEEDED sonames.
-needed() { "$triplet-readelf" -d "$1" | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p'; }
+needed() { inroot "$triplet-readelf" -d "$1" | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p'; }
 queue=("$bin")
 declare -A have=()
 while ((${#queue[@]})); do
@@ -169,7 +178,7 @@ while ((${#queue[@]})); do
         queue+=("$lib")
     done
 done
-interp=$("$triplet-readelf" -l "$bin" | sed -nE 's/.*Requesting program interpreter: (.*)\]/\1/p')
+interp=$(inroot "$triplet-readelf" -l "$bin" | sed -nE 's/.*Requesting program interpreter: (.*)\]/\1/p')
 [[ ${interp##*/} == ld-linux-aarch64.so.1 ]] || die "unexpected interpreter '$interp'"
 cp "$(readlink -f "$sysroot$interp")" "$out.tmp/lib/ld-linux-aarch64.so.1"
 cp "$series" "$out.tmp/series"

@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # scripts/setup-qemu-patched.sh: build QEMU with airlock's patch series
 # (qemu-patches/) -- qemu-system-x86_64 and qemu-system-aarch64 only -- and
-# print the directory holding the two binaries (the only line on stdout).
+# print the directory holding them (the only line on stdout). The directory is
+# a bundle that runs on any x86_64 host, whatever libraries it has:
+#   <dir>/qemu-system-ARCH       run these: each execs the binary below through
+#                                the bundled loader and libraries
+#   <dir>/bin/qemu-system-ARCH   the patched emulators (stripped ELF)
+#   <dir>/lib/<soname>           every shared library they need, by soname,
+#                                with ld-linux-x86-64.so.2
 #
 # Cache ($AIRLOCK_CACHE/qemu-patched/, see scripts/lib.sh):
 #   <base12>/src     QEMU at the base commit, a git tree (tag airlock-base);
 #                    the current series is applied on top with git am
 #   <base12>/build   its meson build directory, kept between series
+# Both are built in the build root (scripts/setup-build-root.sh: bookworm with
+# QEMU's build dependencies), chrooted, with <base12> bind-mounted at its own
+# path: the host installs no library and no -dev package.
 #   <base12>-<hash>/ the installed binaries for one series (hash of the
 #                    series file and its patches): an unchanged series is
 #                    not rebuilt, its directory is printed at once
@@ -19,7 +28,6 @@
 #   <repo>/../shared/qemu/qemu-*.tar.xz   a vendored tarball (with subprojects)
 #   otherwise              git clone of upstream QEMU at the base commit
 #                          (meson then downloads its subprojects)
-# Build dependencies come from the host's own apt (needs root when missing).
 # The binaries are built without firmware: run them with -L pointing at the
 # stock QEMU root's firmware (scripts/qemu does, with AIRLOCK_QEMU_BIN_DIR).
 set -euo pipefail
@@ -37,7 +45,7 @@ src="$work/src" build="$work/build"
 out="$top/${base:0:12}-$hash"
 targets=(qemu-system-x86_64 qemu-system-aarch64)
 
-installed() { [[ -f $out/.stamp && -x $out/qemu-system-x86_64 && -x $out/qemu-system-aarch64 ]]; }
+installed() { [[ -f $out/.stamp && -x $out/qemu-system-x86_64 && -x $out/qemu-system-aarch64 && -f $out/lib/ld-linux-x86-64.so.2 ]]; }
 if installed; then
     printf '%s\n' "$out"
     exit 0
@@ -53,56 +61,77 @@ if installed; then
 fi
 start=$SECONDS
 
-# --- build dependencies ------------------------------------------------------
-need_host_pkgs ninja:ninja-build flex:flex bison:bison pkg-config:pkg-config \
-    python3:python3 cc:gcc git:git xz:xz-utils >&2
-libs=()
-for pkg in libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev python3-venv; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || libs+=("$pkg")
-done
-if ((${#libs[@]})); then
-    [[ $(id -u) == 0 ]] || die "need root to install: ${libs[*]}"
-    log "installing host packages: ${libs[*]}"
-    apt-get update -qq >&2
-    rel=$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")
-    apt-get install -y -qq -o DPkg::Lock::Timeout=120 --no-install-recommends \
-        ${rel:+-t "$rel"} "${libs[@]}" >/dev/null
-fi
+# --- build dependencies: the build root ---------------------------------------------
+need_host_pkgs git:git xz:xz-utils >&2
+broot=$("$here/setup-build-root.sh") || die "the build root could not be made"
+# inroot CMD...: CMD in the build root, with the QEMU work tree at its own path.
+inroot() { in_root "$broot" "$work" -- "$@"; }
 
 # --- the source tree at the base commit, the series applied -----------------------
 qemu_source "$src" "$build" "$work/download" "$repo"
 series_apply "$src" "$patches"
 log "applied ${#files[@]} patches (series $hash) to QEMU ${base:0:12}"
 
-# --- configure and build ---------------------------------------------------------
+# --- configure and build (in the build root) ----------------------------------------
+# No debug info: the binaries are stripped, and -g costs a cold build minutes.
+conf=(--target-list=x86_64-softmmu,aarch64-softmmu --disable-docs --disable-debug-info
+    --disable-tools --disable-user --disable-gtk --disable-sdl --disable-vnc
+    --disable-opengl --disable-spice --disable-curses --disable-slirp
+    --disable-werror "$download" --disable-install-blobs --disable-rust)
+# A build directory configured otherwise (other options, or by an older airlock
+# on the host, whose compiler and library paths are not the root's) is
+# configured anew.
+configured="$build/.airlock-build-root"
+if [[ -f $build/build.ninja && $(cat "$configured" 2>/dev/null) != "${conf[*]}" ]]; then
+    log "dropping $build (configured with other options or outside the build root)"
+    rm -rf "$build"
+fi
 if [[ ! -f $build/build.ninja ]]; then
     rm -rf "$build"
     mkdir -p "$build"
-    log "configuring QEMU in $build"
-    (cd "$build" && nice -n 10 "$src/configure" \
-        --target-list=x86_64-softmmu,aarch64-softmmu --disable-docs \
-        --disable-tools --disable-user --disable-gtk --disable-sdl --disable-vnc \
-        --disable-opengl --disable-spice --disable-curses --disable-slirp \
-        --disable-werror "$download" --disable-install-blobs --disable-rust) >&2 ||
+    log "configuring QEMU in $build (build root $broot)"
+    # shellcheck disable=SC2016 # expanded by the root's shell
+    inroot /bin/sh -c 'cd "$1" && shift && exec nice -n 10 "$@"' sh "$build" "$src/configure" "${conf[@]}" >&2 ||
         { rm -f "$build/build.ninja"; die "QEMU configure failed"; }
+    printf '%s\n' "${conf[*]}" >"$configured"
 fi
 log "building ${targets[*]} (nice -n 10; a first build takes ~25 min on 2 cores)"
 # Build the two targets by name: a plain ninja also builds tests/fp, which
 # the vendored tarball's testfloat revision does not build.
-nice -n 10 ninja -C "$build" "${targets[@]}" >&2 || die "QEMU build failed"
+inroot nice -n 10 ninja -C "$build" "${targets[@]}" >&2 || die "QEMU build failed"
 
-# --- install -------------------------------------------------------------------
+# --- install: the binaries, their libraries by soname, the loader --------------------
 rm -rf "$out.tmp"
-mkdir -p "$out.tmp"
+mkdir -p "$out.tmp/bin" "$out.tmp/lib"
 for t in "${targets[@]}"; do
-    cp "$build/$t" "$out.tmp/$t"
-    strip "$out.tmp/$t" 2>/dev/null || true
+    inroot strip -o "$work/$t.stripped" "$build/$t"
+    mv "$work/$t.stripped" "$out.tmp/bin/$t"
+done
+# The root's loader lists what the binaries need, as paths inside the root.
+# shellcheck disable=SC2016 # expanded by the root's shell
+inroot /bin/sh -c 'for b; do /lib64/ld-linux-x86-64.so.2 --list "$b"; done' sh \
+    "${targets[@]/#/$build/}" >"$work/ldd.txt" || die "the build root's loader cannot list the QEMU libraries"
+n=0
+while read -r soname _ path _; do
+    [[ $path == /* && $soname != */* && ! -e $out.tmp/lib/$soname ]] || continue
+    cp "$broot$(inroot readlink -f "$path")" "$out.tmp/lib/$soname"
+    n=$((n + 1))
+done <"$work/ldd.txt"
+cp "$broot$(inroot readlink -f /lib64/ld-linux-x86-64.so.2)" "$out.tmp/lib/ld-linux-x86-64.so.2"
+for t in "${targets[@]}"; do
+    cat >"$out.tmp/$t" <<EOF
+#!/bin/sh
+# $t with airlock's QEMU series, run through the libraries bundled beside it.
+d=\$(dirname "\$(readlink -f "\$0")")
+exec "\$d/lib/ld-linux-x86-64.so.2" --library-path "\$d/lib" --argv0 "\$0" "\$d/bin/$t" "\$@"
+EOF
+    chmod +x "$out.tmp/$t"
 done
 cp "$series" "$out.tmp/series"
 "$out.tmp/qemu-system-x86_64" -device vfio-user-pci,help 2>&1 | grep -q 'chardev' ||
-    die "the built qemu-system-x86_64 has no vfio-user-pci chardev property"
+    die "the built qemu-system-x86_64 does not run here, or has no vfio-user-pci chardev property"
 printf 'base %s\nseries %s\nbuilt %s\n' "$base" "$hash" "$(date -u +%FT%TZ)" >"$out.tmp/.stamp"
 rm -rf "$out"
 mv "$out.tmp" "$out"
-log "patched QEMU ready in $out ($((SECONDS - start)) s)"
+log "patched QEMU ready in $out ($n libraries bundled; $((SECONDS - start)) s)"
 printf '%s\n' "$out"

@@ -22,11 +22,7 @@ flock 9
 start=$SECONDS
 mkdir -p "$AIRLOCK_CACHE"
 
-if ! command -v mmdebstrap >/dev/null 2>&1; then
-    log "installing mmdebstrap on the host"
-    apt-get update -qq >&2
-    apt-get install -y -qq -t bookworm mmdebstrap >/dev/null
-fi
+need_mmdebstrap
 
 mirror=$(debian_mirror)
 keyring=$(debian_keyring)

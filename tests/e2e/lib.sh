@@ -137,7 +137,7 @@ e2e_build() {
         { tail -n 30 "$LOG_DIR/build.log"; die "building airlock failed (see $LOG_DIR/build.log)"; }
     # Cross targets link with Debian's cross gcc (scripts/setup-cross.sh).
     (cd "$E2E_REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
-        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-aarch64-linux-gnu-gcc} \
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-$E2E_REPO/scripts/aarch64-linux-gnu-gcc} \
         cargo build --release -p airlock-guest-test --target "$GUEST_TARGET") >>"$LOG_DIR/build.log" 2>&1 ||
         { tail -n 30 "$LOG_DIR/build.log"; die "building the guest program failed (see $LOG_DIR/build.log)"; }
     note "built airlock and airlock-guest-test in $(elapsed "$t0") s"

@@ -68,7 +68,7 @@ t0=$(now)
 : >"$LOG_DIR/build.log"
 for p in airlock airlock-guest-test; do
     (cd "$E2E_REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
-        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-aarch64-linux-gnu-gcc} \
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-$E2E_REPO/scripts/aarch64-linux-gnu-gcc} \
         cargo build --release -p "$p" --target "$target") >>"$LOG_DIR/build.log" 2>&1 ||
         { tail -n 30 "$LOG_DIR/build.log"; die "building $p for $target failed (see $LOG_DIR/build.log)"; }
 done

@@ -83,9 +83,10 @@ t0=$(now)
 note "patched QEMU: scripts/setup-qemu-patched.sh (first run builds it, ~25 min)"
 pq_dir=$("$E2E_REPO/scripts/setup-qemu-patched.sh" 2>>"$LOG_DIR/setup.log") ||
     skip_exit "building the patched QEMU failed (see $LOG_DIR/setup.log)"
-pq_bin="$pq_dir/qemu-system-x86_64"
-[[ -x $pq_bin ]] || skip_exit "scripts/setup-qemu-patched.sh printed '$pq_dir', which has no qemu-system-x86_64"
-note "patched QEMU in $pq_dir ($(elapsed "$t0") s): $("$pq_bin" -version | head -n1)"
+pq_bin="$pq_dir/bin/qemu-system-x86_64"
+[[ -x $pq_bin && -f $pq_dir/lib/ld-linux-x86-64.so.2 ]] ||
+    skip_exit "scripts/setup-qemu-patched.sh printed '$pq_dir', which has no bin/qemu-system-x86_64 with lib/"
+note "patched QEMU in $pq_dir ($(elapsed "$t0") s): $("$pq_dir/qemu-system-x86_64" -version | head -n1)"
 
 t0=$(now)
 : >"$LOG_DIR/build.log"
@@ -115,10 +116,8 @@ l2_cpio="$work/l2.cpio"
 "$E2E_REPO/scripts/mkinitramfs" x86_64 "$l2_cpio" "$bin/airlock-guest-test:/airlock-guest-test" \
     "$work/soak.sh:/test" >>"$LOG_DIR/build.log" 2>&1 || die "mkinitramfs (L2) failed (see $LOG_DIR/build.log)"
 
-# The patched QEMU for L1 (a host build), run by the host's loader.
-loader=$(readlink -f /lib64/ld-linux-x86-64.so.2)
-[[ -x $loader ]] || skip_exit "no /lib64/ld-linux-x86-64.so.2 on this host to run the patched QEMU with"
-qemu_bundle_x86 "$pq_bin" "$loader"
+# The patched QEMU for L1, with the loader and libraries bundled beside it.
+qemu_bundle_x86 "$pq_bin" "$pq_dir/lib/ld-linux-x86-64.so.2" "$pq_dir/lib"
 note "L2 QEMU bundle (patched): ${#bundle[@]} files, $((bundle_bytes / 1048576)) MiB; L2 initramfs $(($(stat -c %s "$l2_cpio") / 1024)) KiB"
 
 cpio="$work/l1.cpio"

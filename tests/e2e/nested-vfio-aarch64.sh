@@ -34,7 +34,7 @@ LOG_DIR=$(cd "$LOG_DIR" && pwd)
 timeout_s=${GUEST_TIMEOUT:-600}
 smp=${GUEST_SMP:-2}
 target=aarch64-unknown-linux-gnu
-linker=aarch64-linux-gnu-gcc
+linker=${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-$repo/scripts/aarch64-linux-gnu-gcc}
 msi_window=${MSI_WINDOW-0x8000000:0x100000}
 work=$(mktemp -d "${TMPDIR:-/tmp}/airlock-nested-a64.XXXXXX")
 qpid=""
@@ -56,20 +56,10 @@ note() { printf '   %s\n' "$*"; }
 # --- setup and build ----------------------------------------------------------
 command -v cargo >/dev/null || { echo "SKIP nested-vfio-aarch64: cargo not found"; exit 77; }
 : >"$LOG_DIR/setup.log"
-# The cross toolchain: scripts/setup-cross.sh (rustup target + Debian's
-# gcc-aarch64-linux-gnu as the linker), or the same two steps here.
-if [[ -x $repo/scripts/setup-cross.sh ]]; then
-    "$repo/scripts/setup-cross.sh" aarch64 >>"$LOG_DIR/setup.log" 2>&1 || true
-else
-    { rustup target list --installed | grep -qx "$target" || rustup target add "$target"; } \
-        >>"$LOG_DIR/setup.log" 2>&1 || true
-    (need_host_pkgs "$linker:gcc-aarch64-linux-gnu") >>"$LOG_DIR/setup.log" 2>&1 || true
-    # Static glibc for crt-static (a recommends, which need_host_pkgs skips).
-    if command -v "$linker" >/dev/null && ! "$linker" -print-file-name=libc.a | grep -q /; then
-        (need_host_pkgs "__no_such_cmd__:libc6-dev-arm64-cross") >>"$LOG_DIR/setup.log" 2>&1 || true
-    fi
-fi
-if ! command -v "$linker" >/dev/null || [[ ! -d "$(rustc --print sysroot)/lib/rustlib/$target" ]]; then
+# The cross toolchain: scripts/setup-cross.sh (rustup target + the build
+# root's cross gcc, run by scripts/aarch64-linux-gnu-gcc).
+if ! "$repo/scripts/setup-cross.sh" aarch64 >>"$LOG_DIR/setup.log" 2>&1 ||
+    [[ ! -d "$(rustc --print sysroot)/lib/rustlib/$target" ]]; then
     tail -n 5 "$LOG_DIR/setup.log"
     echo "SKIP nested-vfio-aarch64: no $target cross toolchain ($linker + rust-std; see $LOG_DIR/setup.log)"
     exit 77

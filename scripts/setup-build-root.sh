@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# scripts/setup-build-root.sh: a Debian bookworm root in $AIRLOCK_CACHE/build-root
+# holding everything the patched QEMU builds need, and print its path (the only
+# line on stdout). The host installs no library and no -dev package: the root's
+# own apt resolves the build dependencies, whatever the host's package database
+# holds (scripts/setup-qemu-patched.sh and setup-qemu-patched-arm64.sh build in it
+# through lib.sh's in_root; scripts/setup-cross.sh links with its cross gcc).
+#
+#   amd64   gcc, ninja, flex, bison, pkgconf, python3-venv and QEMU's libraries
+#           (glib, pixman, libfdt, zlib) as -dev packages
+#   arm64   Debian's cross gcc (gcc-aarch64-linux-gnu) with its glibc
+#           (libc6-dev-arm64-cross: crt files and the static libc that
+#           crt-static Rust programs link). The arm64 libraries QEMU links
+#           against are a separate sysroot (setup-qemu-patched-arm64.sh): bookworm's
+#           libfdt-dev cannot be installed for two architectures at once.
+#
+# The stamp records the package list: a changed list makes the root anew.
+# Idempotent; needs root (mmdebstrap's root mode) only when it builds.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$here/lib.sh"
+
+suite=bookworm
+pkgs=(
+    gcc libc6-dev binutils ninja-build flex bison pkgconf python3 python3-venv
+    libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev
+    gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross
+)
+root="$AIRLOCK_CACHE/build-root"
+stamp="$root.stamp"
+want="$suite ${pkgs[*]}"
+
+ready() { [[ -f $stamp && -d $root && $(sed -n 2p "$stamp") == "$want" ]]; }
+if ready; then
+    printf '%s\n' "$root"
+    exit 0
+fi
+mkdir -p "$AIRLOCK_CACHE"
+# One builder at a time (parallel CI jobs); re-check after waiting.
+exec 9>"$AIRLOCK_CACHE/.setup-build-root.lock"
+flock 9
+if ready; then
+    printf '%s\n' "$root"
+    exit 0
+fi
+[[ $(id -u) == 0 ]] || die "must run as root to make $root (mmdebstrap root mode)"
+need_mmdebstrap
+mirror=$(debian_mirror)
+keyring=$(debian_keyring)
+start=$SECONDS
+log "making the build root ($suite, ${#pkgs[@]} packages and their dependencies) from $mirror"
+
+tmp="$root.tmp"
+rm -rf "$tmp" "$stamp"
+include=$(IFS=,; echo "${pkgs[*]}")
+mmdebstrap \
+    --quiet \
+    --variant=apt \
+    --mode=root \
+    --aptopt='APT::Install-Recommends "false"' \
+    --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --include="$include" \
+    --customize-hook='chroot "$1" apt-get clean' \
+    "$suite" "$tmp" "deb [signed-by=$keyring] $mirror $suite main" >&2 ||
+    die "mmdebstrap could not make the build root (its error above)"
+
+rm -rf "$root"
+mv "$tmp" "$root"
+printf 'built %s\n%s\n' "$(date -u +%FT%TZ)" "$want" >"$stamp"
+log "build root ready in $((SECONDS - start)) s ($(du -sh "$root" | cut -f1))"
+printf '%s\n' "$root"
