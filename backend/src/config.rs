@@ -40,7 +40,7 @@ Signals:
                     be executed, airlock logs why and carries on. Needs the sandbox (supervisor)
 
 Environment:
-  AIRLOCK_LOG   log filter in tracing's syntax (default info; e.g. debug, airlock::session=debug)
+  AIRLOCK_LOG   log filter in tracing's syntax (default info; e.g. debug, airlock::server=debug)
   LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, NOTIFY_SOCKET   systemd socket activation and notification
   AIRLOCK_UPGRADE   set by airlock for its successor on SIGUSR2 (the fds handed over); not for users";
 

@@ -12,7 +12,6 @@ pub mod pci;
 pub mod qemu_args;
 pub mod sandbox;
 pub mod server;
-pub mod session;
 pub mod systemd;
 pub mod upgrade;
 

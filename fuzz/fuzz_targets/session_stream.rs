@@ -23,7 +23,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use airlock::device::edu::Edu;
-use airlock::session::Session;
+use airlock::server::Session;
 use libfuzzer_sys::fuzz_target;
 
 const MAX_RECORDS: usize = 64;

@@ -2,6 +2,8 @@
 //! VFIO passthrough device implement [`Device`] and pass the same tests.
 
 pub mod edu;
+#[cfg(test)]
+pub mod mock;
 pub mod vfio;
 
 use std::os::fd::BorrowedFd;

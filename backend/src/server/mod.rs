@@ -7,6 +7,12 @@
 //! a blocked read returns, the session quiesces the device, and the loop
 //! ends; the socket path is then removed by whoever created it.
 
+mod device_dma;
+pub mod session;
+mod stats;
+
+pub use session::Session;
+
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -20,7 +26,6 @@ use tracing::{info, warn};
 use crate::config::Listen;
 use crate::device::Device;
 use crate::negotiate::ServerLimits;
-use crate::session::Session;
 
 #[derive(Debug, Error)]
 pub enum ServerError {

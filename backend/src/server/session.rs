@@ -1,0 +1,580 @@
+//! One client connection: negotiate, dispatch each command to the device,
+//! DMA space and interrupt table, reply, and quiesce when the client goes.
+//!
+//! Every command gets exactly one reply unless it carried NO_REPLY; errors
+//! carry a real errno. A message is consumed whole before it is judged, so
+//! a malformed one never desyncs the stream; only an unframeable header
+//! closes the connection, and then gracefully (write side first, input
+//! drained) because QEMU's client aborts when its unread input is reset.
+//! Each command has its own method below; the device's own DMA runs in
+//! [`super::device_dma`], the summary's counters in [`super::stats`].
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use airlock_protocol::device::{
+    DeviceInfo, IrqInfo, RegionInfo, RegionIoFds, REGION_INFO_FLAG_MMAP,
+    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+};
+use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE};
+use airlock_protocol::header::Command;
+use airlock_protocol::irqs::IrqSet;
+use airlock_protocol::region::{RegionAccess, WriteOne, REGION_ACCESS_SIZE};
+use airlock_protocol::request::{command_name, Request};
+use airlock_protocol::version::Version;
+use airlock_protocol::{Header, Limits, MessageSocket, RecvError};
+use tracing::{debug, info, warn};
+
+use super::device_dma::{DeviceDma, Link};
+use super::stats::Stats;
+use crate::device::Device;
+use crate::dma::DmaSpace;
+use crate::msi::DoorbellWindow;
+use crate::negotiate::{negotiate, IovaSpace, Peer, ServerLimits};
+
+/// How long a new client may take to send VERSION.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Session<'a> {
+    sock: MessageSocket,
+    device: &'a mut dyn Device,
+    dma: DmaSpace,
+    limits: Limits,
+    server: ServerLimits,
+    peer: Option<Peer>,
+    device_dma: DeviceDma,
+    stats: Stats,
+    /// Every IOVA window DMA_MAP must avoid: the device's and --reserve-iova's.
+    windows: Vec<DoorbellWindow>,
+    /// The device's name for errors, shared so a message costs no allocation.
+    name: std::sync::Arc<str>,
+    /// REGION_READ data, reused from message to message.
+    read_buf: Vec<u8>,
+    /// Until the first command other than VERSION, DMA_MAP and DMA_UNMAP:
+    /// a replaying client re-maps what it had, and the device may take
+    /// over the mappings a killed server left (see Device::adoption_ended).
+    adopting: bool,
+}
+
+/// How a reply to the current command is produced.
+enum Answer {
+    /// Send this payload.
+    Payload(Vec<u8>),
+    /// A small fixed reply (REGION_WRITE, DMA_UNMAP, WRITE_MULTI echoes),
+    /// kept off the heap: these are per-I/O messages.
+    Fixed([u8; 32], usize),
+    /// Already sent (REGION_READ sends header and data in one sendmsg,
+    /// GET_REGION_INFO its fd with the reply).
+    Sent,
+}
+
+impl Answer {
+    fn fixed(b: &[u8]) -> Answer {
+        let mut buf = [0u8; 32];
+        buf[..b.len()].copy_from_slice(b);
+        Answer::Fixed(buf, b.len())
+    }
+
+    fn empty() -> Answer {
+        Answer::Payload(Vec::new())
+    }
+}
+
+/// An error reply: errno and why, for the client and the log.
+type Refusal = (i32, String);
+type Handled = Result<Answer, Refusal>;
+
+fn fail(e: impl std::fmt::Display, errno: i32) -> Refusal {
+    (errno, e.to_string())
+}
+
+impl<'a> Session<'a> {
+    pub fn new(stream: UnixStream, device: &'a mut dyn Device, server: ServerLimits) -> Self {
+        if let Some(w) = device.connect_warning() {
+            warn!("{w}");
+        }
+        let mut windows = device.iova_windows();
+        windows.extend(server.windows.iter().cloned());
+        let host_mappings = device.needs_host_addresses();
+        Session {
+            windows,
+            name: device.name().into(),
+            sock: MessageSocket::new(stream),
+            device,
+            dma: DmaSpace::new(server.max_dma_maps as usize, host_mappings),
+            limits: Limits::new(server.max_data_xfer, server.max_msg_fds as usize),
+            server,
+            peer: None,
+            device_dma: DeviceDma::default(),
+            stats: Stats::default(),
+            read_buf: Vec::new(),
+            adopting: true,
+        }
+    }
+
+    /// Serves until the client leaves, then quiesces the device and drops
+    /// every DMA map (in that order: nothing may DMA into unmapped memory).
+    pub fn run(mut self) {
+        let started = Instant::now();
+        self.serve();
+        self.device.quiesce();
+        self.device_dma.abandon();
+        self.end_adoption();
+        self.unmap_all();
+        let st = &self.stats;
+        info!(
+            device = self.device.name(),
+            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), REGION_READ handled in {} ns (median of the last {}; arrival to reply sent)",
+            started.elapsed().as_secs_f64(),
+            st.messages,
+            st.errors,
+            st.dma_maps,
+            st.set_irqs,
+            self.device_dma.started,
+            self.device_dma.failed,
+            st.reads,
+            st.writes,
+            st.write_spots(),
+            st.read_median_ns(),
+            st.read_samples()
+        );
+    }
+
+    /// The receive loop: returns when the client closed, timed out before
+    /// VERSION, or sent a stream that cannot be resynchronized.
+    fn serve(&mut self) {
+        let mut payload = Vec::new();
+        // A client that never negotiates (e.g. the reconnecting chardev of a
+        // QEMU whose device is gone) must not hold the device forever.
+        let _ = self.sock.stream().set_read_timeout(Some(VERSION_TIMEOUT));
+        let mut negotiating = true;
+        loop {
+            if negotiating && self.peer.is_some() {
+                negotiating = false;
+                let _ = self.sock.stream().set_read_timeout(None);
+            }
+            let (header, fds) = match self.sock.recv(&self.limits, &mut payload) {
+                Ok(m) => m,
+                Err(RecvError::Closed) => return,
+                Err(RecvError::Fatal(e)) if negotiating && e.is_timeout() => {
+                    warn!(
+                        device = self.device.name(),
+                        "closing a client that sent no VERSION within {} s; the device is free for the next client",
+                        VERSION_TIMEOUT.as_secs()
+                    );
+                    return;
+                }
+                Err(RecvError::Fatal(e)) => {
+                    warn!(device = self.device.name(), "closing connection: {e}");
+                    return;
+                }
+                Err(RecvError::Rejected(h, e)) => {
+                    self.reply_error(&h, e.errno(), &e.to_string());
+                    continue;
+                }
+                Err(RecvError::Unframeable(h, e)) => {
+                    self.reply_error(&h, e.errno(), &e.to_string());
+                    warn!(
+                        device = self.device.name(),
+                        "closing connection, stream cannot be resynchronized: {e}"
+                    );
+                    // Shut our side, then read until the client closes
+                    // (bounded), so it never sees its unread input reset.
+                    self.sock.close_gracefully(Duration::from_secs(5));
+                    return;
+                }
+            };
+            if header.is_reply() {
+                let mut link = Link {
+                    device: &mut *self.device,
+                    dma: &self.dma,
+                    sock: &self.sock,
+                    max_chunk: max_chunk(self.peer, &self.server),
+                };
+                self.device_dma.on_reply(&mut link, &header, &payload);
+            } else {
+                // Only REGION_READ is timed: no clock read on other paths.
+                let arrived = (header.cmd == Command::RegionRead as u16).then(Instant::now);
+                self.dispatch(&header, &payload, fds);
+                if let Some(arrived) = arrived {
+                    self.stats.timed_read(arrived);
+                }
+            }
+            self.pump_dma();
+        }
+    }
+
+    fn pump_dma(&mut self) {
+        let mut link = Link {
+            device: &mut *self.device,
+            dma: &self.dma,
+            sock: &self.sock,
+            max_chunk: max_chunk(self.peer, &self.server),
+        };
+        self.device_dma.pump(&mut link);
+    }
+
+    fn end_adoption(&mut self) {
+        if std::mem::take(&mut self.adopting) {
+            self.device.adoption_ended();
+        }
+    }
+
+    /// Every map leaves the device first, then airlock's address space.
+    fn unmap_all(&mut self) {
+        for (iova, size) in self.dma.ranges() {
+            self.device.dma_unmapped(iova, size);
+        }
+        self.dma.clear();
+    }
+
+    fn dispatch(&mut self, h: &Header, payload: &[u8], fds: Vec<OwnedFd>) {
+        self.stats.messages += 1;
+        let req = match Request::decode(h, payload, fds, &self.limits) {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(h, e.errno(), &e.to_string()),
+        };
+        if self.peer.is_none() && !matches!(req, Request::Version(_)) {
+            return self.reply_error(h, libc::EINVAL, "the first command must be VERSION");
+        }
+        if self.adopting
+            && !matches!(
+                req,
+                Request::Version(_) | Request::DmaMap { .. } | Request::DmaUnmap(_)
+            )
+        {
+            self.end_adoption();
+        }
+        let answer = self.handle(h, req);
+        if h.no_reply() {
+            if let Err((_, why)) = answer {
+                self.stats.errors += 1;
+                warn!(device = self.device.name(), "posted command failed: {why}");
+            }
+            return;
+        }
+        let sent = match answer {
+            Ok(Answer::Fixed(b, n)) => self.sock.send(&h.reply(n), &[&b[..n]], &[]),
+            Ok(Answer::Payload(p)) => self.sock.send(&h.reply(p.len()), &[&p], &[]),
+            Ok(Answer::Sent) => Ok(()),
+            Err((errno, why)) => return self.reply_error(h, errno, &why),
+        };
+        if let Err(e) = sent {
+            debug!("reply failed: {e}");
+        }
+    }
+
+    fn handle(&mut self, h: &Header, req: Request<'_>) -> Handled {
+        match req {
+            Request::Version(v) => self.version(&v),
+            Request::DmaMap { map, fd } => self.dma_map(&map, fd),
+            Request::DmaUnmap(u) => self.dma_unmap(u),
+            Request::DeviceGetInfo(_) => Ok(self.device_info()),
+            Request::RegionInfo(q) => self.region_info(h, &q),
+            Request::RegionIoFds(q) => self.region_io_fds(&q),
+            Request::IrqInfo(q) => self.irq_info(&q),
+            Request::SetIrqs(set) => self.set_irqs(set),
+            Request::RegionRead(a) => self.region_read(h, &a),
+            Request::RegionWrite { access, data } => self.region_write(&access, data),
+            Request::RegionWriteMulti(writes) => self.region_write_multi(&writes),
+            Request::DeviceReset => self.device_reset(),
+            Request::DeviceFeature(_) => Err((
+                libc::ENOTSUP,
+                format!("{}: no device features are offered", self.name),
+            )),
+            Request::Unsupported(cmd) => Err((
+                libc::ENOTSUP,
+                format!("{} is not supported", command_name(cmd)),
+            )),
+        }
+    }
+
+    /// VERSION: once, first; the reply carries airlock's limits and, to a
+    /// client that proposed iova_ranges, the usable IOVA ranges.
+    fn version(&mut self, v: &Version) -> Handled {
+        if self.peer.is_some() {
+            return Err((libc::EINVAL, "VERSION was already negotiated".into()));
+        }
+        let host = self.device.usable_iova();
+        let space = IovaSpace {
+            host: host.as_deref(),
+            windows: &self.windows,
+        };
+        let (reply, peer) = negotiate(v, &self.server, &space).map_err(|e| fail(&e, e.errno()))?;
+        info!(device = %self.name, "client negotiated vfio-user 0.0");
+        debug!(?peer, "client limits");
+        self.peer = Some(peer);
+        Ok(Answer::Payload(reply.encode()))
+    }
+
+    /// DMA_MAP: refused inside an IOVA window; mapped by airlock first,
+    /// then handed to the device (undone if the device refuses).
+    fn dma_map(&mut self, map: &DmaMap, fd: Option<OwnedFd>) -> Handled {
+        self.stats.dma_maps += 1;
+        let dev = &self.name;
+        if let Some(w) = self.windows.iter().find(|w| w.overlaps(map.iova, map.size)) {
+            let why = format!(
+                "{dev}: DMA_MAP [{:#x}, +{:#x}) refused: it overlaps the IOVA window {w}: {}. Fix: keep guest RAM and guest IOVAs out of it (without a vIOMMU, place guest RAM elsewhere; with one, the guest's IOMMU driver must reserve the window: a client can learn the usable ranges by proposing the iova_ranges capability)",
+                map.iova,
+                map.size,
+                w.meaning()
+            );
+            warn!("{why}");
+            return Err((libc::EINVAL, why));
+        }
+        let backed = fd.is_some();
+        self.dma.map(map, fd).map_err(|e| {
+            warn!(device = %dev, "DMA_MAP refused: {e}");
+            fail(&e, e.errno())
+        })?;
+        let host = self.dma.host_address(map.iova);
+        let file = self.dma.file_id(map.iova);
+        if let Err(e) = self
+            .device
+            .dma_mapped(map.iova, map.size, host, map.flags, file)
+        {
+            warn!("DMA_MAP refused: {e}");
+            let _ = self.dma.unmap(map.iova, map.size);
+            return Err(fail(&e, e.errno()));
+        }
+        debug!(iova = map.iova, size = map.size, backed, "DMA_MAP");
+        Ok(Answer::empty())
+    }
+
+    /// DMA_UNMAP: one exact map, or all of them with FLAG_ALL; the device
+    /// loses a range before airlock's mapping of it goes.
+    fn dma_unmap(&mut self, u: DmaUnmap) -> Handled {
+        if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
+            if u.iova != 0 || u.size != 0 {
+                return Err((
+                    libc::EINVAL,
+                    "DMA_UNMAP with FLAG_ALL must have iova = size = 0".into(),
+                ));
+            }
+            self.unmap_all();
+        } else {
+            if !self.dma.has_exact(u.iova, u.size) {
+                let e = crate::dma::DmaError::NoSuchMap {
+                    iova: u.iova,
+                    size: u.size,
+                };
+                return Err(fail(&e, e.errno()));
+            }
+            self.device.dma_unmapped(u.iova, u.size);
+            self.dma
+                .unmap(u.iova, u.size)
+                .map_err(|e| fail(&e, e.errno()))?;
+        }
+        let echo = DmaUnmap {
+            argsz: DMA_UNMAP_SIZE as u32,
+            ..u
+        };
+        Ok(Answer::fixed(&echo.encode_fixed()))
+    }
+
+    fn device_info(&self) -> Answer {
+        Answer::Payload(
+            DeviceInfo {
+                argsz: DeviceInfo::SIZE as u32,
+                flags: self.device.flags(),
+                num_regions: self.device.num_regions(),
+                num_irqs: self.device.num_irqs(),
+            }
+            .encode(),
+        )
+    }
+
+    /// GET_REGION_INFO: an mmap-able region's fd goes with the full reply
+    /// only; a client whose argsz was too small asks again and gets it then.
+    fn region_info(&mut self, h: &Header, q: &RegionInfo) -> Handled {
+        let d = self
+            .device
+            .region(q.index)
+            .ok_or_else(|| no_region(&self.name, q.index))?;
+        let info = RegionInfo {
+            argsz: 0,
+            flags: d.flags,
+            index: q.index,
+            cap_offset: 0,
+            size: d.size,
+            offset: d.offset,
+            caps: d.caps,
+        };
+        let body = info.encode_reply(q.argsz);
+        let full = body.len() >= info.full_size();
+        let fds: Vec<BorrowedFd> =
+            d.fd.filter(|_| full && d.flags & REGION_INFO_FLAG_MMAP != 0)
+                .into_iter()
+                .collect();
+        if !h.no_reply() {
+            if let Err(e) = self.sock.send(&h.reply(body.len()), &[&body], &fds) {
+                debug!("reply failed: {e}");
+            }
+        }
+        Ok(Answer::Sent)
+    }
+
+    /// GET_REGION_IO_FDS: no ioeventfds are offered, an empty list.
+    fn region_io_fds(&self, q: &RegionIoFds) -> Handled {
+        if q.index >= self.device.num_regions() {
+            return Err(no_region(&self.name, q.index));
+        }
+        Ok(Answer::Payload(
+            RegionIoFds {
+                argsz: RegionIoFds::SIZE as u32,
+                flags: 0,
+                index: q.index,
+                count: 0,
+            }
+            .encode(),
+        ))
+    }
+
+    fn irq_info(&self, q: &IrqInfo) -> Handled {
+        let (flags, count) = self.device.irq_info(q.index).ok_or_else(|| {
+            (
+                libc::EINVAL,
+                format!("{}: irq index {} does not exist", self.name, q.index),
+            )
+        })?;
+        Ok(Answer::Payload(
+            IrqInfo {
+                argsz: IrqInfo::SIZE as u32,
+                flags,
+                index: q.index,
+                count,
+            }
+            .encode(),
+        ))
+    }
+
+    fn set_irqs(&mut self, set: IrqSet) -> Handled {
+        self.stats.set_irqs += 1;
+        self.device.set_irqs(set).map_err(|e| fail(&e, e.errno()))?;
+        Ok(Answer::empty())
+    }
+
+    /// REGION_READ: the reply's header and data go in one sendmsg, from a
+    /// buffer kept for the connection (no allocation per read).
+    fn region_read(&mut self, h: &Header, a: &RegionAccess) -> Handled {
+        self.stats.count_read(a.region);
+        self.check_access(a, REGION_INFO_FLAG_READ)?;
+        let buf = &mut self.read_buf;
+        buf.clear();
+        buf.resize(a.count as usize, 0);
+        self.device
+            .read(a.region, a.offset, buf)
+            .map_err(|e| fail(&e, e.errno()))?;
+        if !h.no_reply() {
+            let fixed = a.encode_fixed();
+            let buf = &self.read_buf;
+            if let Err(e) = self.sock.send(
+                &h.reply(REGION_ACCESS_SIZE + buf.len()),
+                &[&fixed, buf],
+                &[],
+            ) {
+                debug!("reply failed: {e}");
+            }
+        }
+        Ok(Answer::Sent)
+    }
+
+    fn region_write(&mut self, access: &RegionAccess, data: &[u8]) -> Handled {
+        self.stats.count_write(access.region, access.offset);
+        self.check_access(access, REGION_INFO_FLAG_WRITE)?;
+        self.device
+            .write(access.region, access.offset, data)
+            .map_err(|e| fail(&e, e.errno()))?;
+        Ok(Answer::fixed(&access.encode_fixed()))
+    }
+
+    /// REGION_WRITE_MULTI: only for a client that proposed write_multiple;
+    /// the writes are done in order until one fails.
+    fn region_write_multi(&mut self, writes: &[WriteOne]) -> Handled {
+        if !self.peer.is_some_and(|p| p.write_multiple) {
+            return Err((
+                libc::EINVAL,
+                "REGION_WRITE_MULTI needs the write_multiple capability, which this client did not propose in VERSION".into(),
+            ));
+        }
+        for w in writes {
+            self.stats.count_write(w.region, w.offset);
+            let a = RegionAccess {
+                offset: w.offset,
+                region: w.region,
+                count: w.count,
+            };
+            self.check_access(&a, REGION_INFO_FLAG_WRITE)?;
+            self.device
+                .write(w.region, w.offset, w.bytes())
+                .map_err(|e| fail(&e, e.errno()))?;
+        }
+        Ok(Answer::fixed(&(writes.len() as u64).to_ne_bytes()))
+    }
+
+    /// DEVICE_RESET: a device DMA in flight is abandoned with it.
+    fn device_reset(&mut self) -> Handled {
+        self.device.reset().map_err(|e| fail(&e, e.errno()))?;
+        self.device_dma.abandon();
+        Ok(Answer::empty())
+    }
+
+    /// Region exists, allows the access, and [offset, offset+count) fits.
+    fn check_access(&self, a: &RegionAccess, need: u32) -> Result<(), Refusal> {
+        let dev = &self.name;
+        let (flags, size) = self
+            .device
+            .region_limits(a.region)
+            .ok_or_else(|| no_region(dev, a.region))?;
+        if flags & need == 0 {
+            return Err((
+                libc::EINVAL,
+                format!("{dev}: region {} does not allow this access", a.region),
+            ));
+        }
+        // Decoding checked offset + count does not overflow.
+        if a.offset + a.count as u64 > size {
+            return Err((
+                libc::EINVAL,
+                format!(
+                    "{dev}: access [{:#x}, +{:#x}) is outside region {} of size {:#x}",
+                    a.offset, a.count, a.region, size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn reply_error(&mut self, h: &Header, errno: i32, why: &str) {
+        debug!(id = h.id, cmd = h.cmd, errno, "error reply: {why}");
+        self.stats.errors += 1;
+        if h.no_reply() && !h.is_reply() {
+            return;
+        }
+        if h.is_reply() {
+            // Never answer a reply; a stray one is only logged.
+            warn!(
+                device = self.device.name(),
+                "unexpected reply id {}: {why}", h.id
+            );
+            return;
+        }
+        if let Err(e) = self.sock.send(&h.error_reply(errno), &[], &[]) {
+            debug!("error reply failed: {e}");
+        }
+    }
+}
+
+fn no_region(dev: &str, index: u32) -> Refusal {
+    (libc::EINVAL, format!("{dev}: region {index} does not exist"))
+}
+
+/// The largest DMA_READ/DMA_WRITE chunk both sides accept.
+fn max_chunk(peer: Option<Peer>, server: &ServerLimits) -> usize {
+    let peer = peer.unwrap_or_default();
+    peer.max_data_xfer.min(server.max_data_xfer) as usize
+}
+
+#[cfg(test)]
+mod tests;
