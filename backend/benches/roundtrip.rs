@@ -28,8 +28,9 @@ use airlock_protocol::header::{Command, Header};
 use airlock_protocol::region::RegionAccess;
 
 fn cpu_us() -> f64 {
-    // SAFETY: getrusage writes only into `u`.
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only into `u`.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let t = |v: libc::timeval| v.tv_sec as f64 * 1e6 + v.tv_usec as f64;
     t(u.ru_utime) + t(u.ru_stime)

@@ -231,10 +231,8 @@ impl Memfd {
         // SAFETY: fd is new and ours.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: valid fd; size fits off_t.
-        assert_eq!(
-            unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
-            0
-        );
+        let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
+        assert_eq!(rc, 0);
         // SAFETY: a fresh shared mapping of the whole memfd.
         let ptr = unsafe {
             libc::mmap(

@@ -139,9 +139,11 @@ fn a_memfd_shrunk_under_a_map_makes_the_dma_fail_and_the_server_lives() {
         DMA_ERR_UNMAPPED,
         "a write past the shrunk end fails too (and does not grow the file)"
     );
-    // SAFETY: fstat into a zeroed stat we own.
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::fstat(mem.fd.as_raw_fd(), &mut st) }, 0);
+    // SAFETY: fstat writes only into the stat we own.
+    let rc = unsafe { libc::fstat(mem.fd.as_raw_fd(), &mut st) };
+    assert_eq!(rc, 0);
     assert_eq!(st.st_size, 0);
     assert_eq!(c.read32(0, REG_IDENT).unwrap(), IDENT);
     assert_eq!(s.server_pid(), pid, "the same server: it never died");

@@ -88,12 +88,10 @@ pub fn drop_capabilities() -> Result<(), SandboxError> {
     };
     let d = [CapData::default(); 2];
     // SAFETY: capset reads a v3 header and two data structs we own.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) };
+    check(rc as libc::c_int, "capset")?;
     check(
-        unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) } as libc::c_int,
-        "capset",
-    )?;
-    // SAFETY: prctl with integer arguments only.
-    check(
+        // SAFETY: prctl with integer arguments only.
         unsafe {
             libc::prctl(
                 libc::PR_CAP_AMBIENT,

@@ -33,6 +33,7 @@ pub struct SharedRecord {
 
 // SAFETY: the page is only touched through atomics.
 unsafe impl Send for SharedRecord {}
+// SAFETY: as for Send: every access to the page is an atomic operation.
 unsafe impl Sync for SharedRecord {}
 
 impl SharedRecord {
