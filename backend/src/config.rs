@@ -159,7 +159,7 @@ pub enum ConfigError {
     #[error("--fd {0} is not a valid descriptor number (must be >= 3: 0-2 are stdio)")]
     BadFd(RawFd),
     #[error("{0}")]
-    Window(#[from] crate::msi::WindowError),
+    Window(#[from] crate::iova::WindowError),
     #[error("--max-data-xfer {0} must be between 4096 and 64 MiB (QEMU's ceiling)")]
     BadXfer(u64),
     #[error("{0} --reserve-iova windows: at most 64 (merge adjacent windows into one)")]
@@ -226,12 +226,12 @@ pub enum Config {
         /// None: --sandbox off.
         sandbox: Option<SandboxConfig>,
         /// --reserve-iova windows.
-        windows: Vec<crate::msi::DoorbellWindow>,
+        windows: Vec<crate::iova::DoorbellWindow>,
     },
     PrintQemuArgs {
         listen: Listen,
         device: DeviceKind,
-        windows: Vec<crate::msi::DoorbellWindow>,
+        windows: Vec<crate::iova::DoorbellWindow>,
         /// None with --no-guest-ram.
         guest_ram: Option<String>,
         flavor: crate::qemu_args::QemuFlavor,
@@ -309,7 +309,7 @@ impl TryFrom<Args> for Config {
         let windows = a
             .reserve_iova
             .iter()
-            .map(|w| crate::msi::parse_reserve(w))
+            .map(|w| crate::iova::parse_reserve(w))
             .collect::<Result<Vec<_>, _>>()?;
         if a.print_qemu_args {
             return Ok(Config::PrintQemuArgs {

@@ -5,8 +5,8 @@
 pub mod config;
 pub mod device;
 pub mod dma;
+pub mod iova;
 pub mod irq;
-pub mod msi;
 pub mod negotiate;
 pub mod pci;
 pub mod qemu_args;

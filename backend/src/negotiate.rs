@@ -9,10 +9,10 @@
 use airlock_protocol::version::{Capabilities, Version, MAJOR, MINOR};
 use airlock_protocol::ProtocolError;
 
-use airlock_protocol::version::IovaRange;
+use crate::iova::IovaRange;
 
 use crate::dma::PAGE_SIZE;
-use crate::msi::{usable_ranges, DoorbellWindow};
+use crate::iova::{usable_ranges, DoorbellWindow};
 
 /// What airlock itself can take, and the IOVA windows it keeps clear.
 #[derive(Clone, Debug)]
@@ -99,17 +99,17 @@ pub fn negotiate(
     if let Some(proposed) = &theirs.iova_ranges {
         let mut usable = usable_ranges(space.host, space.windows);
         if !proposed.is_empty() {
+            // A proposed range that ends before it starts narrows nothing.
+            let proposed: Vec<IovaRange> = proposed
+                .iter()
+                .filter_map(|p| IovaRange::try_from(*p).ok())
+                .collect();
             usable = usable
                 .iter()
-                .flat_map(|u| {
-                    proposed.iter().filter_map(move |p| {
-                        let (start, end) = (u.start.max(p.start), u.end.min(p.end));
-                        (start <= end).then_some(IovaRange { start, end })
-                    })
-                })
+                .flat_map(|u| proposed.iter().filter_map(|p| u.intersection(p)))
                 .collect();
         }
-        reply.iova_ranges = Some(usable);
+        reply.iova_ranges = Some(usable.into_iter().map(Into::into).collect());
     }
     Ok((
         Version {

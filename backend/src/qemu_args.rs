@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use crate::config::Listen;
-use crate::msi::DoorbellWindow;
+use crate::iova::DoorbellWindow;
 
 /// Which QEMU the arguments are for (`--qemu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn arguments_are_one_per_line_and_windows_are_comments() {
-        let w = crate::msi::parse_reserve("0x8000000:0x100000").unwrap();
+        let w = crate::iova::parse_reserve("0x8000000:0x100000").unwrap();
         let out = qemu_args(&Listen::Path("/run/a.sock".into()), "edu", &[w], "512M");
         let args: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn the_patched_qemu_connects_through_a_chardev_and_learns_the_windows() {
-        let w = crate::msi::parse_reserve("0x8000000:0x100000").unwrap();
+        let w = crate::iova::parse_reserve("0x8000000:0x100000").unwrap();
         let listen = Listen::Path("/run/a,b.sock".into());
         let out = qemu_args_for(&listen, "edu", &[w], Some("1G"), QemuFlavor::Patched);
         let args: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();

@@ -10,7 +10,7 @@ use airlock_protocol::irqs::{IrqAction, IrqSet};
 
 use super::{Device, DeviceError, DmaJob, RegionDesc};
 use crate::dma::{DmaError, FileId};
-use crate::msi::DoorbellWindow;
+use crate::iova::DoorbellWindow;
 
 /// BAR0: read-write memory of this size.
 pub const BAR0_SIZE: u64 = 0x1000;

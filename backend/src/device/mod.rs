@@ -134,11 +134,11 @@ pub trait Device: Send {
     /// unmaps its own mapping, so the device can no longer reach it.
     fn dma_unmapped(&mut self, _iova: u64, _size: u64) {}
     /// IOVA windows the host keeps for itself (e.g. the MSI doorbell).
-    fn iova_windows(&self) -> Vec<crate::msi::DoorbellWindow> {
+    fn iova_windows(&self) -> Vec<crate::iova::DoorbellWindow> {
         Vec::new()
     }
     /// The host IOMMU's usable IOVA ranges (None: the whole space).
-    fn usable_iova(&self) -> Option<Vec<airlock_protocol::version::IovaRange>> {
+    fn usable_iova(&self) -> Option<Vec<crate::iova::IovaRange>> {
         None
     }
     /// A warning to log at every client connect (e.g. unsafe interrupts).

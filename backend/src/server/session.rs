@@ -30,7 +30,7 @@ use super::device_dma::{DeviceDma, Link};
 use super::stats::Stats;
 use crate::device::Device;
 use crate::dma::DmaSpace;
-use crate::msi::DoorbellWindow;
+use crate::iova::{DoorbellWindow, IovaRange};
 use crate::negotiate::{negotiate, IovaSpace, Peer, ServerLimits};
 
 /// How long a new client may take to send VERSION.
@@ -313,7 +313,9 @@ impl<'a> Session<'a> {
     fn dma_map(&mut self, map: &DmaMap, fd: Option<OwnedFd>) -> Handled {
         self.stats.dma_maps += 1;
         let dev = &self.name;
-        if let Some(w) = self.windows.iter().find(|w| w.overlaps(map.iova, map.size)) {
+        // An empty map overlaps nothing (the DMA space judges it).
+        let range = IovaRange::from_span(map.iova, map.size);
+        if let Some(w) = range.and_then(|r| self.windows.iter().find(|w| w.overlaps(&r))) {
             let why = format!(
                 "{dev}: DMA_MAP [{:#x}, +{:#x}) refused: it overlaps the IOVA window {w}: {}. Fix: keep guest RAM and guest IOVAs out of it (without a vIOMMU, place guest RAM elsewhere; with one, the guest's IOMMU driver must reserve the window: a client can learn the usable ranges by proposing the iova_ranges capability)",
                 map.iova,

@@ -11,6 +11,7 @@
 //! file, is different memory: the old mapping must go before the new one.
 
 use crate::dma::FileId;
+use crate::iova::IovaRange;
 
 /// One IOMMU mapping: range, DMA_MAP flags and the memory behind it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,8 +24,17 @@ pub struct MapRecord {
 }
 
 impl MapRecord {
+    /// [iova, iova + size); None for a record that describes no memory.
+    pub fn range(&self) -> Option<IovaRange> {
+        IovaRange::from_span(self.iova, self.size)
+    }
+
+    /// The one overlap rule (iova.rs), for [iova, iova + size).
     pub fn overlaps(&self, iova: u64, size: u64) -> bool {
-        iova < self.iova.saturating_add(self.size) && self.iova < iova.saturating_add(size)
+        match (self.range(), IovaRange::from_span(iova, size)) {
+            (Some(mine), Some(theirs)) => mine.overlaps(&theirs),
+            _ => false,
+        }
     }
 }
 
@@ -231,6 +241,13 @@ mod tests {
         assert!(!r.overlaps(0x2000, 0x1000));
         assert!(!r.overlaps(0, 0x1000));
         assert!(r.overlaps(0, u64::MAX));
+        // Nothing overlaps an empty map, nor a record of one.
+        assert!(!r.overlaps(0x1000, 0));
+        assert!(!rec(0x1000, 0, RW, file(1, 0)).overlaps(0, u64::MAX));
+        // A map ending at the top of the space.
+        let top = rec(u64::MAX - 0xfff, 0x1000, RW, file(1, 0));
+        assert!(top.overlaps(u64::MAX, 1));
+        assert!(!top.overlaps(0, u64::MAX - 0xfff));
     }
 
     #[test]

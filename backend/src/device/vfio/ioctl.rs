@@ -258,7 +258,7 @@ const VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE: u16 = 1;
 /// capability), end inclusive; None if the kernel does not report them.
 pub fn iommu_iova_ranges(
     container: BorrowedFd<'_>,
-) -> io::Result<Option<Vec<airlock_protocol::version::IovaRange>>> {
+) -> io::Result<Option<Vec<crate::iova::IovaRange>>> {
     let mut size = 24usize;
     for _ in 0..3 {
         let mut b = vec![0u8; size];
@@ -290,10 +290,8 @@ pub fn iommu_iova_ranges(
                     }
                     let u64_at =
                         |p: usize| u64::from_ne_bytes(b[p..p + 8].try_into().unwrap_or([0; 8]));
-                    out.push(airlock_protocol::version::IovaRange {
-                        start: u64_at(o),
-                        end: u64_at(o + 8),
-                    });
+                    // A range the kernel gives backwards is no range.
+                    out.extend(crate::iova::IovaRange::new(u64_at(o), u64_at(o + 8)));
                 }
                 return Ok(Some(out));
             }

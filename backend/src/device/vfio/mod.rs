@@ -57,8 +57,7 @@ use self::sparse::{mmap_areas, Hole};
 use super::{Device, DeviceError, RegionDesc};
 use crate::dma::FileId;
 use crate::irq::IrqError;
-use crate::msi::{self, DoorbellWindow};
-use airlock_protocol::version::IovaRange;
+use crate::iova::{self, DoorbellWindow, IovaRange};
 
 #[derive(Debug, Error)]
 pub enum VfioError {
@@ -278,14 +277,10 @@ impl VfioPci {
             adopted_irqs: Vec::new(),
         };
         dev.usable = ioctl::iommu_iova_ranges(dev.fds.container.as_fd()).unwrap_or(None);
-        dev.windows = msi::read_reserved_regions(group);
+        dev.windows = iova::read_reserved_regions(group);
         if let Some(u) = &dev.usable {
-            for h in msi::holes(u) {
-                if !dev
-                    .windows
-                    .iter()
-                    .any(|w| w.start == h.start && w.end == h.end)
-                {
+            for h in iova::holes(u) {
+                if !dev.windows.iter().any(|w| w.range == h.range) {
                     dev.windows.push(h);
                 }
             }

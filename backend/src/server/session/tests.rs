@@ -20,7 +20,7 @@ use airlock_protocol::version::Capabilities;
 use super::Session;
 use crate::device::mock::{MockDevice, BAR0_SIZE, DOORBELL, NUM_IRQS};
 use crate::device::DmaJob;
-use crate::msi::{DoorbellWindow, WindowSource};
+use crate::iova::{DoorbellWindow, IovaRange, WindowSource};
 
 const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
 
@@ -103,8 +103,7 @@ fn version_offers_the_usable_ranges_around_the_windows_to_a_client_that_asks() {
 
 fn window(start: u64, end: u64) -> DoorbellWindow {
     DoorbellWindow {
-        start,
-        end,
+        range: IovaRange::new(start, end).expect("a range"),
         source: WindowSource::HostMsi,
         kind: "msi".into(),
     }

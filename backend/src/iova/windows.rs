@@ -11,8 +11,9 @@
 use std::fmt;
 use std::path::Path;
 
-use airlock_protocol::version::IovaRange;
 use thiserror::Error;
+
+use super::{gaps, subtract, IovaRange};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WindowSource {
@@ -34,11 +35,10 @@ impl fmt::Display for WindowSource {
     }
 }
 
-/// [start, end] inclusive, as the kernel prints reserved regions.
+/// An IOVA window DMA must stay out of, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DoorbellWindow {
-    pub start: u64,
-    pub end: u64,
+    pub range: IovaRange,
     pub source: WindowSource,
     /// The kernel's type word ("msi", "reserved", "direct", ...) or "user".
     pub kind: String,
@@ -46,17 +46,13 @@ pub struct DoorbellWindow {
 
 impl fmt::Display for DoorbellWindow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:#x}-{:#x} ({}, {})",
-            self.start, self.end, self.source, self.kind
-        )
+        write!(f, "{} ({}, {})", self.range, self.source, self.kind)
     }
 }
 
 impl DoorbellWindow {
-    pub fn overlaps(&self, iova: u64, size: u64) -> bool {
-        size > 0 && iova <= self.end && iova.saturating_add(size - 1) >= self.start
+    pub fn overlaps(&self, r: &IovaRange) -> bool {
+        self.range.overlaps(r)
     }
 
     /// What a guest must do about this window, for error messages.
@@ -94,12 +90,9 @@ pub fn parse_reserve(spec: &str) -> Result<DoorbellWindow, WindowError> {
         num(a).ok_or_else(|| WindowError::BadSpec(spec.into()))?,
         num(b).ok_or_else(|| WindowError::BadSpec(spec.into()))?,
     );
-    if size == 0 || start.checked_add(size - 1).is_none() {
-        return Err(WindowError::BadRange(spec.into()));
-    }
+    let range = IovaRange::from_span(start, size).ok_or_else(|| WindowError::BadRange(spec.into()))?;
     Ok(DoorbellWindow {
-        start,
-        end: start + size - 1,
+        range,
         source: WindowSource::User,
         kind: "user".into(),
     })
@@ -117,8 +110,7 @@ pub fn parse_reserved_regions(text: &str) -> Vec<DoorbellWindow> {
                 WindowSource::HostReserved
             };
             Some(DoorbellWindow {
-                start,
-                end,
+                range: IovaRange::new(start, end)?,
                 source,
                 kind,
             })
@@ -137,82 +129,37 @@ pub fn read_reserved_regions(group: &str) -> Vec<DoorbellWindow> {
 
 /// Usable IOVA ranges: `host` (or the whole 64-bit space) minus every window.
 pub fn usable_ranges(host: Option<&[IovaRange]>, windows: &[DoorbellWindow]) -> Vec<IovaRange> {
-    let mut ranges: Vec<IovaRange> = host.map(|h| h.to_vec()).unwrap_or(vec![IovaRange {
-        start: 0,
-        end: u64::MAX,
-    }]);
-    for w in windows {
-        ranges = ranges
-            .into_iter()
-            .flat_map(|r| {
-                let mut out = Vec::new();
-                if w.end < r.start || w.start > r.end {
-                    out.push(r);
-                } else {
-                    if w.start > r.start {
-                        out.push(IovaRange {
-                            start: r.start,
-                            end: w.start - 1,
-                        });
-                    }
-                    if w.end < r.end {
-                        out.push(IovaRange {
-                            start: w.end + 1,
-                            end: r.end,
-                        });
-                    }
-                }
-                out
-            })
-            .collect();
-    }
-    ranges.sort_by_key(|r| r.start);
-    ranges
+    let cuts: Vec<IovaRange> = windows.iter().map(|w| w.range).collect();
+    subtract(host.unwrap_or(&[IovaRange::ALL]), &cuts)
 }
 
-/// The holes between usable ranges, as host-reserved windows.
+/// The holes around VFIO's usable ranges, as host-reserved windows.
 pub fn holes(usable: &[IovaRange]) -> Vec<DoorbellWindow> {
-    let mut sorted = usable.to_vec();
-    sorted.sort_by_key(|r| r.start);
-    let mut out = Vec::new();
-    let mut at = 0u64;
-    let mut open = true;
-    for r in &sorted {
-        if open && r.start > at {
-            out.push(DoorbellWindow {
-                start: at,
-                end: r.start - 1,
-                source: WindowSource::HostReserved,
-                kind: "outside VFIO's usable IOVA ranges".into(),
-            });
-        }
-        match r.end.checked_add(1) {
-            Some(n) => at = n,
-            None => open = false,
-        }
-    }
-    if open && !sorted.is_empty() {
-        out.push(DoorbellWindow {
-            start: at,
-            end: u64::MAX,
+    gaps(usable)
+        .into_iter()
+        .map(|range| DoorbellWindow {
+            range,
             source: WindowSource::HostReserved,
             kind: "outside VFIO's usable IOVA ranges".into(),
-        });
-    }
-    out
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn r(first: u64, last: u64) -> IovaRange {
+        IovaRange::new(first, last).unwrap()
+    }
+
     #[test]
     fn reserved_regions_text_becomes_windows_with_their_source() {
         let w = parse_reserved_regions("0x0000000008000000 0x00000000080fffff msi\n0x00000000fee00000 0x00000000feefffff reserved\n");
         assert_eq!(w.len(), 2);
         assert_eq!(
-            (w[0].start, w[0].end, w[0].source),
-            (0x800_0000, 0x80f_ffff, WindowSource::HostMsi)
+            (w[0].range, w[0].source),
+            (r(0x800_0000, 0x80f_ffff), WindowSource::HostMsi)
         );
         assert_eq!(w[1].source, WindowSource::HostReserved);
     }
@@ -221,10 +168,10 @@ mod tests {
     fn reserve_iova_parses_hex_and_decimal_and_refuses_nonsense() {
         let w = parse_reserve("0x8000000:0x100000").unwrap();
         assert_eq!(
-            (w.start, w.end, w.source),
-            (0x800_0000, 0x80f_ffff, WindowSource::User)
+            (w.range, w.source),
+            (r(0x800_0000, 0x80f_ffff), WindowSource::User)
         );
-        assert_eq!(parse_reserve("4096:4096").unwrap().end, 8191);
+        assert_eq!(parse_reserve("4096:4096").unwrap().range.last(), 8191);
         assert!(parse_reserve("0x1000").is_err());
         assert!(parse_reserve("0x1000:0").is_err());
         assert!(parse_reserve("0xffffffffffffffff:2").is_err());
@@ -233,10 +180,11 @@ mod tests {
     #[test]
     fn overlap_is_inclusive_at_both_ends() {
         let w = parse_reserve("0x8000000:0x100000").unwrap();
-        assert!(w.overlaps(0x7fff000, 0x1000 + 1));
-        assert!(!w.overlaps(0x7fff000, 0x1000));
-        assert!(w.overlaps(0x80ff000, 0x1000));
-        assert!(!w.overlaps(0x8100000, 0x1000));
+        let span = |iova, size| IovaRange::from_span(iova, size).unwrap();
+        assert!(w.overlaps(&span(0x7fff000, 0x1000 + 1)));
+        assert!(!w.overlaps(&span(0x7fff000, 0x1000)));
+        assert!(w.overlaps(&span(0x80ff000, 0x1000)));
+        assert!(!w.overlaps(&span(0x8100000, 0x1000)));
     }
 
     #[test]
@@ -249,29 +197,17 @@ mod tests {
         assert_eq!(
             u,
             vec![
-                IovaRange {
-                    start: 0,
-                    end: 0x7ff_ffff
-                },
-                IovaRange {
-                    start: 0x810_0000,
-                    end: 0xfedf_ffff
-                },
-                IovaRange {
-                    start: 0xfef0_0000,
-                    end: u64::MAX
-                },
+                r(0, 0x7ff_ffff),
+                r(0x810_0000, 0xfedf_ffff),
+                r(0xfef0_0000, u64::MAX)
             ]
         );
-        let host = [IovaRange {
-            start: 0,
-            end: (1 << 48) - 1,
-        }];
+        let host = [r(0, (1 << 48) - 1)];
         assert_eq!(
-            usable_ranges(Some(&host), &wins).last().unwrap().end,
+            usable_ranges(Some(&host), &wins).last().unwrap().last(),
             (1 << 48) - 1
         );
         let h = holes(&host);
-        assert_eq!((h[0].start, h[0].end), (1 << 48, u64::MAX));
+        assert_eq!(h[0].range, r(1 << 48, u64::MAX));
     }
 }
