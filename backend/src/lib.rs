@@ -7,13 +7,13 @@ pub mod device;
 pub mod dma;
 pub mod iova;
 pub mod irq;
+pub mod lifecycle;
 pub mod negotiate;
 pub mod pci;
 pub mod qemu_args;
 pub mod sandbox;
 pub mod server;
 pub mod systemd;
-pub mod upgrade;
 
 use airlock_protocol::limits::QEMU_MAX_MSG_FDS;
 

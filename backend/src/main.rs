@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use airlock::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind};
 use airlock::device::vfio::{VfioFds, VfioPci};
 use airlock::device::{edu::Edu, Device};
-use airlock::sandbox::{self, Policy, Profile, ServerStart};
+use airlock::lifecycle::upgrade::{self, Handed, Successor};
+use airlock::lifecycle::{self, ServerStart};
+use airlock::sandbox::{self, Policy, Profile};
 use airlock::server::{install_stop_signals, refuse_upgrade_signal, serve, Listener};
-use airlock::upgrade::{self, Handed, Successor};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -241,7 +242,7 @@ fn run(
                 },
             )
         });
-    let supervised = sandbox::supervise(
+    let supervised = lifecycle::supervise(
         &name,
         &listener.describe(),
         listener.raw_fd(),
@@ -314,7 +315,7 @@ fn serve_confined(
             user: sc.user,
             limits: sandbox::Limits { nofile, memlock },
         },
-        start,
+        start.record,
     )?;
     start.ready();
     #[cfg(feature = "fault-injection")]

@@ -1,13 +1,11 @@
-//! The per-device jail. airlock acquires everything first (socket, device,
-//! eventfds), then confines itself, then serves:
+//! The per-device jail: confinement only. airlock acquires everything
+//! first (socket, device, eventfds), then confines itself, then serves:
 //!
-//! 1. the supervisor opens the socket, then `supervise` starts the server
-//!    as PID 1 of a new pid namespace and stays outside: it forwards
-//!    SIGTERM/SIGINT, restarts a server that dies, and removes the socket
-//!    path at the end.
+//! 1. the supervisor (lifecycle/supervisor.rs) opens the socket and starts
+//!    each server as PID 1 of a new pid namespace, outside the jail.
 //! 2. the server makes the emulated device; with --vfio the supervisor
 //!    opened the device before the first server and each server inherits
-//!    it (so the device outlives a server: see supervisor.rs).
+//!    it (so the device outlives a server).
 //! 3. `confine`: new mount, net, ipc and uts namespaces; an empty read-only
 //!    root; rlimits; no capabilities; optionally another uid/gid;
 //!    no_new_privs; a seccomp allowlist that traps anything else (the
@@ -16,7 +14,6 @@
 mod privileges;
 mod root;
 pub mod seccomp;
-pub mod supervisor;
 pub mod violation;
 
 use std::io;
@@ -26,7 +23,7 @@ use tracing::info;
 
 pub use privileges::Limits;
 pub use seccomp::Profile;
-pub use supervisor::{supervise, ServerStart};
+pub use violation::SharedRecord;
 
 #[derive(Debug, Error)]
 pub enum SandboxError {
@@ -49,8 +46,9 @@ pub struct Policy {
 }
 
 /// Confines the server after setup and before it serves anyone; a
-/// seccomp violation is then recorded in `start`'s shared page.
-pub fn confine(policy: &Policy, start: &ServerStart<'_>) -> Result<(), SandboxError> {
+/// seccomp violation is then recorded in `record`, the page the supervisor
+/// shares with the server.
+pub fn confine(policy: &Policy, record: &SharedRecord) -> Result<(), SandboxError> {
     // SAFETY: unshare takes flags only.
     if unsafe {
         libc::unshare(
@@ -71,8 +69,7 @@ pub fn confine(policy: &Policy, start: &ServerStart<'_>) -> Result<(), SandboxEr
     }
     privileges::drop_capabilities()?;
     privileges::no_new_privs()?;
-    start
-        .record
+    record
         .install_handler()
         .map_err(|source| SandboxError::Step {
             what: "installing the SIGSYS reporter",

@@ -143,7 +143,7 @@ impl Listener {
     fn inherit(fd: RawFd) -> Result<Listener, ServerError> {
         check_listening(fd)?;
         // Nothing airlock execs inherits it, except a live upgrade's
-        // successor (upgrade.rs clears CLOEXEC for that exec only).
+        // successor (lifecycle/upgrade.rs clears CLOEXEC for that exec only).
         // SAFETY: fcntl with integer arguments on a valid fd.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         // SAFETY: the launcher handed this fd to us; from here we own it.

@@ -39,10 +39,20 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::violation::{syscall_name, SharedRecord};
-use super::SandboxError;
+use thiserror::Error;
+
+use super::upgrade::Successor;
+use crate::sandbox::violation::{syscall_name, SharedRecord};
 use crate::systemd;
-use crate::upgrade::Successor;
+
+#[derive(Debug, Error)]
+pub enum SupervisorError {
+    #[error("supervisor: {what} failed: {source}. The supervisor starts each server in a new pid namespace, which needs root (CAP_SYS_ADMIN); pass --sandbox off to debug without it")]
+    Step {
+        what: &'static str,
+        source: io::Error,
+    },
+}
 
 /// At most this many restarts within RESTART_WINDOW, then give up.
 pub const MAX_RESTARTS: usize = 5;
@@ -144,8 +154,8 @@ impl Ending {
     }
 }
 
-fn step(what: &'static str) -> impl FnOnce(io::Error) -> SandboxError {
-    move |source| SandboxError::Step { what, source }
+fn step(what: &'static str) -> impl FnOnce(io::Error) -> SupervisorError {
+    move |source| SupervisorError::Step { what, source }
 }
 
 /// Runs `server` (returning its exit code) as the sandboxed server until
@@ -159,7 +169,7 @@ pub fn supervise(
     listener: RawFd,
     successor: Option<&Successor>,
     mut server: impl FnMut(&ServerStart<'_>) -> i32,
-) -> Result<i32, SandboxError> {
+) -> Result<i32, SupervisorError> {
     let (wake_rx, wake_tx) = pipe(libc::O_CLOEXEC | libc::O_NONBLOCK)
         .map_err(step("creating the supervisor's wake-up pipe"))?;
     WAKE.store(wake_tx.as_raw_fd(), Ordering::SeqCst);
@@ -271,7 +281,7 @@ fn upgrade(
     socket: &str,
     successor: Option<&Successor>,
     pid: i32,
-) -> Result<bool, SandboxError> {
+) -> Result<bool, SupervisorError> {
     let Some(s) = successor else {
         error!("{device}: live upgrade (SIGUSR2) refused: the path airlock was started from is unknown (argv[0] is not a path and not on PATH); this airlock carries on. Start airlock by its full path to upgrade it in place");
         return Ok(false);
@@ -339,7 +349,7 @@ fn spawn(
     record: &SharedRecord,
     generation: u32,
     server: &mut impl FnMut(&ServerStart<'_>) -> i32,
-) -> Result<(i32, OwnedFd, OwnedFd), SandboxError> {
+) -> Result<(i32, OwnedFd, OwnedFd), SupervisorError> {
     let (rx, tx) = pipe(libc::O_CLOEXEC).map_err(step("creating the readiness pipe"))?;
     // A raw clone with a new pid namespace each time: unshare(CLONE_NEWPID)
     // works once per process, and a namespace dies with its PID 1.
@@ -356,7 +366,7 @@ fn spawn(
         )
     } as i32;
     if pid < 0 {
-        return Err(SandboxError::Step {
+        return Err(SupervisorError::Step {
             what: "starting the server in a new pid namespace",
             source: io::Error::last_os_error(),
         });
@@ -423,7 +433,7 @@ fn watch(
     ready_rx: &OwnedFd,
     wake_rx: &OwnedFd,
     ready: &mut bool,
-) -> Result<Watched, SandboxError> {
+) -> Result<Watched, SupervisorError> {
     let mut ready_open = !*ready;
     // Since when a connection has sat unaccepted, and whether it was said.
     let mut waiting: Option<(Instant, bool)> = None;
@@ -499,7 +509,7 @@ fn watch(
     }
 }
 
-fn reap(pid: i32) -> Result<Ending, SandboxError> {
+fn reap(pid: i32) -> Result<Ending, SupervisorError> {
     let mut status = 0;
     loop {
         // SAFETY: waitpid writes the status into our local.
