@@ -53,7 +53,8 @@ fn a_running_airlock_is_confined_and_still_serves() {
         "the server's root has host entries: {root:?}"
     );
     drop(c);
-    assert!(s.stop().success());
+    let st = s.stop();
+    assert!(st.success(), "airlock exited with {st:?}; its log:\n{}", s.log());
     assert!(!s.path.exists(), "the supervisor removes the socket");
 }
 

@@ -440,6 +440,11 @@ fn watch(
     let mut stop_sent = false;
     loop {
         if STOPPING.load(Ordering::SeqCst) && !stop_sent {
+            // A ready byte not read yet still counts: that server has its
+            // handler and stops gracefully (quiescing the device).
+            if ready_open && !*ready && took_ready(ready_rx) {
+                *ready = true;
+            }
             systemd::notify("STOPPING=1");
             // The signal handler forwarded SIGTERM if the server was known
             // by then; a pid namespace's PID 1 ignores it until it has a
@@ -466,6 +471,13 @@ fn watch(
             Err(e) => return Err(step("waiting on the server")(e)),
         }
         if fds[0].revents != 0 {
+            // A server that said ready and died at once (a fault right
+            // after confinement) shows both in one poll: its byte must be
+            // read first, or its death looks like a setup error and airlock
+            // gives up instead of restarting it.
+            if ready_open && took_ready(ready_rx) {
+                *ready = true;
+            }
             return Ok(Watched::Ended(reap(pid)?));
         }
         if fds[3].revents != 0 {
@@ -507,6 +519,17 @@ fn watch(
             }
         }
     }
+}
+
+/// Whether the readiness pipe holds the server's byte (without waiting).
+fn took_ready(ready_rx: &OwnedFd) -> bool {
+    let mut p = [pollfd(ready_rx.as_raw_fd())];
+    if poll(&mut p, Some(Duration::ZERO)).unwrap_or(0) == 0 {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    // SAFETY: a one-byte read into a stack buffer; the pipe is readable.
+    unsafe { libc::read(ready_rx.as_raw_fd(), b.as_mut_ptr().cast(), 1) == 1 }
 }
 
 fn reap(pid: i32) -> Result<Ending, SupervisorError> {
