@@ -2,6 +2,7 @@
 //! Data flows one way: socket -> protocol decode -> session dispatch ->
 //! device / DMA space / interrupt table -> protocol encode -> socket.
 
+pub mod app;
 pub mod config;
 pub mod device;
 pub mod dma;

@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::device::vfio::HandedVfio;
+use crate::config::Listen;
+use crate::device::vfio::{HandedVfio, VfioFds};
+use crate::server::Listener;
 
 /// Names the handed-over fds in the successor's environment.
 pub const ENV: &str = "AIRLOCK_UPGRADE";
@@ -148,6 +150,35 @@ pub fn claim(fd: RawFd, what: &'static str) -> Result<OwnedFd, UpgradeError> {
     // SAFETY: the fd is open (F_SETFD succeeded) and was handed to this
     // process to own; `decode` refused a number named twice.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The VFIO device's fds and the table of its IOMMU mappings, as a
+/// predecessor handed them over.
+pub type HandedFds = (VfioFds, OwnedFd);
+
+/// Takes what a predecessor handed over: the listening socket (resumed at
+/// `listen`) and, with --vfio, the device's fds and mapping table. Without
+/// a predecessor, opens the socket anew.
+pub fn claim_handed(
+    handed: Option<&Handed>,
+    listen: &Listen,
+) -> Result<(Listener, Option<HandedFds>), Box<dyn std::error::Error>> {
+    let Some(h) = handed else {
+        return Ok((Listener::open(listen)?, None));
+    };
+    let listener = Listener::resume(claim(h.listen, "listening socket")?, listen)?;
+    let vfio = match h.vfio {
+        Some(v) => Some((
+            VfioFds {
+                device: claim(v.device, "VFIO device fd")?,
+                group: claim(v.group, "VFIO group fd")?,
+                container: claim(v.container, "VFIO container fd")?,
+            },
+            claim(v.table, "table of IOMMU mappings")?,
+        )),
+        None => None,
+    };
+    Ok((listener, vfio))
 }
 
 fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {

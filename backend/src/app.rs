@@ -1,0 +1,318 @@
+//! airlock's modes, from a parsed Config: print something and exit, serve
+//! unconfined (--sandbox off), or serve supervised and sandboxed (the
+//! default). main.rs parses and hands off here.
+
+use std::error::Error;
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use crate::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind, SandboxConfig};
+use crate::device::vfio::VfioPci;
+use crate::device::{edu::Edu, Device};
+use crate::iova::DoorbellWindow;
+use crate::lifecycle::upgrade::{self, Handed, Successor};
+use crate::lifecycle::{self, ServerStart};
+use crate::negotiate::ServerLimits;
+use crate::sandbox::{self, Policy, Profile};
+use crate::server::{install_stop_signals, refuse_upgrade_signal, serve, Listener};
+
+type AppResult<T> = Result<T, Box<dyn Error>>;
+
+/// Runs `config`; `argv` is what a live upgrade execs again, `handed` what
+/// a previous airlock handed over (a live upgrade's successor).
+pub fn run(config: Config, argv: Vec<OsString>, handed: Option<Handed>) -> AppResult<ExitCode> {
+    let Config::Serve {
+        listen,
+        device: kind,
+        max_data_xfer,
+        sandbox: sandbox_config,
+        windows,
+    } = config
+    else {
+        return print(config);
+    };
+    // The socket first: with the sandbox its owner is the supervisor, so
+    // the path stays in place while servers come and go (and, handed over
+    // by a live upgrade, while binaries do).
+    let (listener, handed_vfio) = upgrade::claim_handed(handed.as_ref(), &listen)?;
+    let limits = server_limits(&kind, max_data_xfer, windows);
+    match sandbox_config {
+        None => serve_unconfined(&listener, kind, limits),
+        Some(sc) => {
+            let held = open_held(&kind, handed_vfio, handed.is_some(), limits.max_dma_maps)?;
+            serve_supervised(listener, kind, held, sc, limits, argv, handed)
+        }
+    }
+}
+
+/// The modes that print and exit.
+fn print(config: Config) -> AppResult<ExitCode> {
+    match config {
+        Config::PrintCapabilities => println!("{}", capabilities_json()),
+        Config::PrintMan => clap_mangen::Man::new(<Args as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())?,
+        Config::PrintCompletions(shell) => {
+            let mut cmd = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "airlock", &mut std::io::stdout());
+        }
+        Config::PrintQemuArgs {
+            listen,
+            device,
+            mut windows,
+            guest_ram,
+            flavor,
+        } => {
+            let (dev, _) = open_device(device, 1)?;
+            let mut all = dev.iova_windows();
+            all.append(&mut windows);
+            print!(
+                "{}",
+                crate::qemu_args::qemu_args_for(
+                    &listen,
+                    dev.name(),
+                    &all,
+                    guest_ram.as_deref(),
+                    flavor
+                )
+            );
+        }
+        Config::Serve { .. } => unreachable!("run serves"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What every server offers: `max_data_xfer`, the windows, and as many DMA
+/// maps as the device kind can hold.
+fn server_limits(
+    kind: &DeviceKind,
+    max_data_xfer: u64,
+    windows: Vec<DoorbellWindow>,
+) -> ServerLimits {
+    let mut limits = crate::server_limits(max_data_xfer);
+    limits.windows = windows;
+    if matches!(kind, DeviceKind::Vfio { .. }) {
+        limits.max_dma_maps = crate::vfio_max_dma_maps(limits.max_dma_maps);
+    }
+    limits
+}
+
+/// `max_maps`: the most DMA maps a server will offer (sizes --vfio's
+/// table of IOMMU mappings).
+fn open_device(kind: DeviceKind, max_maps: u64) -> AppResult<(Box<dyn Device>, Profile)> {
+    Ok(match kind {
+        DeviceKind::Emulated(EmulatedKind::Edu) => (Box::new(Edu::new()), Profile::Emulated),
+        DeviceKind::Vfio {
+            bdf,
+            mediate_bars,
+            allow_unsafe_interrupts,
+        } => (
+            Box::new(VfioPci::open(
+                &bdf,
+                mediate_bars,
+                allow_unsafe_interrupts,
+                max_maps as usize,
+            )?),
+            Profile::Vfio,
+        ),
+    })
+}
+
+/// --sandbox off: one process serves with airlock's full privileges.
+fn serve_unconfined(
+    listener: &Listener,
+    kind: DeviceKind,
+    mut limits: ServerLimits,
+) -> AppResult<ExitCode> {
+    tracing::warn!("sandbox off: the server runs with airlock's full privileges");
+    install_stop_signals()?;
+    refuse_upgrade_signal()?;
+    crate::fit_dma_maps_to_nofile(&mut limits);
+    let (device, _) = open_device(kind, limits.max_dma_maps)?;
+    crate::systemd::notify(&format!(
+        "READY=1\nSTATUS=serving {} on {} (sandbox off)",
+        device.name(),
+        listener.describe()
+    ));
+    serve(listener, device, limits)?;
+    crate::systemd::notify("STOPPING=1");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// With --vfio the supervisor opens the device once (or takes it from the
+/// previous airlock) and every server inherits it (clone copies fds and
+/// memory, like fork): the supervisor's copies of the container, group and
+/// device fds keep the device open while no server runs, so a killed
+/// server's IOMMU mappings and interrupts stay and the device is not reset.
+fn open_held(
+    kind: &DeviceKind,
+    handed_vfio: Option<upgrade::HandedFds>,
+    upgrading: bool,
+    max_maps: u64,
+) -> AppResult<Option<VfioPci>> {
+    let DeviceKind::Vfio {
+        bdf,
+        mediate_bars,
+        allow_unsafe_interrupts,
+    } = kind
+    else {
+        // Handed VFIO fds an emulated device does not use close here.
+        return Ok(None);
+    };
+    Ok(Some(match handed_vfio {
+        Some((fds, table)) => VfioPci::resume(bdf, *mediate_bars, fds, table)?,
+        None if upgrading => return Err(format!("{kind}: the previous airlock handed over no VFIO device; restart airlock instead of upgrading it (the arguments changed?)").into()),
+        None => VfioPci::open(
+            bdf,
+            *mediate_bars,
+            *allow_unsafe_interrupts,
+            max_maps as usize,
+        )?,
+    }))
+}
+
+/// The default: a supervisor outside the sandbox starts sandboxed servers,
+/// restarts them when they die and execs a successor on SIGUSR2.
+fn serve_supervised(
+    listener: Listener,
+    kind: DeviceKind,
+    mut held: Option<VfioPci>,
+    sc: SandboxConfig,
+    limits: ServerLimits,
+    argv: Vec<OsString>,
+    handed: Option<Handed>,
+) -> AppResult<ExitCode> {
+    let name = kind.to_string();
+    if let Some(h) = &handed {
+        tracing::info!(
+            "live upgrade: airlock {} ({}) took over {}{} from the previous binary; pid {} unchanged",
+            env!("CARGO_PKG_VERSION"),
+            h.exe.display(),
+            listener.describe(),
+            if held.is_some() {
+                format!(" and {name} as it was (no reset; the first server adopts its IOMMU mappings and interrupts)")
+            } else {
+                String::new()
+            },
+            std::process::id()
+        );
+    }
+    // What SIGUSR2 execs: the binary at the path the first airlock was
+    // started from, handed this socket and device.
+    let successor = handed
+        .as_ref()
+        .map(|h| h.exe.clone())
+        .or_else(upgrade::started_from)
+        .map(|exe| {
+            Successor::new(
+                argv,
+                Handed {
+                    listen: listener.raw_fd(),
+                    vfio: held.as_ref().map(VfioPci::handed),
+                    exe,
+                },
+            )
+        });
+    let supervised = lifecycle::supervise(
+        &name,
+        &listener.describe(),
+        listener.raw_fd(),
+        successor.as_ref(),
+        |start| {
+            // In the server: its own copy of the supervisor's device.
+            let inherited = held.take();
+            match serve_confined(&listener, kind.clone(), inherited, &sc, limits.clone(), start) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("airlock: {e}");
+                    1
+                }
+            }
+        },
+    );
+    match supervised {
+        // Every server was reaped: dropping the device quiesces it (a
+        // server that stopped gracefully did so already).
+        Ok(code) => {
+            drop(held);
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        // A server may still run until it dies with us (PDEATHSIG): no
+        // quiesce under it; the kernel releases the device after both.
+        Err(e) => {
+            std::mem::forget(held);
+            Err(e.into())
+        }
+    }
+}
+
+/// The sandboxed server: take the supervisor's device (--vfio) or make
+/// one, confine, serve until stopped.
+fn serve_confined(
+    listener: &Listener,
+    kind: DeviceKind,
+    inherited: Option<VfioPci>,
+    sc: &SandboxConfig,
+    mut limits: ServerLimits,
+    start: &ServerStart<'_>,
+) -> AppResult<()> {
+    // Acquire everything first: signals, device.
+    install_stop_signals()?;
+    let (device, profile): (Box<dyn Device>, Profile) = match inherited {
+        Some(mut vfio) => {
+            // What a killed predecessor left in the kernel stays: no
+            // quiesce, no reset; its mappings wait for the client's replay.
+            vfio.adopt();
+            (Box::new(vfio), Profile::Vfio)
+        }
+        None => open_device(kind, limits.max_dma_maps)?,
+    };
+    // Then confine.
+    let nofile = crate::fit_dma_maps_to_nofile(&mut limits);
+    let memlock = match profile {
+        Profile::Emulated => sc.memlock.unwrap_or(0),
+        Profile::Vfio => sc.memlock.unwrap_or(u64::MAX),
+    };
+    sandbox::confine(
+        &Policy {
+            profile,
+            user: sc.user,
+            limits: sandbox::Limits { nofile, memlock },
+        },
+        start.record,
+    )?;
+    start.ready();
+    #[cfg(feature = "fault-injection")]
+    if let (Some(f), 0) = (sc.fault, start.generation) {
+        fault::attempt(f);
+    }
+    // Then serve.
+    serve(listener, device, limits)?;
+    Ok(())
+}
+
+/// Test-only attempts at what the sandbox forbids.
+#[cfg(feature = "fault-injection")]
+mod fault {
+    use crate::config::Fault;
+
+    /// Tries `f`; if the process survives, reports the error and exits 3.
+    pub fn attempt(f: Fault) -> ! {
+        eprintln!("fault injection: attempting {f:?}");
+        // SAFETY: each call gets valid NUL-terminated strings or null
+        // pointers; this is a test build meant to be killed here.
+        let r = unsafe {
+            match f {
+                Fault::OpenPasswd => libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) as i64,
+                Fault::SocketInet => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64,
+                Fault::Execve => {
+                    let argv = [c"/bin/sh".as_ptr(), std::ptr::null()];
+                    libc::execve(c"/bin/sh".as_ptr(), argv.as_ptr(), std::ptr::null()) as i64
+                }
+                Fault::Ptrace => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) as i64,
+            }
+        };
+        let e = std::io::Error::last_os_error();
+        eprintln!("fault injection: {f:?} survived: returned {r}, {e}");
+        std::process::exit(3)
+    }
+}
