@@ -110,6 +110,29 @@ need_mmdebstrap() {
         die "mmdebstrap is needed to make the Debian roots in $AIRLOCK_CACHE (see above)"
 }
 
+# mmdebstrap_root TARGET SUITE SOURCE... [-- MMDEBSTRAP_OPTION...]: a Debian
+# root of SUITE in TARGET from the SOURCE lines (deb822 one-liners), as small
+# as apt makes it: no recommends, no man pages, docs or locales, no apt cache.
+# Packages and hooks come as options (--include=..., --customize-hook=...).
+mmdebstrap_root() {
+    local target=$1 suite=$2 sources=() opts=()
+    shift 2
+    while (($#)) && [[ $1 != -- ]]; do sources+=("$1"); shift; done
+    [[ ${1:-} == -- ]] && shift
+    opts=("$@")
+    mmdebstrap \
+        --quiet \
+        --variant=apt \
+        --mode=root \
+        --aptopt='APT::Install-Recommends "false"' \
+        --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        "${opts[@]}" \
+        --customize-hook='chroot "$1" apt-get clean' \
+        "$suite" "$target" "${sources[@]}" >&2
+}
+
 # in_root ROOT DIR... -- CMD...: run CMD chrooted in the Debian root ROOT,
 # inside a private mount namespace (nothing leaks to the host, everything is
 # unmounted when CMD ends) with /proc, /dev and /sys from the host and each DIR

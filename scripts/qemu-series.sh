@@ -78,6 +78,31 @@ qemu_source() {
     return 0
 }
 
+# qemu_configure SRC BUILD PKG_CONFIG OPTION...: configure QEMU (SRC) in BUILD
+# through `inroot` (the caller's: the build root with the work tree bound), with
+# PKG_CONFIG, unless BUILD was configured there with exactly these options. A
+# build directory configured otherwise (other options, or by an older airlock
+# on the host, whose compiler and library paths are not the root's) is
+# configured anew.
+qemu_configure() {
+    local src=$1 build=$2 pc=$3 configured
+    shift 3
+    configured="$build/.airlock-build-root"
+    if [[ -f $build/build.ninja && $(cat "$configured" 2>/dev/null) != "$*" ]]; then
+        log "dropping $build (configured with other options or outside the build root)"
+        rm -rf "$build"
+    fi
+    [[ -f $build/build.ninja ]] && return 0
+    rm -rf "$build"
+    mkdir -p "$build"
+    log "configuring QEMU in $build (in the build root)"
+    # shellcheck disable=SC2016 # expanded by the root's shell
+    inroot /bin/sh -c 'cd "$1" && PKG_CONFIG="$2" && export PKG_CONFIG && shift 2 && exec nice -n 10 "$@"' \
+        sh "$build" "$pc" "$src/configure" "$@" >&2 ||
+        { rm -f "$build/build.ninja"; die "QEMU configure failed (see above)"; }
+    printf '%s\n' "$*" >"$configured"
+}
+
 # series_apply SRC PATCHES: undo the previous series (drop the files it
 # added, reset the files it changed: only files that differ are rewritten,
 # so their mtimes tell ninja what to rebuild), then apply $files on a fresh

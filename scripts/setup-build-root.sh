@@ -53,17 +53,7 @@ log "making the build root ($suite, ${#pkgs[@]} packages and their dependencies)
 tmp="$root.tmp"
 rm -rf "$tmp" "$stamp"
 include=$(IFS=,; echo "${pkgs[*]}")
-mmdebstrap \
-    --quiet \
-    --variant=apt \
-    --mode=root \
-    --aptopt='APT::Install-Recommends "false"' \
-    --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/doc/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --include="$include" \
-    --customize-hook='chroot "$1" apt-get clean' \
-    "$suite" "$tmp" "deb [signed-by=$keyring] $mirror $suite main" >&2 ||
+mmdebstrap_root "$tmp" "$suite" "deb [signed-by=$keyring] $mirror $suite main" -- --include="$include" ||
     die "mmdebstrap could not make the build root (its error above)"
 
 rm -rf "$root"

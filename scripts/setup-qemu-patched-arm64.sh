@@ -128,23 +128,7 @@ conf=(--cross-prefix="$triplet-"
     --disable-tools --disable-user --disable-gtk --disable-sdl --disable-vnc
     --disable-opengl --disable-spice --disable-curses --disable-slirp
     --disable-werror "$download" --disable-install-blobs --disable-rust)
-# A build directory configured otherwise (other options, or by an older airlock
-# with the host's cross gcc) is configured anew.
-configured="$build/.airlock-build-root"
-if [[ -f $build/build.ninja && $(cat "$configured" 2>/dev/null) != "${conf[*]}" ]]; then
-    log "dropping $build (configured with other options or outside the build root)"
-    rm -rf "$build"
-fi
-if [[ ! -f $build/build.ninja ]]; then
-    rm -rf "$build"
-    mkdir -p "$build"
-    log "configuring QEMU (cross, $triplet) in $build (build root $broot)"
-    # shellcheck disable=SC2016 # expanded by the root's shell
-    inroot /bin/sh -c 'cd "$1" && shift && PKG_CONFIG="$1" && shift && export PKG_CONFIG && exec nice -n 10 "$@"' \
-        sh "$build" "$pc" "$src/configure" "${conf[@]}" >&2 ||
-        { rm -f "$build/build.ninja"; die "QEMU configure (cross) failed"; }
-    printf '%s\n' "${conf[*]}" >"$configured"
-fi
+qemu_configure "$src" "$build" "$pc" "${conf[@]}"
 log "building qemu-system-aarch64 for arm64 (nice -n 10)"
 inroot nice -n 10 ninja -C "$build" qemu-system-aarch64 >&2 || die "QEMU build (cross) failed"
 

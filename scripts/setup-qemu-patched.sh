@@ -78,23 +78,7 @@ conf=(--target-list=x86_64-softmmu,aarch64-softmmu --disable-docs --disable-debu
     --disable-tools --disable-user --disable-gtk --disable-sdl --disable-vnc
     --disable-opengl --disable-spice --disable-curses --disable-slirp
     --disable-werror "$download" --disable-install-blobs --disable-rust)
-# A build directory configured otherwise (other options, or by an older airlock
-# on the host, whose compiler and library paths are not the root's) is
-# configured anew.
-configured="$build/.airlock-build-root"
-if [[ -f $build/build.ninja && $(cat "$configured" 2>/dev/null) != "${conf[*]}" ]]; then
-    log "dropping $build (configured with other options or outside the build root)"
-    rm -rf "$build"
-fi
-if [[ ! -f $build/build.ninja ]]; then
-    rm -rf "$build"
-    mkdir -p "$build"
-    log "configuring QEMU in $build (build root $broot)"
-    # shellcheck disable=SC2016 # expanded by the root's shell
-    inroot /bin/sh -c 'cd "$1" && shift && exec nice -n 10 "$@"' sh "$build" "$src/configure" "${conf[@]}" >&2 ||
-        { rm -f "$build/build.ninja"; die "QEMU configure failed"; }
-    printf '%s\n' "${conf[*]}" >"$configured"
-fi
+qemu_configure "$src" "$build" pkg-config "${conf[@]}"
 log "building ${targets[*]} (nice -n 10; a first build takes ~25 min on 2 cores)"
 # Build the two targets by name: a plain ninja also builds tests/fp, which
 # the vendored tarball's testfloat revision does not build.

@@ -31,19 +31,10 @@ log "building trixie root with QEMU from trixie-backports (mirror $mirror)"
 tmp="$root.tmp"
 rm -rf "$tmp" "$stamp"
 src="deb [signed-by=$keyring] $mirror"
-mmdebstrap \
-    --quiet \
-    --variant=apt \
-    --mode=root \
-    --aptopt='APT::Install-Recommends "false"' \
-    --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/doc/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --customize-hook='chroot "$1" apt-get install -y -q --no-install-recommends -t trixie-backports qemu-system-x86 qemu-system-arm >/dev/null' \
-    --customize-hook='chroot "$1" apt-get clean' \
-    trixie "$tmp" \
-    "$src trixie main" \
-    "$src trixie-backports main" >&2
+# -t inside the root is the root's own apt choosing trixie-backports' QEMU.
+mmdebstrap_root "$tmp" trixie "$src trixie main" "$src trixie-backports main" -- \
+    --customize-hook='chroot "$1" apt-get install -y -q --no-install-recommends -t trixie-backports qemu-system-x86 qemu-system-arm >/dev/null' ||
+    die "mmdebstrap could not make the QEMU root (its error above)"
 
 rm -rf "$root"
 mv "$tmp" "$root"
