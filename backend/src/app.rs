@@ -220,7 +220,14 @@ fn serve_supervised(
         |start| {
             // In the server: its own copy of the supervisor's device.
             let inherited = held.take();
-            match serve_confined(&listener, kind.clone(), inherited, &sc, limits.clone(), start) {
+            match serve_confined(
+                &listener,
+                kind.clone(),
+                inherited,
+                &sc,
+                limits.clone(),
+                start,
+            ) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("airlock: {e}");

@@ -54,7 +54,11 @@ fn a_running_airlock_is_confined_and_still_serves() {
     );
     drop(c);
     let st = s.stop();
-    assert!(st.success(), "airlock exited with {st:?}; its log:\n{}", s.log());
+    assert!(
+        st.success(),
+        "airlock exited with {st:?}; its log:\n{}",
+        s.log()
+    );
     assert!(!s.path.exists(), "the supervisor removes the socket");
 }
 

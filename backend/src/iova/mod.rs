@@ -119,8 +119,12 @@ impl TryFrom<WireRange> for IovaRange {
     type Error = String;
 
     fn try_from(w: WireRange) -> Result<IovaRange, String> {
-        IovaRange::new(w.start, w.end)
-            .ok_or_else(|| format!("IOVA range {:#x}-{:#x} ends before it starts", w.start, w.end))
+        IovaRange::new(w.start, w.end).ok_or_else(|| {
+            format!(
+                "IOVA range {:#x}-{:#x} ends before it starts",
+                w.start, w.end
+            )
+        })
     }
 }
 
@@ -157,7 +161,10 @@ mod tests {
         assert_eq!(IovaRange::new(5, 4), None);
         assert_eq!(IovaRange::from_span(0x1000, 0), None);
         assert_eq!(IovaRange::from_span(u64::MAX, 2), None);
-        assert_eq!(IovaRange::from_span(u64::MAX, 1), Some(r(u64::MAX, u64::MAX)));
+        assert_eq!(
+            IovaRange::from_span(u64::MAX, 1),
+            Some(r(u64::MAX, u64::MAX))
+        );
         assert_eq!(IovaRange::from_span(0, u64::MAX), Some(r(0, u64::MAX - 1)));
         assert_eq!(IovaRange::ALL.len(), 1u128 << 64);
         assert_eq!(r(7, 7).len(), 1);

@@ -90,7 +90,8 @@ pub fn parse_reserve(spec: &str) -> Result<DoorbellWindow, WindowError> {
         num(a).ok_or_else(|| WindowError::BadSpec(spec.into()))?,
         num(b).ok_or_else(|| WindowError::BadSpec(spec.into()))?,
     );
-    let range = IovaRange::from_span(start, size).ok_or_else(|| WindowError::BadRange(spec.into()))?;
+    let range =
+        IovaRange::from_span(start, size).ok_or_else(|| WindowError::BadRange(spec.into()))?;
     Ok(DoorbellWindow {
         range,
         source: WindowSource::User,

@@ -14,8 +14,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use airlock_protocol::device::{
-    DeviceInfo, IrqInfo, RegionInfo, RegionIoFds, REGION_INFO_FLAG_MMAP,
-    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    DeviceInfo, IrqInfo, RegionInfo, RegionIoFds, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ,
+    REGION_INFO_FLAG_WRITE,
 };
 use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE};
 use airlock_protocol::header::Command;
@@ -569,7 +569,10 @@ impl<'a> Session<'a> {
 }
 
 fn no_region(dev: &str, index: u32) -> Refusal {
-    (libc::EINVAL, format!("{dev}: region {index} does not exist"))
+    (
+        libc::EINVAL,
+        format!("{dev}: region {index} does not exist"),
+    )
 }
 
 /// The largest DMA_READ/DMA_WRITE chunk both sides accept.

@@ -56,8 +56,8 @@ use self::isolation::MsiIsolation;
 use self::sparse::{mmap_areas, Hole};
 use super::{Device, DeviceError, RegionDesc};
 use crate::dma::FileId;
-use crate::irq::IrqError;
 use crate::iova::{self, DoorbellWindow, IovaRange};
+use crate::irq::IrqError;
 
 #[derive(Debug, Error)]
 pub enum VfioError {

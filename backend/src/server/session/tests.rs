@@ -63,7 +63,10 @@ fn memfd(size: u64) -> OwnedFd {
     // SAFETY: fd was just created and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate on the fd we own.
-    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }, 0);
+    assert_eq!(
+        unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
+        0
+    );
     fd
 }
 
@@ -74,7 +77,8 @@ fn a_command_before_version_is_refused_and_version_still_works() {
     let mut dev = MockDevice::new();
     serve(&mut dev, |c| {
         assert_eq!(errno(c.device_info()), libc::EINVAL);
-        c.negotiate(Client::qemu_capabilities()).expect("VERSION after a refusal");
+        c.negotiate(Client::qemu_capabilities())
+            .expect("VERSION after a refusal");
         assert!(c.device_info().is_ok());
     });
 }
@@ -83,7 +87,10 @@ fn a_command_before_version_is_refused_and_version_still_works() {
 fn a_second_version_is_refused() {
     let mut dev = MockDevice::new();
     negotiated(&mut dev, |c| {
-        assert_eq!(errno(c.negotiate(Client::qemu_capabilities())), libc::EINVAL);
+        assert_eq!(
+            errno(c.negotiate(Client::qemu_capabilities())),
+            libc::EINVAL
+        );
     });
 }
 
@@ -96,8 +103,13 @@ fn version_offers_the_usable_ranges_around_the_windows_to_a_client_that_asks() {
         caps.iova_ranges = Some(Vec::new());
         c.negotiate(caps).expect("VERSION")
     });
-    let ranges = v.capabilities.and_then(|c| c.iova_ranges).expect("iova_ranges");
-    assert!(ranges.iter().all(|r| r.end < 0x800_0000 || r.start > 0x80f_ffff));
+    let ranges = v
+        .capabilities
+        .and_then(|c| c.iova_ranges)
+        .expect("iova_ranges");
+    assert!(ranges
+        .iter()
+        .all(|r| r.end < 0x800_0000 || r.start > 0x80f_ffff));
     assert!(ranges.iter().any(|r| r.start == 0x810_0000));
 }
 
@@ -118,7 +130,8 @@ fn dma_map_with_an_fd_reaches_the_device_with_its_file() {
     negotiated(&mut dev, |c| {
         c.dma_map(0x10000, 0x10000, 0, RW, Some(ram.as_fd()))
             .expect("DMA_MAP");
-        c.dma_map(0x40000, 0x1000, 0, RW, None).expect("DMA_MAP without fd");
+        c.dma_map(0x40000, 0x1000, 0, RW, None)
+            .expect("DMA_MAP without fd");
     });
     assert!(dev.called("dma_mapped 0x10000 0x10000 fd"));
     assert!(dev.called("dma_mapped 0x40000 0x1000 nofd"));
@@ -130,9 +143,16 @@ fn dma_map_into_a_window_is_refused_and_the_device_never_sees_it() {
     dev.windows = vec![window(0x800_0000, 0x80f_ffff)];
     negotiated(&mut dev, |c| {
         // The last page below the window is fine; one byte into it is not.
-        c.dma_map(0x7ff_f000, 0x1000, 0, RW, None).expect("below the window");
-        assert_eq!(errno(c.dma_map(0x7ff_f000, 0x1001, 0, RW, None)), libc::EINVAL);
-        assert_eq!(errno(c.dma_map(0x80f_f000, 0x1000, 0, RW, None)), libc::EINVAL);
+        c.dma_map(0x7ff_f000, 0x1000, 0, RW, None)
+            .expect("below the window");
+        assert_eq!(
+            errno(c.dma_map(0x7ff_f000, 0x1001, 0, RW, None)),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(c.dma_map(0x80f_f000, 0x1000, 0, RW, None)),
+            libc::EINVAL
+        );
     });
     assert!(!dev.called("dma_mapped 0x80f"));
 }
@@ -171,7 +191,10 @@ fn dma_unmap_of_part_of_a_map_is_refused() {
         assert!(c.dma_unmap(0x10000, 0x1000, 0).is_err());
     });
     assert_eq!(
-        dev.calls.iter().filter(|c| c.starts_with("dma_unmapped")).count(),
+        dev.calls
+            .iter()
+            .filter(|c| c.starts_with("dma_unmapped"))
+            .count(),
         1,
         "only the session's end unmaps it: {:?}",
         dev.calls
@@ -184,7 +207,10 @@ fn dma_unmap_all_drops_every_map_and_wants_iova_and_size_zero() {
     negotiated(&mut dev, |c| {
         c.dma_map(0x10000, 0x1000, 0, RW, None).expect("map 1");
         c.dma_map(0x20000, 0x1000, 0, RW, None).expect("map 2");
-        assert_eq!(errno(c.dma_unmap(0x10000, 0, DMA_UNMAP_FLAG_ALL)), libc::EINVAL);
+        assert_eq!(
+            errno(c.dma_unmap(0x10000, 0, DMA_UNMAP_FLAG_ALL)),
+            libc::EINVAL
+        );
         c.dma_unmap(0, 0, DMA_UNMAP_FLAG_ALL).expect("FLAG_ALL");
         assert!(c.dma_unmap(0x20000, 0x1000, 0).is_err());
     });
@@ -276,7 +302,10 @@ fn region_write_then_read_round_trips_through_the_device() {
     negotiated(&mut dev, |c| {
         c.write32(0, 0x40, 0x1234_5678).expect("REGION_WRITE");
         assert_eq!(c.read32(0, 0x40).expect("REGION_READ"), 0x1234_5678);
-        assert_eq!(c.region_read(1, 0, 2).expect("read-only region"), vec![0xab; 2]);
+        assert_eq!(
+            c.region_read(1, 0, 2).expect("read-only region"),
+            vec![0xab; 2]
+        );
     });
     assert_eq!(&dev.bar0[0x40..0x44], &0x1234_5678u32.to_ne_bytes());
 }
@@ -298,7 +327,8 @@ fn accesses_outside_a_region_or_against_its_flags_are_refused() {
 fn a_posted_write_gets_no_reply_and_lands_before_the_next_read() {
     let mut dev = MockDevice::new();
     negotiated(&mut dev, |c| {
-        c.region_write_posted(0, 8, &7u32.to_ne_bytes()).expect("posted");
+        c.region_write_posted(0, 8, &7u32.to_ne_bytes())
+            .expect("posted");
         // A stray reply to the posted write would arrive first and carry
         // another id: the client would fail this read.
         assert_eq!(c.read32(0, 8).expect("REGION_READ"), 7);
@@ -323,7 +353,9 @@ fn write_multi_needs_the_capability() {
 fn write_multi_applies_each_write_in_order_and_echoes_the_count() {
     let mut dev = MockDevice::new();
     negotiated(&mut dev, |c| {
-        let n = c.write_multi(&[one(0, 1), one(4, 2), one(0, 3)]).expect("WRITE_MULTI");
+        let n = c
+            .write_multi(&[one(0, 1), one(4, 2), one(0, 3)])
+            .expect("WRITE_MULTI");
         assert_eq!(n, 3);
         // One bad entry fails the message.
         assert_eq!(errno(c.write_multi(&[one(BAR0_SIZE, 9)])), libc::EINVAL);
@@ -368,10 +400,7 @@ fn device_feature_and_dirty_pages_are_not_supported() {
             libc::ENOTSUP
         );
         let r = c.request(Command::DirtyPages, &[0; 16], &[]);
-        assert!(matches!(
-            errno(r),
-            libc::ENOTSUP | libc::EINVAL
-        ));
+        assert!(matches!(errno(r), libc::ENOTSUP | libc::EINVAL));
         assert!(c.device_info().is_ok(), "the stream goes on");
     });
 }
@@ -385,7 +414,11 @@ fn leaving_quiesces_the_device_before_its_maps_go() {
         c.dma_map(0x10000, 0x1000, 0, RW, None).expect("DMA_MAP");
         c.device_info().expect("DEVICE_GET_INFO");
     });
-    let quiesced = dev.calls.iter().position(|c| c == "quiesce").expect("quiesce");
+    let quiesced = dev
+        .calls
+        .iter()
+        .position(|c| c == "quiesce")
+        .expect("quiesce");
     let unmapped = dev
         .calls
         .iter()
@@ -465,7 +498,10 @@ fn device_dma_without_an_fd_goes_by_messages_in_chunks_and_completes() {
     let (_, read) = &dev.dma_done[0];
     let read = read.as_ref().expect("the read completed");
     assert_eq!(read.len(), len);
-    assert!(read.iter().enumerate().all(|(i, b)| *b == ((i + 0x1000) % 251) as u8));
+    assert!(read
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == ((i + 0x1000) % 251) as u8));
     assert!(dev.dma_done[1].1.is_ok());
     assert_eq!(&ram.lock().expect("ram")[0x10..0x18], &[0xee; 8]);
 }
