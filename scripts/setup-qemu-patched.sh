@@ -79,7 +79,7 @@ conf=(--target-list=x86_64-softmmu,aarch64-softmmu --disable-docs --disable-debu
     --disable-opengl --disable-spice --disable-curses --disable-slirp
     --disable-werror "$download" --disable-install-blobs --disable-rust)
 qemu_configure "$src" "$build" pkg-config "${conf[@]}"
-log "building ${targets[*]} (nice -n 10; a first build takes ~25 min on 2 cores)"
+log "building ${targets[*]} (nice -n 10; a first build takes ~6 min on 2 cores)"
 # Build the two targets by name: a plain ninja also builds tests/fp, which
 # the vendored tarball's testfloat revision does not build.
 inroot nice -n 10 ninja -C "$build" "${targets[@]}" >&2 || die "QEMU build failed"

@@ -114,7 +114,7 @@ e2e_prereqs() {
     command -v setsid >/dev/null || skip_exit "setsid not found (util-linux)"
     if [[ ! -f "$AIRLOCK_CACHE/qemu-root.stamp" || ! -f "$AIRLOCK_CACHE/guest/.stamp" ]]; then
         [[ $(id -u) == 0 ]] || skip_exit "QEMU/guest kernels not in $AIRLOCK_CACHE and not root (run scripts/setup-qemu.sh and scripts/setup-guest.sh as root)"
-        note "first run: fetching QEMU 11.1 and Debian guest kernels into $AIRLOCK_CACHE (~600 MB, ~1 min)"
+        note "first run: fetching QEMU 11.1 and Debian guest kernels into $AIRLOCK_CACHE (~0.9 GB, ~1 min)"
     fi
     "$E2E_REPO/scripts/setup-qemu.sh" >>"$LOG_DIR/setup.log" 2>&1 ||
         skip_exit "QEMU setup failed (see $LOG_DIR/setup.log)"

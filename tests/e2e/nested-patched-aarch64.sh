@@ -55,7 +55,7 @@ e2e="$E2E_REPO/tests/e2e"
 section "setup"
 e2e_prereqs
 t0=$(now)
-note "patched arm64 QEMU: scripts/setup-qemu-patched-arm64.sh (first run cross-builds it, ~6 min)"
+note "patched arm64 QEMU: scripts/setup-qemu-patched-arm64.sh (first run cross-builds it, ~7 min)"
 qdir=$("$E2E_REPO/scripts/setup-qemu-patched-arm64.sh" 2>>"$LOG_DIR/setup.log") ||
     skip_exit "cross-building the patched arm64 QEMU failed (see $LOG_DIR/setup.log)"
 [[ -x $qdir/qemu-system-aarch64 && -f $qdir/lib/ld-linux-aarch64.so.1 ]] ||

@@ -80,7 +80,7 @@ unset AIRLOCK_QEMU_BIN_DIR # L1 runs the stock QEMU; only L2's is patched
 : >"$LOG_DIR/setup.log"
 e2e_prereqs
 t0=$(now)
-note "patched QEMU: scripts/setup-qemu-patched.sh (first run builds it, ~25 min)"
+note "patched QEMU: scripts/setup-qemu-patched.sh (first run builds it, ~6 min)"
 pq_dir=$("$E2E_REPO/scripts/setup-qemu-patched.sh" 2>>"$LOG_DIR/setup.log") ||
     skip_exit "building the patched QEMU failed (see $LOG_DIR/setup.log)"
 pq_bin="$pq_dir/bin/qemu-system-x86_64"

@@ -8,13 +8,13 @@ QMP_STEPS="$E2E_DIR/qmp-steps.py"
 FAKE_SERVER="$E2E_DIR/fake-vfio-user-server.py"
 
 # patched_prereqs: e2e_prereqs, then the patched QEMU (built on first use,
-# ~25 min on 2 cores; cached by the series' hash). Exports
+# ~6 min on 2 cores; cached by the series' hash). Exports
 # AIRLOCK_QEMU_BIN_DIR so scripts/qemu and scripts/boot-guest run it.
 patched_prereqs() {
     local t0 dir
     e2e_prereqs
     t0=$(now)
-    note "patched QEMU: scripts/setup-qemu-patched.sh (first run builds it, ~25 min)"
+    note "patched QEMU: scripts/setup-qemu-patched.sh (first run builds it, ~6 min)"
     dir=$("$E2E_REPO/scripts/setup-qemu-patched.sh" 2>>"$LOG_DIR/setup.log") ||
         skip_exit "building the patched QEMU failed (see $LOG_DIR/setup.log)"
     [[ -x $dir/qemu-system-x86_64 && -x $dir/qemu-system-aarch64 ]] ||
