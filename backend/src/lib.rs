@@ -14,6 +14,7 @@ pub mod pci;
 pub mod qemu_args;
 pub mod sandbox;
 pub mod server;
+pub mod signals;
 pub mod systemd;
 
 use airlock_protocol::limits::QEMU_MAX_MSG_FDS;

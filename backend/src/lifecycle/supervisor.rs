@@ -43,6 +43,7 @@ use thiserror::Error;
 
 use super::upgrade::Successor;
 use crate::sandbox::violation::{syscall_name, SharedRecord};
+use crate::signals::{self, Disposition};
 use crate::systemd;
 
 #[derive(Debug, Error)]
@@ -175,18 +176,14 @@ pub fn supervise(
     WAKE.store(wake_tx.as_raw_fd(), Ordering::SeqCst);
     for sig in HANDLED {
         let handler = if sig == libc::SIGUSR2 {
-            on_upgrade as *const () as usize
+            Disposition::Handler(on_upgrade)
         } else {
-            forward as *const () as usize
+            Disposition::Handler(forward)
         };
-        // SAFETY: a zeroed sigaction with a handler that only touches
-        // atomics, calls kill and writes to a pipe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = handler;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
+        // SAFETY: both handlers only touch atomics, call kill and write to
+        // a pipe.
+        unsafe { signals::install(sig, handler, false) }
+            .map_err(step("installing the supervisor's signal handlers"))?;
     }
     // A predecessor blocked them for its exec: what arrived meanwhile
     // is delivered now.
@@ -373,12 +370,10 @@ fn spawn(
     }
     if pid == 0 {
         // The server dies with its supervisor, and leaves upgrades to it.
-        // SAFETY: prctl with integer arguments only; signal() installs
-        // SIG_IGN, no handler code.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            libc::signal(libc::SIGUSR2, libc::SIG_IGN);
-        }
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        // SAFETY: SIG_IGN runs no handler code.
+        let _ = unsafe { signals::install(libc::SIGUSR2, Disposition::Ignore, false) };
         WAKE.store(-1, Ordering::SeqCst);
         drop(rx);
         let start = ServerStart {

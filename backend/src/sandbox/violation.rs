@@ -80,18 +80,15 @@ impl SharedRecord {
     /// the filter is applied (sigaction itself is not in the allowlist).
     pub fn install_handler(&self) -> io::Result<()> {
         RECORD.store(self.page, Ordering::SeqCst);
-        // SAFETY: a zeroed sigaction with an SA_SIGINFO handler whose body
-        // is async-signal-safe (see the module doc).
+        // SAFETY: on_sigsys only stores atomics, writes to stderr and exits
+        // (see the module doc): async-signal-safe.
         unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_sigsys as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            crate::signals::install(
+                libc::SIGSYS,
+                crate::signals::Disposition::InfoHandler(on_sigsys),
+                false,
+            )
         }
-        Ok(())
     }
 }
 

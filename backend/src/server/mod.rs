@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::config::Listen;
 use crate::device::Device;
 use crate::negotiate::ServerLimits;
+use crate::signals::{self, Disposition};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -230,16 +231,9 @@ extern "C" fn on_stop_signal(_sig: libc::c_int) {
 /// poll returns EINTR).
 pub fn install_stop_signals() -> Result<(), ServerError> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: a zeroed sigaction is valid; we set a plain handler whose
-        // body is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_stop_signal as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
-                return Err(ServerError::Signals(io::Error::last_os_error()));
-            }
-        }
+        // SAFETY: on_stop_signal touches two atomics and calls shutdown.
+        unsafe { signals::install(sig, Disposition::Handler(on_stop_signal), false) }
+            .map_err(ServerError::Signals)?;
     }
     Ok(())
 }
@@ -254,18 +248,9 @@ extern "C" fn on_upgrade_without_supervisor(_sig: libc::c_int) {
 /// instead of killing airlock (its default action). SA_RESTART: a
 /// blocked read or poll resumes.
 pub fn refuse_upgrade_signal() -> Result<(), ServerError> {
-    // SAFETY: a zeroed sigaction is valid; the handler only writes a
-    // static message.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_upgrade_without_supervisor as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()) != 0 {
-            return Err(ServerError::Signals(io::Error::last_os_error()));
-        }
-    }
-    Ok(())
+    let refuse = Disposition::Handler(on_upgrade_without_supervisor);
+    // SAFETY: the handler only writes a static message.
+    unsafe { signals::install(libc::SIGUSR2, refuse, true) }.map_err(ServerError::Signals)
 }
 
 pub fn stop_requested() -> bool {

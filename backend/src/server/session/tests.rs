@@ -63,10 +63,8 @@ fn memfd(size: u64) -> OwnedFd {
     // SAFETY: fd was just created and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate on the fd we own.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
-        0
-    );
+    let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
+    assert_eq!(rc, 0);
     fd
 }
 
