@@ -220,35 +220,86 @@ pub const VFIO_IOMMU_UNMAP_DMA: u64 = vfio_io(14);
 pub const VFIO_DMA_MAP_FLAG_READ: u32 = 1;
 pub const VFIO_DMA_MAP_FLAG_WRITE: u32 = 2;
 
+/// struct vfio_iommu_type1_dma_map (linux/vfio.h).
+#[repr(C)]
+struct DmaMapArg {
+    argsz: u32,
+    flags: u32,
+    vaddr: u64,
+    iova: u64,
+    size: u64,
+}
+
+/// struct vfio_iommu_type1_dma_unmap, without the dirty-bitmap tail (no
+/// bitmap flag is ever set).
+#[repr(C)]
+struct DmaUnmapArg {
+    argsz: u32,
+    flags: u32,
+    iova: u64,
+    size: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<DmaMapArg>() == 32);
+const _: () = assert!(std::mem::size_of::<DmaUnmapArg>() == 24);
+
+/// Issues an ioctl whose argument is one `T` (argsz filled in by the caller).
+///
+/// # Safety
+/// `request` must be a VFIO ioctl whose argument structure is `T`, a
+/// repr(C) struct laid out as the kernel's.
+unsafe fn ioctl_arg<T>(fd: BorrowedFd<'_>, request: u64, arg: &mut T) -> io::Result<()> {
+    // SAFETY: per the caller's contract the kernel reads and writes exactly
+    // a `T`, which `arg` is, for the duration of the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg as *mut T) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// VFIO_IOMMU_MAP_DMA on the container: [iova, iova+size) -> our `vaddr`,
-/// readable and/or writable by the device as `flags` say.
-pub fn iommu_map(
+/// readable and/or writable by the device as `flags` say; the kernel pins
+/// the pages.
+///
+/// # Safety
+/// [vaddr, vaddr + size) must be memory of this process that stays mapped
+/// (and is not reused for anything else) until the range is taken out of
+/// the IOMMU with [`iommu_unmap`] or the container is closed: until then the
+/// device may DMA into it at any time.
+pub unsafe fn iommu_map(
     container: BorrowedFd<'_>,
     vaddr: u64,
     iova: u64,
     size: u64,
     flags: u32,
 ) -> io::Result<()> {
-    let mut b = [0u8; 32];
-    b[4..8].copy_from_slice(&flags.to_ne_bytes());
-    b[8..16].copy_from_slice(&vaddr.to_ne_bytes());
-    b[16..24].copy_from_slice(&iova.to_ne_bytes());
-    b[24..32].copy_from_slice(&size.to_ne_bytes());
-    // SAFETY: struct vfio_iommu_type1_dma_map is exactly these 32 bytes.
-    unsafe { ioctl_buf(container, VFIO_IOMMU_MAP_DMA, &mut b) }
+    let mut arg = DmaMapArg {
+        argsz: std::mem::size_of::<DmaMapArg>() as u32,
+        flags,
+        vaddr,
+        iova,
+        size,
+    };
+    // SAFETY: VFIO_IOMMU_MAP_DMA takes a vfio_iommu_type1_dma_map, which
+    // DmaMapArg is; the memory contract is the caller's.
+    unsafe { ioctl_arg(container, VFIO_IOMMU_MAP_DMA, &mut arg) }
 }
 
 /// VFIO_IOMMU_UNMAP_DMA on the container; returns once the IOMMU no longer
 /// translates the range (the kernel unpins the pages), with the number of
 /// bytes the kernel unmapped.
 pub fn iommu_unmap(container: BorrowedFd<'_>, iova: u64, size: u64) -> io::Result<u64> {
-    let mut b = [0u8; 24];
-    b[8..16].copy_from_slice(&iova.to_ne_bytes());
-    b[16..24].copy_from_slice(&size.to_ne_bytes());
-    // SAFETY: struct vfio_iommu_type1_dma_unmap is these 24 bytes when no
-    // bitmap flag is set.
-    unsafe { ioctl_buf(container, VFIO_IOMMU_UNMAP_DMA, &mut b)? };
-    Ok(u64::from_ne_bytes(b[16..24].try_into().unwrap_or([0; 8])))
+    let mut arg = DmaUnmapArg {
+        argsz: std::mem::size_of::<DmaUnmapArg>() as u32,
+        flags: 0,
+        iova,
+        size,
+    };
+    // SAFETY: VFIO_IOMMU_UNMAP_DMA takes a vfio_iommu_type1_dma_unmap, which
+    // DmaUnmapArg is when no bitmap flag is set.
+    unsafe { ioctl_arg(container, VFIO_IOMMU_UNMAP_DMA, &mut arg)? };
+    Ok(arg.size)
 }
 
 const VFIO_IOMMU_INFO_CAPS: u32 = 1 << 1;

@@ -842,7 +842,14 @@ impl Device for VfioPci {
                 })?
             }
         };
-        if let Err(e) = ioctl::iommu_map(self.fds.container.as_fd(), host, iova, size, vflags) {
+        // SAFETY: `host` is airlock's mapping of the client's memory for
+        // exactly this DMA_MAP (DmaSpace); the session takes a range out of
+        // the device (dma_unmapped: the IOMMU unmap) before it unmaps it
+        // from airlock, and the kernel keeps the pages pinned while the
+        // IOMMU maps them, so they are never reused under the device.
+        let mapped =
+            unsafe { ioctl::iommu_map(self.fds.container.as_fd(), host, iova, size, vflags) };
+        if let Err(e) = mapped {
             self.handover.free(slot);
             if e.raw_os_error() == Some(libc::ENOMEM) {
                 // VFIO pins every mapped page against RLIMIT_MEMLOCK.
