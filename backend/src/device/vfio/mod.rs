@@ -24,7 +24,7 @@
 //!   no attach) and its first server adopts as after a crash.
 
 pub mod adopt;
-mod config;
+mod bar_shadow;
 pub mod handover;
 pub mod ioctl;
 pub mod isolation;
@@ -50,7 +50,7 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 use self::adopt::{MapDecision, MapRecord, Tally};
-use self::config::{BarInfo, BarShadow};
+use self::bar_shadow::{BarInfo, BarShadow};
 use self::handover::{Handover, SlotState};
 use self::isolation::MsiIsolation;
 use self::sparse::{mmap_areas, Hole};
