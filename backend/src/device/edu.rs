@@ -355,13 +355,7 @@ impl Device for Edu {
             i if i < PCI_NUM_REGIONS => (0, 0),
             _ => return None,
         };
-        Some(RegionDesc {
-            flags,
-            size,
-            offset: 0,
-            caps: Vec::new(),
-            fd: None,
-        })
+        Some(RegionDesc::by_message(flags, size))
     }
 
     fn num_irqs(&self) -> u32 {

@@ -77,13 +77,7 @@ impl Device for MockDevice {
             i if i < self.num_regions() => (0, 0),
             _ => return None,
         };
-        Some(RegionDesc {
-            flags,
-            size,
-            offset: 0,
-            caps: Vec::new(),
-            fd: None,
-        })
+        Some(RegionDesc::by_message(flags, size))
     }
 
     fn num_irqs(&self) -> u32 {

@@ -71,6 +71,19 @@ pub struct RegionDesc<'a> {
     pub fd: Option<BorrowedFd<'a>>,
 }
 
+impl RegionDesc<'_> {
+    /// A region reached by message only: no mmap, no capabilities.
+    pub fn by_message(flags: u32, size: u64) -> RegionDesc<'static> {
+        RegionDesc {
+            flags,
+            size,
+            offset: 0,
+            caps: Vec::new(),
+            fd: None,
+        }
+    }
+}
+
 /// A DMA the device wants done. The server carries it out, directly
 /// through the DMA space or with DMA_READ/DMA_WRITE messages, and hands the
 /// outcome back with [`Device::complete_dma`]; so a device never blocks the

@@ -186,13 +186,7 @@ impl<'a> Session<'a> {
                 }
             };
             if header.is_reply() {
-                let mut link = Link {
-                    device: &mut *self.device,
-                    dma: &self.dma,
-                    sock: &self.sock,
-                    max_chunk: max_chunk(self.peer, &self.server),
-                };
-                self.device_dma.on_reply(&mut link, &header, &payload);
+                self.with_device_dma(|d, link| d.on_reply(link, &header, &payload));
             } else {
                 // Only REGION_READ is timed: no clock read on other paths.
                 let arrived = (header.cmd == Command::RegionRead as u16).then(Instant::now);
@@ -206,13 +200,18 @@ impl<'a> Session<'a> {
     }
 
     fn pump_dma(&mut self) {
+        self.with_device_dma(|d, link| d.pump(link));
+    }
+
+    /// Runs `f` on the device DMA with what it needs of the session.
+    fn with_device_dma(&mut self, f: impl FnOnce(&mut DeviceDma, &mut Link<'_>)) {
         let mut link = Link {
             device: &mut *self.device,
             dma: &self.dma,
             sock: &self.sock,
             max_chunk: max_chunk(self.peer, &self.server),
         };
-        self.device_dma.pump(&mut link);
+        f(&mut self.device_dma, &mut link);
     }
 
     fn end_adoption(&mut self) {

@@ -542,13 +542,7 @@ impl Device for VfioPci {
         let r = self.regions.get(index as usize)?;
         let rw = r.info.flags & (REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE);
         if r.areas.is_empty() {
-            return Some(RegionDesc {
-                flags: rw,
-                size: r.info.size,
-                offset: 0,
-                caps: Vec::new(),
-                fd: None,
-            });
+            return Some(RegionDesc::by_message(rw, r.info.size));
         }
         Some(RegionDesc {
             flags: rw | REGION_INFO_FLAG_MMAP,
