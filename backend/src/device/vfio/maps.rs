@@ -1,0 +1,246 @@
+//! The record of what airlock put in the IOMMU: this server's clients'
+//! DMA maps, each with a slot in the handover table, and the mappings a
+//! killed server left that the client has not re-mapped yet (adoption:
+//! see adopt.rs for the decisions, handover.rs for the table).
+
+use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
+
+use airlock_protocol::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
+use tracing::{debug, info, warn};
+
+use super::adopt::{self, MapDecision, MapRecord, Tally};
+use super::handover::{Handover, SlotState};
+use super::ioctl;
+use crate::device::DeviceError;
+use crate::dma::FileId;
+
+pub(super) struct IommuMaps {
+    name: String,
+    /// What the kernel holds, shared with the servers before and after.
+    table: Handover,
+    /// This server's clients' maps in the IOMMU: (iova, size) -> slot.
+    by_range: HashMap<(u64, u64), usize>,
+    /// Mappings a killed server left that no client has re-mapped yet:
+    /// (slot, record).
+    adopted: Vec<(usize, MapRecord)>,
+    tally: Tally,
+}
+
+/// One DMA_MAP as the device sees it.
+pub(super) struct DmaMap {
+    pub iova: u64,
+    pub size: u64,
+    /// airlock's mapping of the memory (None: the client sent no fd).
+    pub host: Option<u64>,
+    pub flags: u32,
+    pub file: Option<FileId>,
+}
+
+impl IommuMaps {
+    pub fn new(name: String, table: Handover) -> IommuMaps {
+        IommuMaps {
+            name,
+            table,
+            by_range: HashMap::new(),
+            adopted: Vec::new(),
+            tally: Tally::default(),
+        }
+    }
+
+    pub fn table(&self) -> &Handover {
+        &self.table
+    }
+
+    /// Takes over the mappings a killed server left. Those whose map or
+    /// unmap was cut short are unmapped (returned: how many); the others
+    /// wait for the client to re-map them.
+    pub fn adopt(&mut self, container: BorrowedFd<'_>) -> usize {
+        let mut settled = 0;
+        for (slot, state, r) in self.table.scan() {
+            if state == SlotState::Mapped {
+                self.adopted.push((slot, r));
+                continue;
+            }
+            // Unmapping an exact range nobody mapped is a no-op.
+            if let Err(e) = ioctl::iommu_unmap(container, r.iova, r.size) {
+                warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{:#x}, +{:#x}) of a map the previous server left half done failed: {e}", r.iova, r.size);
+            }
+            self.table.free(slot);
+            settled += 1;
+        }
+        self.tally = Tally {
+            adopted: self.adopted.len(),
+            ..Tally::default()
+        };
+        settled
+    }
+
+    /// (count, bytes) of adopted mappings not yet claimed.
+    pub fn adopted_size(&self) -> (usize, u64) {
+        let bytes = self.adopted.iter().map(|(_, r)| r.size).sum();
+        (self.adopted.len(), bytes)
+    }
+
+    /// Puts a client's DMA_MAP in the IOMMU, or takes over the adopted
+    /// mapping that is this very map.
+    pub fn map(&mut self, container: BorrowedFd<'_>, m: DmaMap) -> Result<(), DeviceError> {
+        if self.claim(container, &m) {
+            return Ok(());
+        }
+        let Some(host) = m.host else {
+            // QEMU maps its firmware ROMs (read-only, no fd) too; the device
+            // never DMAs there, so they are recorded but kept out of the
+            // IOMMU. Writable memory without an fd is guest RAM that is not
+            // shared: the device could not reach it, so that is refused.
+            if m.flags & DMA_MAP_FLAG_WRITE == 0 {
+                debug!(device = %self.name, "read-only DMA_MAP [{:#x}, +{:#x}) without fd (firmware ROM): not mapped for the device", m.iova, m.size);
+                return Ok(());
+            }
+            return Err(DeviceError::NeedsSharedMemory {
+                device: self.name.clone(),
+                iova: m.iova,
+                size: m.size,
+            });
+        };
+        self.pin(container, &m, host)
+    }
+
+    /// Settles a DMA_MAP against the adopted mappings: true if it took one
+    /// over as it is; otherwise the adopted mappings it overlaps are gone.
+    fn claim(&mut self, container: BorrowedFd<'_>, m: &DmaMap) -> bool {
+        if self.adopted.is_empty() {
+            return false;
+        }
+        let (iova, size) = (m.iova, m.size);
+        let records: Vec<MapRecord> = self.adopted.iter().map(|(_, r)| *r).collect();
+        let mut replace = match adopt::decide(&records, iova, size, m.flags, m.file) {
+            MapDecision::Claim(i) if m.host.is_some() => {
+                // The same memory: the mapping stays as it is, so a DMA
+                // the device has in flight keeps landing in the same page.
+                let (slot, _) = self.adopted.swap_remove(i);
+                self.by_range.insert((iova, size), slot);
+                self.tally.claimed += 1;
+                debug!(device = %self.name, "DMA_MAP [{iova:#x}, +{size:#x}) takes over the previous server's IOMMU mapping");
+                return true;
+            }
+            MapDecision::Claim(i) => vec![i],
+            MapDecision::Fresh { replace } => replace,
+        };
+        replace.sort_unstable_by(|a, b| b.cmp(a));
+        for i in replace {
+            let (slot, r) = self.adopted.remove(i);
+            debug!(device = %self.name, "DMA_MAP [{iova:#x}, +{size:#x}) is other memory than the adopted mapping [{:#x}, +{:#x}): unmapping that first", r.iova, r.size);
+            self.unmap_slot(container, slot, r.iova, r.size);
+            self.tally.replaced += 1;
+        }
+        false
+    }
+
+    /// VFIO_IOMMU_MAP_DMA of airlock's mapping `host`, recorded first so a
+    /// death mid-way leaves a slot the next server settles.
+    fn pin(&mut self, container: BorrowedFd<'_>, m: &DmaMap, host: u64) -> Result<(), DeviceError> {
+        let (iova, size) = (m.iova, m.size);
+        let mut vflags = 0;
+        if m.flags & DMA_MAP_FLAG_READ != 0 {
+            vflags |= ioctl::VFIO_DMA_MAP_FLAG_READ;
+        }
+        if m.flags & DMA_MAP_FLAG_WRITE != 0 {
+            vflags |= ioctl::VFIO_DMA_MAP_FLAG_WRITE;
+        }
+        let record = MapRecord {
+            iova,
+            size,
+            flags: m.flags,
+            file: m.file.unwrap_or_default(),
+        };
+        let slot = match self.table.begin_map(&record) {
+            Some(s) => s,
+            None => {
+                // Full only while unclaimed adopted mappings hold slots.
+                self.adoption_ended(container);
+                self.table
+                    .begin_map(&record)
+                    .ok_or_else(|| DeviceError::Os {
+                        device: self.name.clone(),
+                        what: format!(
+                            "recording DMA_MAP [{iova:#x}, +{size:#x}) for a restarted server"
+                        ),
+                        source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                    })?
+            }
+        };
+        // SAFETY: `host` is airlock's mapping of the client's memory for
+        // exactly this DMA_MAP (DmaSpace); the session takes a range out of
+        // the device (dma_unmapped: the IOMMU unmap) before it unmaps it
+        // from airlock, and the kernel keeps the pages pinned while the
+        // IOMMU maps them, so they are never reused under the device.
+        let mapped = unsafe { ioctl::iommu_map(container, host, iova, size, vflags) };
+        if let Err(source) = mapped {
+            self.table.free(slot);
+            if source.raw_os_error() == Some(libc::ENOMEM) {
+                // VFIO pins every mapped page against RLIMIT_MEMLOCK.
+                let pinned: u64 = self.by_range.keys().map(|(_, s)| s).sum();
+                return Err(DeviceError::MemlockTooLow {
+                    device: self.name.clone(),
+                    iova,
+                    size,
+                    pinned,
+                });
+            }
+            return Err(DeviceError::Os {
+                device: self.name.clone(),
+                what: format!("VFIO_IOMMU_MAP_DMA [{iova:#x}, +{size:#x})"),
+                source,
+            });
+        }
+        self.table.mark(slot, SlotState::Mapped);
+        self.by_range.insert((iova, size), slot);
+        Ok(())
+    }
+
+    pub fn unmap(&mut self, container: BorrowedFd<'_>, iova: u64, size: u64) {
+        if let Some(slot) = self.by_range.remove(&(iova, size)) {
+            self.unmap_slot(container, slot, iova, size);
+        }
+    }
+
+    /// Unmaps what no client re-mapped within the adoption window.
+    pub fn adoption_ended(&mut self, container: BorrowedFd<'_>) {
+        let left = std::mem::take(&mut self.adopted);
+        for (slot, r) in &left {
+            self.unmap_slot(container, *slot, r.iova, r.size);
+        }
+        let t = Tally {
+            dropped: self.tally.dropped + left.len(),
+            ..self.tally
+        };
+        if t.adopted > 0 {
+            info!(
+                device = %self.name,
+                "adoption window closed: of {} DMA mappings adopted from the previous server, {} were re-mapped by the client with the same memory (kept), {} replaced by different memory, {} dropped (not re-mapped: unmapped from the IOMMU)",
+                t.adopted,
+                t.claimed,
+                t.replaced,
+                t.dropped
+            );
+        }
+        self.tally = Tally::default();
+    }
+
+    /// Unmaps a recorded mapping from the IOMMU and frees its slot.
+    fn unmap_slot(&mut self, container: BorrowedFd<'_>, slot: usize, iova: u64, size: u64) {
+        self.table.mark(slot, SlotState::Unmapping);
+        match ioctl::iommu_unmap(container, iova, size) {
+            Ok(n) if n != size => {
+                // Before Linux 6.0, type1 let only the mapping process unmap.
+                warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) unmapped {n:#x} bytes: a mapping made by a previous server may stay in the IOMMU (Linux before 6.0 lets only the process that mapped it unmap it; restart airlock to clear it)");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) failed: {e}");
+            }
+        }
+        self.table.free(slot);
+    }
+}
