@@ -21,7 +21,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Instant;
 
-use airlock::device::edu::{Edu, REG_LIVENESS};
+use airlock::device::emulated::edu::{Edu, REG_LIVENESS};
 use airlock::server::{serve, Listener};
 use airlock_protocol::client::Client;
 use airlock_protocol::header::{Command, Header};

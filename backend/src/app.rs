@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use crate::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind, SandboxConfig};
 use crate::device::vfio::VfioPci;
-use crate::device::{edu::Edu, Device};
+use crate::device::{emulated::edu::Edu, Device};
 use crate::iova::DoorbellWindow;
 use crate::lifecycle::upgrade::{self, Handed, Successor};
 use crate::lifecycle::{self, ServerStart};

@@ -267,7 +267,7 @@ impl Drop for Memfd {
 }
 
 pub fn eventfd() -> OwnedFd {
-    airlock::irq::eventfd().unwrap()
+    airlock::device::emulated::irq_table::eventfd().unwrap()
 }
 
 /// Reads an eventfd's count, waiting up to `ms` for it to become non-zero.
@@ -300,7 +300,7 @@ pub fn enable_bus_master(c: &mut Client) {
 
 /// Starts an edu DMA (cmd bit 1: device -> RAM) and waits until it ends.
 pub fn run_dma(c: &mut Client, src: u64, dst: u64, count: u32, cmd: u32) {
-    use airlock::device::edu::*;
+    use airlock::device::emulated::edu::*;
     c.write32(0, REG_DMA_SRC, src as u32).unwrap();
     c.write32(0, 0x84, (src >> 32) as u32).unwrap();
     c.write32(0, REG_DMA_DST, dst as u32).unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use airlock::device::edu::*;
+use airlock::device::emulated::edu::*;
 use airlock_protocol::client::DmaMemory;
 use airlock_protocol::device::*;
 use airlock_protocol::irqs::{IrqAction, IrqData};

@@ -9,7 +9,7 @@ mod common;
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
-use airlock::device::edu::*;
+use airlock::device::emulated::edu::*;
 use airlock_protocol::client::Client;
 use airlock_protocol::dma::DmaAccess;
 use airlock_protocol::header::Command;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use airlock::device::edu::{IDENT, REG_IDENT};
+use airlock::device::emulated::edu::{IDENT, REG_IDENT};
 use common::*;
 
 /// The path of a systemd tool, or a loud SKIP (a failure under CI=true).

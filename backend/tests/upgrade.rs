@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airlock::device::edu::{IDENT, REG_IDENT};
+use airlock::device::emulated::edu::{IDENT, REG_IDENT};
 use common::*;
 
 /// airlock "installed" at a temporary path (a copy of the built binary),

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use airlock::device::edu;
+use airlock::device::emulated::edu;
 use airlock_protocol::device::{
     DeviceInfo, IrqInfo, RegionCap, RegionInfo, SparseArea, PCI_CONFIG_REGION_INDEX,
     PCI_MSIX_IRQ_INDEX,

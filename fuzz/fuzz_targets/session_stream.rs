@@ -22,7 +22,7 @@ use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use airlock::device::edu::Edu;
+use airlock::device::emulated::edu::Edu;
 use airlock::server::Session;
 use libfuzzer_sys::fuzz_target;
 

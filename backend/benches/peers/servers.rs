@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use airlock::device::edu::Edu;
+use airlock::device::emulated::edu::Edu;
 use airlock::server::{serve, Listener};
 use airlock_protocol::client::Client;
 use airlock_protocol::MessageSocket;

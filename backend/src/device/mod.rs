@@ -1,9 +1,11 @@
 //! The seam between the server and a device: the emulated devices and the
 //! VFIO passthrough device implement [`Device`] and pass the same tests.
 
-pub mod edu;
+pub mod emulated;
+pub mod irq_rules;
 #[cfg(test)]
 pub mod mock;
+pub mod pci;
 pub mod vfio;
 
 use std::os::fd::BorrowedFd;
@@ -12,8 +14,8 @@ use airlock_protocol::device::RegionCap;
 use airlock_protocol::irqs::IrqSet;
 use thiserror::Error;
 
+use self::irq_rules::IrqError;
 use crate::dma::DmaError;
-use crate::irq::IrqError;
 
 #[derive(Debug, Error)]
 pub enum DeviceError {

@@ -147,7 +147,7 @@ impl KernelDevice {
             }
             let mut h = [0u8; 12];
             self.config_read(at, &mut h)?;
-            if h[0] == crate::pci::CAP_ID_MSIX {
+            if h[0] == crate::device::pci::CAP_ID_MSIX {
                 let n = (u16::from_le_bytes([h[2], h[3]]) & 0x7ff) as u64 + 1;
                 let table = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
                 let pba = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);

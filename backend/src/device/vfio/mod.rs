@@ -59,9 +59,9 @@ pub use self::kernel::{HandedVfio, VfioFds};
 use self::maps::{DmaMap, IommuMaps};
 use self::sparse::{mmap_areas, Hole};
 use super::{Device, DeviceError, RegionDesc};
+use crate::device::irq_rules::IrqError;
 use crate::dma::FileId;
 use crate::iova::{self, DoorbellWindow, IovaRange};
-use crate::irq::IrqError;
 
 /// A passed-through PCI function: the kernel device, and what airlock
 /// keeps beside it (BAR shadow, interrupt mirror, IOMMU map record, the
@@ -345,7 +345,8 @@ impl Device for VfioPci {
                 count: self.kernel.irqs.len(),
             })
         })?;
-        let disable_all = crate::irq::check_range(&set, have).map_err(|e| self.irq_err(e))?;
+        let disable_all =
+            crate::device::irq_rules::check_range(&set, have).map_err(|e| self.irq_err(e))?;
         let displaced = adopt::displaced_irqs(self.irqs.adopted(), set.index);
         self.drop_adopted_irqs(&displaced, "the client sets another interrupt index");
         let (index, start, count) = (set.index, set.start, set.count);
@@ -412,15 +413,16 @@ impl Device for VfioPci {
         let mut cmd = [0u8; 2];
         if self
             .kernel
-            .config_read(crate::pci::COMMAND, &mut cmd)
+            .config_read(crate::device::pci::COMMAND, &mut cmd)
             .is_ok()
         {
-            let off =
-                crate::pci::COMMAND_MASTER | crate::pci::COMMAND_MEMORY | crate::pci::COMMAND_IO;
+            let off = crate::device::pci::COMMAND_MASTER
+                | crate::device::pci::COMMAND_MEMORY
+                | crate::device::pci::COMMAND_IO;
             let v = u16::from_le_bytes(cmd) & !off;
             if let Err(e) = self
                 .kernel
-                .config_write(crate::pci::COMMAND, &v.to_le_bytes())
+                .config_write(crate::device::pci::COMMAND, &v.to_le_bytes())
             {
                 warn!(device = %self.name, "cannot clear bus mastering: {e}");
             }

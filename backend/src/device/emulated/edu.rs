@@ -27,14 +27,14 @@ use airlock_protocol::device::{
 };
 use airlock_protocol::irqs::IrqSet;
 
-use super::{Device, DeviceError, DmaJob, RegionDesc};
-use crate::dma::DmaError;
-use crate::irq::{IrqMode, IrqTable};
-use crate::pci::{
+use crate::device::emulated::irq_table::{IrqMode, IrqTable};
+use crate::device::pci::{
     Bar, ConfigSpace, CAP_ID_EXP, CAP_ID_MSI, CAP_ID_MSIX, COMMAND_INTX_DISABLE, COMMAND_MASTER,
     CONFIG_SPACE_SIZE, MSIX_FLAGS_ENABLE, MSIX_FLAGS_MASKALL, MSI_FLAGS_64BIT, STATUS,
     STATUS_INTERRUPT,
 };
+use crate::device::{Device, DeviceError, DmaJob, RegionDesc};
+use crate::dma::DmaError;
 
 pub const VENDOR: u16 = 0x1234;
 pub const DEVICE: u16 = 0x11e8;
