@@ -7,20 +7,17 @@
 //! closes the connection, and then gracefully (write side first, input
 //! drained) because QEMU's client aborts when its unread input is reset.
 //! Each command has its own method below; the device's own DMA runs in
-//! [`super::device_dma`], the summary's counters in [`super::stats`].
+//! [`super::device_dma`], the summary's counters in [`super::stats`], the
+//! region commands in regions.rs.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use airlock_protocol::device::{
-    DeviceInfo, IrqInfo, RegionInfo, RegionIoFds, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ,
-    REGION_INFO_FLAG_WRITE,
-};
+use airlock_protocol::device::{DeviceInfo, IrqInfo};
 use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE};
 use airlock_protocol::header::Command;
 use airlock_protocol::irqs::IrqSet;
-use airlock_protocol::region::{RegionAccess, WriteOne, REGION_ACCESS_SIZE};
 use airlock_protocol::request::{command_name, Request};
 use airlock_protocol::version::Version;
 use airlock_protocol::{Header, Limits, MessageSocket, RecvError};
@@ -386,52 +383,6 @@ impl<'a> Session<'a> {
         )
     }
 
-    /// GET_REGION_INFO: an mmap-able region's fd goes with the full reply
-    /// only; a client whose argsz was too small asks again and gets it then.
-    fn region_info(&mut self, h: &Header, q: &RegionInfo) -> Handled {
-        let d = self
-            .device
-            .region(q.index)
-            .ok_or_else(|| no_region(&self.name, q.index))?;
-        let info = RegionInfo {
-            argsz: 0,
-            flags: d.flags,
-            index: q.index,
-            cap_offset: 0,
-            size: d.size,
-            offset: d.offset,
-            caps: d.caps,
-        };
-        let body = info.encode_reply(q.argsz);
-        let full = body.len() >= info.full_size();
-        let fds: Vec<BorrowedFd> =
-            d.fd.filter(|_| full && d.flags & REGION_INFO_FLAG_MMAP != 0)
-                .into_iter()
-                .collect();
-        if !h.no_reply() {
-            if let Err(e) = self.sock.send(&h.reply(body.len()), &[&body], &fds) {
-                debug!("reply failed: {e}");
-            }
-        }
-        Ok(Answer::Sent)
-    }
-
-    /// GET_REGION_IO_FDS: no ioeventfds are offered, an empty list.
-    fn region_io_fds(&self, q: &RegionIoFds) -> Handled {
-        if q.index >= self.device.num_regions() {
-            return Err(no_region(&self.name, q.index));
-        }
-        Ok(Answer::Payload(
-            RegionIoFds {
-                argsz: RegionIoFds::SIZE as u32,
-                flags: 0,
-                index: q.index,
-                count: 0,
-            }
-            .encode(),
-        ))
-    }
-
     fn irq_info(&self, q: &IrqInfo) -> Handled {
         let (flags, count) = self.device.irq_info(q.index).ok_or_else(|| {
             (
@@ -456,95 +407,11 @@ impl<'a> Session<'a> {
         Ok(Answer::empty())
     }
 
-    /// REGION_READ: the reply's header and data go in one sendmsg, from a
-    /// buffer kept for the connection (no allocation per read).
-    fn region_read(&mut self, h: &Header, a: &RegionAccess) -> Handled {
-        self.stats.count_read(a.region);
-        self.check_access(a, REGION_INFO_FLAG_READ)?;
-        let buf = &mut self.read_buf;
-        buf.clear();
-        buf.resize(a.count as usize, 0);
-        self.device
-            .read(a.region, a.offset, buf)
-            .map_err(|e| fail(&e, e.errno()))?;
-        if !h.no_reply() {
-            let fixed = a.encode_fixed();
-            let buf = &self.read_buf;
-            if let Err(e) = self.sock.send(
-                &h.reply(REGION_ACCESS_SIZE + buf.len()),
-                &[&fixed, buf],
-                &[],
-            ) {
-                debug!("reply failed: {e}");
-            }
-        }
-        Ok(Answer::Sent)
-    }
-
-    fn region_write(&mut self, access: &RegionAccess, data: &[u8]) -> Handled {
-        self.stats.count_write(access.region, access.offset);
-        self.check_access(access, REGION_INFO_FLAG_WRITE)?;
-        self.device
-            .write(access.region, access.offset, data)
-            .map_err(|e| fail(&e, e.errno()))?;
-        Ok(Answer::fixed(&access.encode_fixed()))
-    }
-
-    /// REGION_WRITE_MULTI: only for a client that proposed write_multiple;
-    /// the writes are done in order until one fails.
-    fn region_write_multi(&mut self, writes: &[WriteOne]) -> Handled {
-        if !self.peer.is_some_and(|p| p.write_multiple) {
-            return Err((
-                libc::EINVAL,
-                "REGION_WRITE_MULTI needs the write_multiple capability, which this client did not propose in VERSION".into(),
-            ));
-        }
-        for w in writes {
-            self.stats.count_write(w.region, w.offset);
-            let a = RegionAccess {
-                offset: w.offset,
-                region: w.region,
-                count: w.count,
-            };
-            self.check_access(&a, REGION_INFO_FLAG_WRITE)?;
-            self.device
-                .write(w.region, w.offset, w.bytes())
-                .map_err(|e| fail(&e, e.errno()))?;
-        }
-        Ok(Answer::fixed(&(writes.len() as u64).to_ne_bytes()))
-    }
-
     /// DEVICE_RESET: a device DMA in flight is abandoned with it.
     fn device_reset(&mut self) -> Handled {
         self.device.reset().map_err(|e| fail(&e, e.errno()))?;
         self.device_dma.abandon();
         Ok(Answer::empty())
-    }
-
-    /// Region exists, allows the access, and [offset, offset+count) fits.
-    fn check_access(&self, a: &RegionAccess, need: u32) -> Result<(), Refusal> {
-        let dev = &self.name;
-        let (flags, size) = self
-            .device
-            .region_limits(a.region)
-            .ok_or_else(|| no_region(dev, a.region))?;
-        if flags & need == 0 {
-            return Err((
-                libc::EINVAL,
-                format!("{dev}: region {} does not allow this access", a.region),
-            ));
-        }
-        // Decoding checked offset + count does not overflow.
-        if a.offset + a.count as u64 > size {
-            return Err((
-                libc::EINVAL,
-                format!(
-                    "{dev}: access [{:#x}, +{:#x}) is outside region {} of size {:#x}",
-                    a.offset, a.count, a.region, size
-                ),
-            ));
-        }
-        Ok(())
     }
 
     fn reply_error(&mut self, h: &Header, errno: i32, why: &str) {
@@ -567,18 +434,12 @@ impl<'a> Session<'a> {
     }
 }
 
-fn no_region(dev: &str, index: u32) -> Refusal {
-    (
-        libc::EINVAL,
-        format!("{dev}: region {index} does not exist"),
-    )
-}
-
 /// The largest DMA_READ/DMA_WRITE chunk both sides accept.
 fn max_chunk(peer: Option<Peer>, server: &ServerLimits) -> usize {
     let peer = peer.unwrap_or_default();
     peer.max_data_xfer.min(server.max_data_xfer) as usize
 }
 
+mod regions;
 #[cfg(test)]
 mod tests;
