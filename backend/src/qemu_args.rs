@@ -66,7 +66,6 @@ pub fn qemu_args_for(
     guest_ram: Option<&str>,
     flavor: QemuFlavor,
 ) -> String {
-    let chardev_id = chardev_id(listen);
     let path = match listen {
         Listen::Path(p) => p.display().to_string(),
         Listen::Fd(fd) => format!("<the path of the socket passed as fd {fd}>"),
@@ -102,12 +101,20 @@ pub fn qemu_args_for(
             );
         }
     }
+    device_args(&mut o, &mut args, &chardev_id(listen), &path, flavor);
+    window_comments(&mut o, windows, flavor);
+    o
+}
+
+/// The device's arguments (appended to `args`, then everything written
+/// to `o`), and for stock QEMU the patched form as a comment.
+fn device_args(o: &mut String, args: &mut Vec<String>, id: &str, path: &str, flavor: QemuFlavor) {
     // QEMU's option parser splits on ',': a comma in the path is doubled.
     // reconnect-ms: the patched QEMU keeps the device across a restart of
     // airlock's server (or of airlock) and replays its state to the new one;
     // 100 ms bounds the outage without a busy retry loop.
     let chardev = format!(
-        "socket,id={chardev_id},path={},reconnect-ms={RECONNECT_MS}",
+        "socket,id={id},path={},reconnect-ms={RECONNECT_MS}",
         path.replace(',', ",,")
     );
     match flavor {
@@ -120,21 +127,26 @@ pub fn qemu_args_for(
             "-chardev".to_string(),
             chardev.clone(),
             "-device".to_string(),
-            format!("vfio-user-pci,chardev={chardev_id}"),
+            format!("vfio-user-pci,chardev={id}"),
         ]),
     }
-    for a in args {
+    for a in args.iter() {
         let _ = writeln!(o, "{a}");
     }
     if flavor == QemuFlavor::Stock {
         let _ = writeln!(
             o,
-            "# With the patched QEMU (qemu-patches/), instead of -device: -chardev {chardev} -device vfio-user-pci,chardev={chardev_id}"
+            "# With the patched QEMU (qemu-patches/), instead of -device: -chardev {chardev} -device vfio-user-pci,chardev={id}"
         );
     }
+}
+
+/// The IOVA windows guest DMA must avoid, as comments, and how each QEMU
+/// flavour keeps a vIOMMU's IOVAs out of them.
+fn window_comments(o: &mut String, windows: &[DoorbellWindow], flavor: QemuFlavor) {
     if windows.is_empty() {
         let _ = writeln!(o, "# No IOVA windows to avoid.");
-        return o;
+        return;
     }
     let _ = writeln!(
         o,
@@ -144,27 +156,20 @@ pub fn qemu_args_for(
         let _ = writeln!(o, "#   {w}: {}", w.meaning());
     }
     let _ = writeln!(o, "# Without a vIOMMU, guest-physical addresses are the IOVAs: keep guest RAM out of these windows.");
-    if flavor == QemuFlavor::Patched {
-        let _ = writeln!(
-            o,
-            "# With a vIOMMU (-device virtio-iommu-pci), this QEMU learns the windows from airlock (iova_ranges)"
-        );
-        let _ = writeln!(
-            o,
-            "# and reports them to the guest as reserved regions of the device; it refuses DMA maps into them."
-        );
-        return o;
+    let lines: &[&str] = match flavor {
+        QemuFlavor::Patched => &[
+            "# With a vIOMMU (-device virtio-iommu-pci), this QEMU learns the windows from airlock (iova_ranges)",
+            "# and reports them to the guest as reserved regions of the device; it refuses DMA maps into them.",
+        ],
+        QemuFlavor::Stock => &[
+            "# With a vIOMMU, stock QEMU cannot keep the guest's IOVAs out of them (the machine sets",
+            "# virtio-iommu's reserved regions itself); a client proposing the iova_ranges capability",
+            "# learns the usable ranges from airlock.",
+        ],
+    };
+    for l in lines {
+        let _ = writeln!(o, "{l}");
     }
-    let _ = writeln!(
-        o,
-        "# With a vIOMMU, stock QEMU cannot keep the guest's IOVAs out of them (the machine sets"
-    );
-    let _ = writeln!(
-        o,
-        "# virtio-iommu's reserved regions itself); a client proposing the iova_ranges capability"
-    );
-    let _ = writeln!(o, "# learns the usable ranges from airlock.");
-    o
 }
 
 #[cfg(test)]
