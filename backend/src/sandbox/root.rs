@@ -1,8 +1,9 @@
 //! An empty, read-only root in a private mount namespace: no host path is
 //! reachable afterwards.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
+use std::ptr::null;
 
 use super::SandboxError;
 
@@ -20,6 +21,24 @@ fn check(r: libc::c_int, what: &'static str) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// mount(2) with an optional source, filesystem type and data.
+fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+    what: &'static str,
+) -> Result<(), SandboxError> {
+    let p = |s: Option<&CStr>| s.map_or(null(), CStr::as_ptr);
+    // SAFETY: every pointer is a NUL-terminated string that outlives the
+    // call, or null where mount(2) allows it; none is retained.
+    check(
+        unsafe { libc::mount(p(source), target.as_ptr(), p(fstype), flags, p(data).cast()) },
+        what,
+    )
+}
+
 pub fn enter_empty_root() -> Result<(), SandboxError> {
     // Somewhere to mount the new root: any existing directory will do, as
     // the mount is private to our namespace.
@@ -29,84 +48,89 @@ pub fn enter_empty_root() -> Result<(), SandboxError> {
         .ok_or(SandboxError::NoMountPoint)?;
     let (root, dirc, old) = (c("/"), c(dir), c(&format!("{dir}/old")));
     let tmpfs = c("tmpfs");
-    let opts = c("size=16k,mode=0700");
-    // SAFETY: every pointer is a valid NUL-terminated string or null, as
-    // mount(2), mkdir(2), pivot_root(2), chdir(2), umount2(2) and chroot(2)
-    // expect; none is retained by the kernel.
+    mount(
+        None,
+        &root,
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+        "making mounts private",
+    )?;
+    mount(
+        Some(&tmpfs),
+        &dirc,
+        Some(&tmpfs),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(&c("size=16k,mode=0700")),
+        "mounting the empty root",
+    )?;
+    // SAFETY: mkdir, pivot_root and rmdir get NUL-terminated paths.
     unsafe {
-        check(
-            libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-            "making mounts private",
-        )?;
-        check(
-            libc::mount(
-                tmpfs.as_ptr(),
-                dirc.as_ptr(),
-                tmpfs.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                opts.as_ptr().cast(),
-            ),
-            "mounting the empty root",
-        )?;
         check(
             libc::mkdir(old.as_ptr(), 0o700),
             "creating the old-root mount point",
         )?;
         if libc::syscall(libc::SYS_pivot_root, dirc.as_ptr(), old.as_ptr()) == 0 {
-            check(libc::chdir(root.as_ptr()), "entering the new root")?;
-            let old_in = c("/old");
-            check(
-                libc::umount2(old_in.as_ptr(), libc::MNT_DETACH),
-                "detaching the host root",
-            )?;
-            check(
-                libc::rmdir(old_in.as_ptr()),
-                "removing the old-root mount point",
-            )?;
+            detach_old_root(&root)?;
         } else {
-            // The initramfs root (rootfs) cannot be pivoted: move the new
-            // root over / and chroot into it; without CAP_SYS_CHROOT (dropped
-            // next) the covered host root stays out of reach.
             check(
                 libc::rmdir(old.as_ptr()),
                 "removing the old-root mount point",
             )?;
-            check(libc::chdir(dirc.as_ptr()), "entering the new root")?;
-            let dot = c(".");
-            check(
-                libc::mount(
-                    dot.as_ptr(),
-                    root.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_MOVE,
-                    std::ptr::null(),
-                ),
-                "moving the new root over /",
-            )?;
-            check(libc::chroot(dot.as_ptr()), "chroot into the new root")?;
-            check(libc::chdir(root.as_ptr()), "entering the new root")?;
+            move_over_root(&root, &dirc)?;
         }
-        check(
-            libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REMOUNT
-                    | libc::MS_BIND
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV
-                    | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ),
-            "making the root read-only",
-        )?;
     }
-    Ok(())
+    mount(
+        None,
+        &root,
+        None,
+        libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC,
+        None,
+        "making the root read-only",
+    )
+}
+
+/// After pivot_root: the host root, now at /old, is detached.
+fn detach_old_root(root: &CStr) -> Result<(), SandboxError> {
+    let old_in = c("/old");
+    // SAFETY: chdir, umount2 and rmdir get NUL-terminated paths.
+    unsafe {
+        check(libc::chdir(root.as_ptr()), "entering the new root")?;
+        check(
+            libc::umount2(old_in.as_ptr(), libc::MNT_DETACH),
+            "detaching the host root",
+        )?;
+        check(
+            libc::rmdir(old_in.as_ptr()),
+            "removing the old-root mount point",
+        )
+    }
+}
+
+/// The initramfs root (rootfs) cannot be pivoted: move the new root over /
+/// and chroot into it; without CAP_SYS_CHROOT (dropped next) the covered
+/// host root stays out of reach.
+fn move_over_root(root: &CStr, dir: &CStr) -> Result<(), SandboxError> {
+    let dot = c(".");
+    // SAFETY: chdir gets a NUL-terminated path.
+    let entered = unsafe { libc::chdir(dir.as_ptr()) };
+    check(entered, "entering the new root")?;
+    mount(
+        Some(&dot),
+        root,
+        None,
+        libc::MS_MOVE,
+        None,
+        "moving the new root over /",
+    )?;
+    // SAFETY: chroot and chdir get NUL-terminated paths.
+    unsafe {
+        check(libc::chroot(dot.as_ptr()), "chroot into the new root")?;
+        check(libc::chdir(root.as_ptr()), "entering the new root")
+    }
 }
