@@ -6,12 +6,15 @@ use std::error::Error;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+use crate::config::Listen;
 use crate::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind, SandboxConfig};
 use crate::device::vfio::VfioPci;
 use crate::device::{emulated::edu::Edu, Device};
 use crate::iova::DoorbellWindow;
-use crate::lifecycle::upgrade::{self, Handed, Successor};
-use crate::lifecycle::{self, ServerStart};
+use crate::lifecycle::predecessor::Predecessor;
+use crate::lifecycle::successor::Successor;
+use crate::lifecycle::upgrade::{self, Handed};
+use crate::lifecycle::{self, Exit, ServerStart};
 use crate::negotiate::ServerLimits;
 use crate::sandbox::{self, Policy, Profile};
 use crate::server::{install_stop_signals, refuse_upgrade_signal, serve, Listener};
@@ -31,18 +34,46 @@ pub fn run(config: Config, argv: Vec<OsString>, handed: Option<Handed>) -> AppRe
     else {
         return print(config);
     };
-    // The socket first: with the sandbox its owner is the supervisor, so
-    // the path stays in place while servers come and go (and, handed over
-    // by a live upgrade, while binaries do).
-    let (listener, handed_vfio) = upgrade::claim_handed(handed.as_ref(), &listen)?;
-    let limits = server_limits(&kind, max_data_xfer, windows);
-    match sandbox_config {
-        None => serve_unconfined(&listener, kind, limits),
-        Some(sc) => {
-            let held = open_held(&kind, handed_vfio, handed.is_some(), limits.max_dma_maps)?;
-            serve_supervised(listener, kind, held, sc, limits, argv, handed)
+    // A live upgrade's successor: the airlock that started it serves until
+    // this one says it can take over, and hears why if it cannot.
+    let mut predecessor = match &handed {
+        Some(h) => Some(Predecessor::new(upgrade::claim_ctl(h)?, h.owner)),
+        None => None,
+    };
+    let served = (|| {
+        // The socket first: with the sandbox its owner is the supervisor, so
+        // the path stays in place while servers come and go (and, handed over
+        // by a live upgrade, while binaries do).
+        let (listener, handed_vfio) = upgrade::claim_handed(handed.as_ref(), &listen)?;
+        let limits = server_limits(&kind, max_data_xfer, windows);
+        match sandbox_config {
+            None => serve_unconfined(&listener, kind, limits),
+            Some(sc) => {
+                let held = open_held(&kind, handed_vfio, handed.is_some(), limits.max_dma_maps)?;
+                let upgrades = Upgrades {
+                    argv,
+                    handed: handed.as_ref(),
+                    listen: &listen,
+                    predecessor: &mut predecessor,
+                };
+                serve_supervised(listener, kind, held, sc, limits, upgrades)
+            }
         }
+    })();
+    if let (Err(e), Some(p)) = (&served, &predecessor) {
+        p.refuse(&e.to_string());
     }
+    served
+}
+
+/// What a live upgrade needs: the arguments to start the successor with,
+/// what this airlock was handed (if it is one), and its predecessor.
+struct Upgrades<'a> {
+    argv: Vec<OsString>,
+    handed: Option<&'a Handed>,
+    listen: &'a Listen,
+    /// Taken by the supervisor; still here if this airlock fails before.
+    predecessor: &'a mut Option<Predecessor>,
 }
 
 /// The modes that print and exit.
@@ -171,20 +202,19 @@ fn open_held(
 }
 
 /// The default: a supervisor outside the sandbox starts sandboxed servers,
-/// restarts them when they die and execs a successor on SIGUSR2.
+/// restarts them when they die and starts a successor on SIGUSR2.
 fn serve_supervised(
-    listener: Listener,
+    mut listener: Listener,
     kind: DeviceKind,
     mut held: Option<VfioPci>,
     sc: SandboxConfig,
     limits: ServerLimits,
-    argv: Vec<OsString>,
-    handed: Option<Handed>,
+    up: Upgrades<'_>,
 ) -> AppResult<ExitCode> {
     let name = kind.to_string();
-    if let Some(h) = &handed {
+    if let Some(h) = up.handed {
         tracing::info!(
-            "live upgrade: airlock {} ({}) took over {}{} from the previous binary; pid {} unchanged",
+            "live upgrade: airlock {} ({}) holds {}{} from pid {}; it serves once that airlock's server is stopped",
             env!("CARGO_PKG_VERSION"),
             h.exe.display(),
             listener.describe(),
@@ -193,30 +223,35 @@ fn serve_supervised(
             } else {
                 String::new()
             },
-            std::process::id()
+            h.owner
         );
     }
-    // What SIGUSR2 execs: the binary at the path the first airlock was
+    // What SIGUSR2 starts: the binary at the path the first airlock was
     // started from, handed this socket and device.
-    let successor = handed
-        .as_ref()
+    let socket_path = match up.listen {
+        Listen::Path(p) => Some(p.clone()),
+        Listen::Fd(_) => None,
+    };
+    let successor = up
+        .handed
         .map(|h| h.exe.clone())
         .or_else(upgrade::started_from)
         .map(|exe| {
-            Successor::new(
-                argv,
-                Handed {
-                    listen: listener.raw_fd(),
-                    vfio: held.as_ref().map(VfioPci::handed),
-                    exe,
-                },
-            )
+            let handed = Handed {
+                owner: 0,
+                ctl: -1,
+                listen: listener.raw_fd(),
+                vfio: held.as_ref().map(VfioPci::handed),
+                exe,
+            };
+            Successor::new(up.argv, handed, socket_path)
         });
     let supervised = lifecycle::supervise(
         &name,
         &listener.describe(),
         listener.raw_fd(),
         successor.as_ref(),
+        up.predecessor.take(),
         |start| {
             // In the server: its own copy of the supervisor's device.
             let inherited = held.take();
@@ -236,12 +271,22 @@ fn serve_supervised(
             }
         },
     );
+    let code = |c: i32| ExitCode::from(c.clamp(0, 255) as u8);
     match supervised {
         // Every server was reaped: dropping the device quiesces it (a
-        // server that stopped gracefully did so already).
-        Ok(code) => {
+        // server that stopped gracefully did so already), and the socket
+        // path goes.
+        Ok(Exit::Stopped(c)) => {
+            listener.own_path();
             drop(held);
-            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+            Ok(code(c))
+        }
+        // Handed to a successor, or never taken from a predecessor: the
+        // device and the path stay as they are for the airlock that serves.
+        Ok(Exit::LetGo(c)) => {
+            listener.disown_path();
+            std::mem::forget(held);
+            Ok(code(c))
         }
         // A server may still run until it dies with us (PDEATHSIG): no
         // quiesce under it; the kernel releases the device after both.

@@ -1,7 +1,9 @@
-//! Live upgrade (SIGUSR2): the supervisor execs the binary at the path
-//! airlock was started from, in place (same pid), handing over the
+//! Live upgrade (SIGUSR2) in two phases: the supervisor starts the binary
+//! at the path airlock was started from beside itself, handing over the
 //! listening socket; the socket path never stops accepting, and the new
-//! airlock serves the next client.
+//! airlock serves the next client. A successor that fails in any way (exits
+//! at once, ignores the handover, hangs, crashes after it starts, speaks
+//! another version) is killed and the old airlock serves on.
 
 mod common;
 
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use airlock::device::emulated::edu::{IDENT, REG_IDENT};
+use airlock_protocol::client::Client;
 use common::*;
 
 /// airlock "installed" at a temporary path (a copy of the built binary),
@@ -101,19 +104,60 @@ fn ident(path: &Path) -> u32 {
     c.read32(0, REG_IDENT).unwrap()
 }
 
+/// The identity register through a fresh connection, or None if that
+/// fails (bounded: a server that never answers is a failure too).
+fn try_ident(path: &Path) -> Option<u32> {
+    let mut c = Client::connect(path).ok()?;
+    let s = c.socket().stream();
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    c.negotiate(Client::qemu_capabilities()).ok()?;
+    c.read32(0, REG_IDENT).ok()
+}
+
+/// The pid the old airlock handed over to, from its log.
+fn successor_pid(log: &str) -> Option<u32> {
+    let at = log.find("live upgrade: pid ")? + "live upgrade: pid ".len();
+    log[at..].split(' ').next()?.parse().ok()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s[s.rfind(')').unwrap_or(0)..].starts_with(") Z"))
+}
+
+/// Stops an airlock that is not this test's child (a successor).
+fn stop_pid(pid: u32) {
+    // SAFETY: kill has no memory arguments.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    wait_for("the successor to stop", || !alive(pid));
+}
+
+/// How long the socket did not serve, measured by a client connecting and
+/// reading ident over and over until `stop`: (longest gap in ms, reads).
+fn prober(path: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u128, u32)> {
+    std::thread::spawn(move || {
+        let (mut last, mut longest, mut n) = (Instant::now(), 0, 0);
+        while !stop.load(Ordering::SeqCst) {
+            if try_ident(&path) == Some(IDENT) {
+                longest = longest.max(last.elapsed().as_millis());
+                last = Instant::now();
+                n += 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (longest, n)
+    })
+}
+
 #[test]
-fn sigusr2_execs_the_installed_binary_in_place_and_the_socket_never_stops_accepting() {
+fn a_good_upgrade_starts_the_new_binary_beside_the_old_and_hands_over_once_it_serves() {
     if !is_root() {
         eprintln!("skipped: the live upgrade needs the supervisor (sandbox on: root)");
         return;
     }
     let mut i = install_and_start("upgrade");
     let pid = i.server.child.id();
-    let first_server = i.server.server_pid();
     wait_for("READY=1", || i.notified() == ["READY=1"]);
-    // A client is being served when the signal arrives.
-    let mut held = connect(&i.server);
-    assert_eq!(held.read32(0, REG_IDENT).unwrap(), IDENT);
 
     // The upgrade puts a wrapper at the installed path that records it ran
     // and then execs the real binary (a different build, in effect).
@@ -129,100 +173,254 @@ fn sigusr2_execs_the_installed_binary_in_place_and_the_socket_never_stops_accept
     );
     let stop = Arc::new(AtomicBool::new(false));
     let clients = hammer(i.server.path.clone(), stop.clone());
-    std::thread::sleep(Duration::from_millis(50));
+    let probe = prober(i.server.path.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     sigusr2(pid);
-    wait_log(&i.server, "live upgrade: airlock");
-    let second_server = i.server.server_pid();
-    std::thread::sleep(Duration::from_millis(200));
+    // The old airlock exits once the successor has served through its
+    // probation; it leaves the device and the path alone.
+    assert!(wait_exit_within(&mut i.server.child, 20).success());
+    let handed_after = t.elapsed().as_millis();
+    std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
     let (connections, errors) = clients.join().unwrap();
+    let (outage, reads) = probe.join().unwrap();
     assert!(
         errors.is_empty(),
         "connecting during the upgrade failed: {errors:?}"
     );
     assert!(connections > 10, "only {connections} connections");
-
-    // Same process, new image: the wrapper ran as this pid and exec'd airlock.
-    assert_eq!(i.server.child.try_wait().unwrap(), None, "airlock exited");
+    let log = i.server.log();
+    let new = successor_pid(&log).unwrap_or_else(|| panic!("no successor pid: {log}"));
+    assert!(alive(new), "the successor serves");
     let ran = std::fs::read_to_string(&mark).expect("the installed path was executed");
     assert!(
-        ran.starts_with(&format!("{pid} pid={pid},listen=")),
+        ran.starts_with(&format!("{new} version=2,owner={pid},ctl=")),
         "{ran}"
     );
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = std::fs::read(format!("/proc/{new}/cmdline")).unwrap();
     assert!(
         String::from_utf8_lossy(&cmdline).contains("--emulate"),
         "same arguments"
     );
-    assert_ne!(first_server, second_server, "a new server serves");
-    // The connection to the killed server is gone; the next client is served.
-    assert!(held.read32(0, REG_IDENT).is_err());
     assert_eq!(ident(&i.server.path), IDENT);
     eprintln!(
-        "upgrade: {} ms to the new airlock's log line, {connections} connections meanwhile",
-        t.elapsed().as_millis()
+        "upgrade: handed over after {handed_after} ms; the socket did not serve for at most {outage} ms ({reads} reads, {connections} connections meanwhile)"
     );
-    let log = i.server.log();
-    assert_eq!(log.matches("live upgrade: airlock").count(), 1, "{log}");
-    // systemd (Type=notify, ExecReload) hears the reload begin and end.
+    assert_eq!(log.matches("took over").count(), 1, "{log}");
+    // systemd (Type=notify, ExecReload) hears the reload begin, the new
+    // main pid, and the end of the reload, then the new airlock's READY.
     let mut said = Vec::new();
     wait_for("READY=1 after the upgrade", || {
         said.extend(i.notified());
-        said.iter().any(|m| m == "READY=1")
+        said.iter().filter(|m| *m == "READY=1").count() == 2
     });
-    assert_eq!(said, ["RELOADING=1", "READY=1"]);
+    assert_eq!(
+        said,
+        [
+            "RELOADING=1",
+            &format!("MAINPID={new}"),
+            "READY=1",
+            "READY=1"
+        ]
+    );
     assert!(!log.contains("AIRLOCK_UPGRADE"), "no handover error: {log}");
 
-    // A second upgrade execs the installed path again (not what the
-    // wrapper exec'd), and SIGTERM still stops airlock and removes the socket.
-    sigusr2(pid);
+    // A second upgrade, from the successor, starts the installed path
+    // again (not what the wrapper exec'd); SIGTERM still stops airlock and
+    // removes the socket.
+    sigusr2(new);
     wait_for("the second upgrade", || {
-        std::fs::read_to_string(&mark)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            == 2
+        successor_pid(&i.server.log()[log.len()..]).is_some()
     });
-    wait_for("the second upgrade's log line", || {
-        i.server.log().matches("live upgrade: airlock").count() == 2
-    });
+    let newer = successor_pid(&i.server.log()[log.len()..]).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&mark).unwrap().lines().count(),
+        2,
+        "the installed path ran again"
+    );
+    wait_for("the second airlock to exit", || !alive(new));
     assert_eq!(ident(&i.server.path), IDENT);
-    assert!(i.server.stop().success());
+    stop_pid(newer);
     assert!(
         !i.server.path.exists(),
         "the socket path is removed at stop"
     );
 }
 
-#[test]
-fn an_upgrade_to_a_binary_that_cannot_run_leaves_airlock_serving() {
+fn wait_exit_within(c: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "airlock did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Upgrades to `successor` (a script; REAL stands for the real airlock
+/// binary) and checks that the upgrade fails with `why` in the log, that
+/// the old airlock serves the next client within 10 s of the failure, and
+/// that nothing of the successor is left. `stops_server`: whether the old
+/// server is stopped first (the successor got that far).
+fn a_failing_successor(tag: &str, successor: &str, why: &str, stops_server: bool) {
     if !is_root() {
         eprintln!("skipped: the live upgrade needs the supervisor (sandbox on: root)");
         return;
     }
-    let mut i = install_and_start("upgrade-fail");
+    let mut i = install_and_start(tag);
     let pid = i.server.child.id();
     let server = i.server.server_pid();
+    wait_for("READY=1", || i.notified() == ["READY=1"]);
+    let script = successor.replace("REAL", env!("CARGO_BIN_EXE_airlock"));
+    replace(&i.exe, format!("#!/bin/sh\n{script}\n").as_bytes());
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = prober(i.server.path.clone(), stop.clone());
+    sigusr2(pid);
+    let t = Instant::now();
+    while !i.server.log().contains("live upgrade failed") {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", i.server.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let failed = Instant::now();
+    while try_ident(&i.server.path) != Some(IDENT) {
+        assert!(
+            failed.elapsed() < Duration::from_secs(10),
+            "not served again within 10 s"
+        );
+    }
+    let served = failed.elapsed().as_millis();
+    stop.store(true, Ordering::SeqCst);
+    let (outage, reads) = probe.join().unwrap();
+    let log = i.server.log();
+    assert!(log.contains(why), "{why:?} not in: {log}");
+    assert_eq!(
+        i.server.child.try_wait().unwrap(),
+        None,
+        "airlock exited: {log}"
+    );
+    let now = server_pid(pid);
+    if stops_server {
+        assert_ne!(now, server, "a fresh server");
+    } else {
+        assert_eq!(now, server, "the server was never stopped");
+        assert!(
+            outage < 1000,
+            "the old server served throughout: {outage} ms gap"
+        );
+    }
+    // Only the server is left under the supervisor; nothing of the successor.
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    assert_eq!(children.split_whitespace().count(), 1, "{children}");
+    assert!(i.server.path.exists());
+    // systemd hears the reload end.
+    let said = i.notified();
+    assert_eq!(
+        said.first().map(String::as_str),
+        Some("RELOADING=1"),
+        "{said:?}"
+    );
+    assert_eq!(said.last().map(String::as_str), Some("READY=1"), "{said:?}");
+    eprintln!("{tag}: served again {served} ms after the failure was logged; longest gap {outage} ms ({reads} reads)");
+}
 
-    // Missing: refused before anything stops; the same server serves on.
+#[test]
+fn a_successor_that_exits_at_once_leaves_the_old_airlock_serving() {
+    a_failing_successor(
+        "up-exits",
+        "exit 1",
+        "it exited with status 1 before hello",
+        false,
+    );
+}
+
+#[test]
+fn a_successor_that_cannot_be_executed_leaves_the_old_airlock_serving() {
+    // Executable but not a program: the exec fails in the child.
+    if !is_root() {
+        return;
+    }
+    let i = install_and_start("up-noexec");
+    let pid = i.server.child.id();
+    let server = i.server.server_pid();
+    replace(&i.exe, b"not a program\n");
+    sigusr2(pid);
+    wait_log(&i.server, "live upgrade failed");
+    assert!(
+        i.server.log().contains("Exec format error"),
+        "{}",
+        i.server.log()
+    );
+    assert_eq!(server_pid_now(pid), server, "nothing was stopped");
+    assert_eq!(ident(&i.server.path), IDENT);
+    // Missing: refused before anything starts.
     std::fs::remove_file(&i.exe).unwrap();
     sigusr2(pid);
     wait_log(&i.server, "live upgrade (SIGUSR2) refused");
     assert_eq!(server_pid_now(pid), server, "nothing was stopped");
     assert_eq!(ident(&i.server.path), IDENT);
+}
 
-    // Executable but not a program: execve fails after the server was
-    // stopped; this airlock starts a fresh server of its own.
-    replace(&i.exe, b"not a program\n");
-    sigusr2(pid);
-    wait_log(&i.server, "live upgrade failed");
-    assert_eq!(i.server.child.try_wait().unwrap(), None, "airlock exited");
-    assert_eq!(ident(&i.server.path), IDENT);
-    assert_ne!(i.server.server_pid(), server, "a fresh server");
-    let log = i.server.log();
-    assert!(log.contains("Exec format error"), "{log}");
-    assert!(!log.contains("live upgrade: airlock"), "{log}");
+#[test]
+fn a_successor_that_ignores_the_handover_is_stopped_and_the_socket_path_put_back() {
+    // An airlock that does not speak this handover (an older build, or one
+    // run without it) binds the socket path anew and serves on its own.
+    a_failing_successor(
+        "up-ignores",
+        "unset AIRLOCK_UPGRADE; exec REAL \"$@\"",
+        "which is put back",
+        false,
+    );
+}
+
+#[test]
+fn a_successor_that_hangs_before_serving_is_stopped() {
+    a_failing_successor(
+        "up-hangs",
+        "exec sleep 600",
+        "it did not say hello within 10 s",
+        false,
+    );
+}
+
+#[test]
+fn a_successor_that_speaks_another_handover_version_refuses_and_is_stopped() {
+    a_failing_successor(
+        "up-version",
+        "AIRLOCK_UPGRADE=$(echo \"$AIRLOCK_UPGRADE\" | sed s/version=2/version=3/) exec REAL \"$@\"",
+        "speaks handover version 3",
+        false,
+    );
+}
+
+#[test]
+fn a_successor_that_crashes_after_it_starts_serving_is_stopped_and_the_old_airlock_serves_again() {
+    a_failing_successor(
+        "up-crash",
+        "REAL \"$@\" & p=$!; sleep 0.5; kill -ABRT $p; wait $p",
+        "before its probation to end",
+        true,
+    );
+}
+
+#[test]
+fn a_successor_that_says_hello_and_then_hangs_is_stopped_and_the_old_airlock_serves_again() {
+    // It speaks the handover's first word and nothing more: the old server
+    // is stopped for it, and comes back fresh when it does not serve.
+    a_failing_successor(
+        "up-hello-hang",
+        "exec python3 -c \"import os,socket,time
+env = dict(kv.split('=', 1) for kv in os.environ['AIRLOCK_UPGRADE'].split(',exe=')[0].split(','))
+s = socket.socket(fileno=int(env['ctl']))
+s.send(b'hello 2 %d' % os.getpid())
+time.sleep(600)\"",
+        "it did not say serving within 5 s",
+        true,
+    );
 }
 
 #[test]
@@ -269,9 +467,13 @@ fn a_socket_activated_airlock_upgrades_on_the_socket_systemd_passed() {
     assert_eq!(ident(&s.path), IDENT);
     let pid = s.child.id();
     sigusr2(pid);
-    wait_log(&s, "live upgrade: airlock");
+    wait_log(&s, "took over");
     assert_eq!(ident(&s.path), IDENT);
     let log = s.log();
-    assert!(log.contains("took over fd 3"), "{log}");
+    assert!(log.contains("holds fd 3"), "{log}");
     assert_eq!(log.matches("listening on fd 3").count(), 2, "{log}");
+    let new = successor_pid(&log).unwrap();
+    let mut s = s;
+    wait_exit_within(&mut s.child, 20);
+    stop_pid(new);
 }

@@ -4,8 +4,18 @@
 //! fds and IOMMU mappings, so a reconnecting client replays onto the same
 //! device. lifecycle/ sits above the server and the sandbox: it starts
 //! servers, the sandbox confines each one, the server serves.
+//!
+//! supervisor.rs (restarts) and watch.rs (what it waits on); the live
+//! upgrade: upgrade.rs (what is handed over), ctl.rs (the channel between
+//! the two airlocks), successor.rs + handoff.rs (the old airlock's side),
+//! predecessor.rs (the new one's side).
 
+pub mod ctl;
+mod handoff;
+pub mod predecessor;
+pub mod successor;
 pub mod supervisor;
 pub mod upgrade;
+mod watch;
 
-pub use supervisor::{supervise, ServerStart, SupervisorError};
+pub use supervisor::{supervise, Exit, ServerStart, SupervisorError};

@@ -19,17 +19,9 @@
 //! The server still confines itself before serving: the inherited fds are
 //! what it would have opened itself, and seccomp still names each ioctl.
 //!
-//! SIGUSR2 is a live upgrade (upgrade.rs): the supervisor kills its
-//! server as a crash would and execs the binary at the path airlock was
-//! started from, handing over the socket and the device; if the binary
-//! cannot be executed it says why and carries on (with a fresh server if
-//! the old one was already stopped). Stop signals that arrive meanwhile
-//! are blocked, so they stay pending across the exec and stop the
-//! successor instead of getting lost.
-//!
-//! It also watches the listening socket: a client left waiting in the
-//! backlog (the server is busy with another one) gets a log line saying
-//! why, instead of an unexplained hang.
+//! SIGUSR2 is a live upgrade in two phases (handoff.rs): the new binary
+//! starts beside this one and this airlock lets go only once it serves.
+//! watch.rs waits on the server, the signals and the backlog.
 
 use std::collections::VecDeque;
 use std::io;
@@ -37,11 +29,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, error, info, warn};
-
 use thiserror::Error;
+use tracing::{error, info};
 
-use super::upgrade::Successor;
+use super::handoff::{self, Upgrade};
+use super::predecessor::Predecessor;
+use super::successor::Successor;
+use super::watch::{watch, Watched};
 use crate::sandbox::violation::{syscall_name, SharedRecord};
 use crate::signals::{self, Disposition};
 use crate::systemd;
@@ -58,12 +52,10 @@ pub enum SupervisorError {
 /// At most this many restarts within RESTART_WINDOW, then give up.
 pub const MAX_RESTARTS: usize = 5;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
-/// How long a client may wait in the backlog before it is logged.
-const WAIT_REPORT: Duration = Duration::from_secs(1);
 
-static CHILD: AtomicI32 = AtomicI32::new(0);
-static STOPPING: AtomicBool = AtomicBool::new(false);
-static UPGRADE: AtomicBool = AtomicBool::new(false);
+pub(super) static CHILD: AtomicI32 = AtomicI32::new(0);
+pub(super) static STOPPING: AtomicBool = AtomicBool::new(false);
+pub(super) static UPGRADE: AtomicBool = AtomicBool::new(false);
 /// Write end of the pipe that wakes `watch` when a signal arrives.
 static WAKE: AtomicI32 = AtomicI32::new(-1);
 
@@ -95,26 +87,6 @@ extern "C" fn on_upgrade(_sig: libc::c_int) {
 /// The signals the supervisor handles: stop (forwarded) and upgrade.
 const HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR2];
 
-/// Blocks (or unblocks) the handled signals; blocked ones stay pending
-/// across execve.
-fn block_handled(block: bool) {
-    // SAFETY: a sigset we own, filled by sigemptyset/sigaddset, passed to
-    // sigprocmask with no old-set pointer.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in HANDLED {
-            libc::sigaddset(&mut set, sig);
-        }
-        let how = if block {
-            libc::SIG_BLOCK
-        } else {
-            libc::SIG_UNBLOCK
-        };
-        libc::sigprocmask(how, &set, std::ptr::null_mut());
-    }
-}
-
 /// What the server gets from its supervisor.
 pub struct ServerStart<'a> {
     /// Where the server records a seccomp violation (install its handler).
@@ -134,14 +106,36 @@ impl ServerStart<'_> {
     }
 }
 
-/// What `watch` saw.
-enum Watched {
-    Ended(Ending),
-    UpgradeRequested,
+/// How airlock's supervision ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped, or gave up: every server is reaped and the device is this
+    /// airlock's to quiesce and the socket path its to remove.
+    Stopped(i32),
+    /// The device and the socket path are not this airlock's to release:
+    /// it handed them to a successor, or it is a successor that never took
+    /// them over (its predecessor still serves).
+    LetGo(i32),
+}
+
+/// A running server.
+pub(super) struct Running {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub ready_rx: OwnedFd,
+    /// It said it is confined and serving.
+    pub ready: bool,
+    /// The readiness pipe may still carry its byte.
+    pub ready_open: bool,
+    /// Reaped already (it died, or was stopped for an upgrade).
+    pub reaped: Option<Ending>,
+    /// Stopped by the supervisor for an upgrade (not a crash).
+    pub stopped_for_upgrade: bool,
 }
 
 /// How a server ended.
-enum Ending {
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Ending {
     Exited(i32),
     Signaled(i32),
 }
@@ -155,25 +149,143 @@ impl Ending {
     }
 }
 
-fn step(what: &'static str) -> impl FnOnce(io::Error) -> SupervisorError {
+/// What the supervisor watches and names in its logs.
+pub(super) struct Scene<'a> {
+    pub device: &'a str,
+    pub socket: &'a str,
+    pub listener: RawFd,
+    pub wake_rx: OwnedFd,
+}
+
+pub(super) fn step(what: &'static str) -> impl FnOnce(io::Error) -> SupervisorError {
     move |source| SupervisorError::Step { what, source }
 }
 
 /// Runs `server` (returning its exit code) as the sandboxed server until
-/// a stop signal, restarting it when it dies. `device` names the device in logs; `listener` is the
-/// socket to watch for waiting clients; `successor` is what SIGUSR2
-/// execs (None: the path airlock was started from is unknown). Returns
-/// the exit code for airlock.
+/// a stop signal, restarting it when it dies. `device` names the device in
+/// logs; `listener` is the socket to watch for waiting clients;
+/// `successor` is what SIGUSR2 starts (None: the path airlock was started
+/// from is unknown); `predecessor` is the airlock that started this one
+/// for a live upgrade.
 pub fn supervise(
     device: &str,
     socket: &str,
     listener: RawFd,
     successor: Option<&Successor>,
+    mut predecessor: Option<Predecessor>,
     mut server: impl FnMut(&ServerStart<'_>) -> i32,
-) -> Result<i32, SupervisorError> {
+) -> Result<Exit, SupervisorError> {
+    let scene = Scene {
+        device,
+        socket,
+        listener,
+        wake_rx: install_handlers()?,
+    };
+    let record = SharedRecord::new().map_err(step("mapping the seccomp report page"))?;
+    if let Some(p) = predecessor.as_mut() {
+        if let Err(why) = p.greet() {
+            error!("{device}: live upgrade: {why}; exiting, the previous airlock keeps serving");
+            return Ok(Exit::LetGo(1));
+        }
+    }
+    let mut restarts = Restarts::default();
+    let mut ever_ready = false;
+    for generation in 0.. {
+        record.clear();
+        let mut running = spawn(&record, generation, &mut server)?;
+        let ending = loop {
+            match watch(&scene, &mut running, &mut predecessor)? {
+                Watched::Ended(e) => break e,
+                Watched::UpgradeRequested => {
+                    match handoff::upgrade(&scene, successor, &mut running)? {
+                        Upgrade::Committed => return Ok(Exit::LetGo(0)),
+                        Upgrade::Failed => {}
+                    }
+                    if let Some(e) = running.reaped {
+                        // Stopped for the upgrade: not a crash, no restart counted.
+                        break e;
+                    }
+                }
+            }
+        };
+        CHILD.store(0, Ordering::SeqCst);
+        ever_ready |= running.ready;
+        let stopped_for_upgrade = running.stopped_for_upgrade;
+        let exit = |code| match predecessor {
+            Some(_) => Exit::LetGo(code),
+            None => Exit::Stopped(code),
+        };
+        if STOPPING.load(Ordering::SeqCst) {
+            return Ok(exit(if stopped_for_upgrade {
+                0
+            } else {
+                ending.code()
+            }));
+        }
+        if stopped_for_upgrade {
+            continue;
+        }
+        if predecessor.is_none() {
+            systemd::notify(&format!(
+                "STATUS={device}: the server died; restarting it on {socket}"
+            ));
+        }
+        let why = describe(device, running.pid, &ending, &record);
+        if !ever_ready {
+            // It never served: a setup error (its message is above), not a
+            // crash; restarting would only repeat it.
+            if !matches!(ending, Ending::Exited(_)) {
+                error!("{why}");
+            }
+            return Ok(exit(ending.code()));
+        }
+        if let Err(n) = restarts.count() {
+            error!("{why}");
+            error!(
+                "{device}: the server died {n} times within {} s; giving up (the socket is removed). Check the lines above; `--sandbox off` runs without the sandbox to reproduce",
+                RESTART_WINDOW.as_secs()
+            );
+            return Ok(exit(ending.code().max(1)));
+        }
+        error!(
+            "{why}; starting a fresh sandboxed server on the same socket (restart {} of at most {MAX_RESTARTS} per {} s)",
+            restarts.0.len(),
+            RESTART_WINDOW.as_secs()
+        );
+    }
+    unreachable!("generations do not run out")
+}
+
+/// Restart times within the window.
+#[derive(Default)]
+struct Restarts(VecDeque<Instant>);
+
+impl Restarts {
+    /// Counts one more; Err(n) once that would be too many.
+    fn count(&mut self) -> Result<(), usize> {
+        let now = Instant::now();
+        while self
+            .0
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            self.0.pop_front();
+        }
+        if self.0.len() >= MAX_RESTARTS {
+            return Err(self.0.len() + 1);
+        }
+        self.0.push_back(now);
+        Ok(())
+    }
+}
+
+/// Installs the stop and upgrade handlers; returns the pipe they wake.
+fn install_handlers() -> Result<OwnedFd, SupervisorError> {
     let (wake_rx, wake_tx) = pipe(libc::O_CLOEXEC | libc::O_NONBLOCK)
         .map_err(step("creating the supervisor's wake-up pipe"))?;
     WAKE.store(wake_tx.as_raw_fd(), Ordering::SeqCst);
+    // The write end lives as long as the process.
+    std::mem::forget(wake_tx);
     for sig in HANDLED {
         let handler = if sig == libc::SIGUSR2 {
             Disposition::Handler(on_upgrade)
@@ -185,132 +297,10 @@ pub fn supervise(
         unsafe { signals::install(sig, handler, false) }
             .map_err(step("installing the supervisor's signal handlers"))?;
     }
-    // A predecessor blocked them for its exec: what arrived meanwhile
-    // is delivered now.
-    block_handled(false);
-    let record = SharedRecord::new().map_err(step("mapping the seccomp report page"))?;
-    let mut restarts: VecDeque<Instant> = VecDeque::new();
-    let mut ever_ready = false;
-    let mut restarts_total = 0u32;
-    loop {
-        record.clear();
-        let generation = restarts_total;
-        restarts_total += 1;
-        let (pid, pidfd, ready_rx) = spawn(&record, generation, &mut server)?;
-        let mut ready = false;
-        // None: the server was stopped for an upgrade whose exec failed.
-        let ending = loop {
-            match watch(
-                device, socket, listener, pid, &pidfd, &ready_rx, &wake_rx, &mut ready,
-            )? {
-                Watched::Ended(e) => break Some(e),
-                Watched::UpgradeRequested => {
-                    if upgrade(device, socket, successor, pid)? {
-                        break None;
-                    }
-                }
-            }
-        };
-        CHILD.store(0, Ordering::SeqCst);
-        ever_ready |= ready;
-        if STOPPING.load(Ordering::SeqCst) {
-            return Ok(ending.map_or(0, |e| e.code()));
-        }
-        let Some(ending) = ending else {
-            // Not a crash: no restart counted.
-            continue;
-        };
-        systemd::notify(&format!(
-            "STATUS={device}: the server died; restarting it on {socket}"
-        ));
-        let why = describe(device, pid, &ending, &record);
-        if !ever_ready {
-            // It never served: a setup error (its message is above), not a
-            // crash; restarting would only repeat it.
-            if !matches!(ending, Ending::Exited(_)) {
-                error!("{why}");
-            }
-            return Ok(ending.code());
-        }
-        let now = Instant::now();
-        while restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
-        {
-            restarts.pop_front();
-        }
-        if restarts.len() >= MAX_RESTARTS {
-            error!("{why}");
-            error!(
-                "{device}: the server died {} times within {} s; giving up (the socket is removed). Check the lines above; `--sandbox off` runs without the sandbox to reproduce",
-                restarts.len() + 1,
-                RESTART_WINDOW.as_secs()
-            );
-            return Ok(ending.code().max(1));
-        }
-        restarts.push_back(now);
-        error!(
-            "{why}; starting a fresh sandboxed server on the same socket (restart {} of at most {} per {} s)",
-            restarts.len(),
-            MAX_RESTARTS,
-            RESTART_WINDOW.as_secs()
-        );
-    }
+    Ok(wake_rx)
 }
 
-fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into our timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
-}
-
-/// SIGUSR2: replaces this airlock with `successor` (same pid). Returns
-/// false if nothing was stopped (the binary cannot be executed: said
-/// why), true if the server was stopped and the exec failed (said why;
-/// the caller starts a fresh server). Does not return when the exec
-/// succeeds.
-fn upgrade(
-    device: &str,
-    socket: &str,
-    successor: Option<&Successor>,
-    pid: i32,
-) -> Result<bool, SupervisorError> {
-    let Some(s) = successor else {
-        error!("{device}: live upgrade (SIGUSR2) refused: the path airlock was started from is unknown (argv[0] is not a path and not on PATH); this airlock carries on. Start airlock by its full path to upgrade it in place");
-        return Ok(false);
-    };
-    let exe = s.exe().display();
-    if let Err(e) = s.check() {
-        error!("{device}: live upgrade (SIGUSR2) refused: {exe} cannot be executed ({e}); this airlock carries on serving, nothing was stopped. Install the new airlock there and send SIGUSR2 again");
-        return Ok(false);
-    }
-    // A stop signal from here on stays pending: delivered to the
-    // successor, or to this supervisor again if the exec fails.
-    block_handled(true);
-    systemd::notify(&format!(
-        "RELOADING=1
-MONOTONIC_USEC={}
-STATUS=live upgrade: executing {exe} on {socket}",
-        monotonic_usec()
-    ));
-    // The server dies as in a crash: no quiesce, no reset; what it left
-    // in the kernel waits for the successor's first server to adopt.
-    // SAFETY: kill has no memory arguments.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    reap(pid)?;
-    CHILD.store(0, Ordering::SeqCst);
-    debug!("{device}: live upgrade: server pid {pid} stopped; executing {exe}");
-    let e = s.exec();
-    error!("{device}: live upgrade failed: executing {exe}: {e}; carrying on with a fresh server of this airlock (it adopts the device as after a crash)");
-    block_handled(false);
-    Ok(true)
-}
-
-fn pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+pub(super) fn pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut p = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two fds into p.
     if unsafe { libc::pipe2(p.as_mut_ptr(), flags) } != 0 {
@@ -340,13 +330,12 @@ fn describe(device: &str, pid: i32, ending: &Ending, record: &SharedRecord) -> S
     }
 }
 
-/// Starts one server as PID 1 of a new pid namespace. Returns its pid (as
-/// seen here), a pidfd to wait on, and the read end of its ready pipe.
+/// Starts one server as PID 1 of a new pid namespace.
 fn spawn(
     record: &SharedRecord,
     generation: u32,
     server: &mut impl FnMut(&ServerStart<'_>) -> i32,
-) -> Result<(i32, OwnedFd, OwnedFd), SupervisorError> {
+) -> Result<Running, SupervisorError> {
     let (rx, tx) = pipe(libc::O_CLOEXEC).map_err(step("creating the readiness pipe"))?;
     // A raw clone with a new pid namespace each time: unshare(CLONE_NEWPID)
     // works once per process, and a namespace dies with its PID 1.
@@ -363,10 +352,9 @@ fn spawn(
         )
     } as i32;
     if pid < 0 {
-        return Err(SupervisorError::Step {
-            what: "starting the server in a new pid namespace",
-            source: io::Error::last_os_error(),
-        });
+        return Err(step("starting the server in a new pid namespace")(
+            io::Error::last_os_error(),
+        ));
     }
     if pid == 0 {
         // The server dies with its supervisor, and leaves upgrades to it.
@@ -393,141 +381,19 @@ fn spawn(
         return Err(step("pidfd_open on the server")(io::Error::last_os_error()));
     }
     info!("sandbox: serving process is pid {pid} (host view), in its own pid namespace");
-    // SAFETY: pidfd_open returned a new fd nobody else owns.
-    Ok((pid, unsafe { OwnedFd::from_raw_fd(fd) }, rx))
+    Ok(Running {
+        pid,
+        // SAFETY: pidfd_open returned a new fd nobody else owns.
+        pidfd: unsafe { OwnedFd::from_raw_fd(fd) },
+        ready_rx: rx,
+        ready: false,
+        ready_open: true,
+        reaped: None,
+        stopped_for_upgrade: false,
+    })
 }
 
-fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
-    let ms = timeout.map_or(-1, |d| d.as_millis() as libc::c_int);
-    // SAFETY: fds is a live slice of pollfd.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r as usize)
-}
-
-fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-/// Waits for the server to end or an upgrade request, noting readiness
-/// (in `ready`, kept across calls for the same server) and clients left
-/// waiting in the backlog.
-#[allow(clippy::too_many_arguments)]
-fn watch(
-    device: &str,
-    socket: &str,
-    listener: RawFd,
-    pid: i32,
-    pidfd: &OwnedFd,
-    ready_rx: &OwnedFd,
-    wake_rx: &OwnedFd,
-    ready: &mut bool,
-) -> Result<Watched, SupervisorError> {
-    let mut ready_open = !*ready;
-    // Since when a connection has sat unaccepted, and whether it was said.
-    let mut waiting: Option<(Instant, bool)> = None;
-    let mut stop_sent = false;
-    loop {
-        if STOPPING.load(Ordering::SeqCst) && !stop_sent {
-            // A ready byte not read yet still counts: that server has its
-            // handler and stops gracefully (quiescing the device).
-            if ready_open && !*ready && took_ready(ready_rx) {
-                *ready = true;
-            }
-            systemd::notify("STOPPING=1");
-            // The signal handler forwarded SIGTERM if the server was known
-            // by then; a pid namespace's PID 1 ignores it until it has a
-            // handler, so a server still starting up is killed instead.
-            let sig = if *ready { libc::SIGTERM } else { libc::SIGKILL };
-            // SAFETY: kill has no memory arguments.
-            unsafe { libc::kill(pid, sig) };
-            stop_sent = true;
-        }
-        let mut fds = [
-            pollfd(pidfd.as_raw_fd()),
-            pollfd(if ready_open { ready_rx.as_raw_fd() } else { -1 }),
-            // While a client waits, poll the listener by timeout instead
-            // (it stays readable until the server accepts).
-            pollfd(if waiting.is_none() { listener } else { -1 }),
-            pollfd(wake_rx.as_raw_fd()),
-        ];
-        // While the server starts up, wake now and then to re-check a stop
-        // request that raced with poll.
-        let timeout = (waiting.is_some() || !*ready).then(|| Duration::from_millis(250));
-        match poll(&mut fds, timeout) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(step("waiting on the server")(e)),
-        }
-        if fds[0].revents != 0 {
-            // A server that said ready and died at once (a fault right
-            // after confinement) shows both in one poll: its byte must be
-            // read first, or its death looks like a setup error and airlock
-            // gives up instead of restarting it.
-            if ready_open && took_ready(ready_rx) {
-                *ready = true;
-            }
-            return Ok(Watched::Ended(reap(pid)?));
-        }
-        if fds[3].revents != 0 {
-            let mut b = [0u8; 64];
-            // SAFETY: a read into a stack buffer from our non-blocking pipe.
-            unsafe { libc::read(wake_rx.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
-        }
-        if UPGRADE.swap(false, Ordering::SeqCst) && !STOPPING.load(Ordering::SeqCst) {
-            return Ok(Watched::UpgradeRequested);
-        }
-        if fds[1].revents != 0 {
-            let mut b = [0u8; 1];
-            // SAFETY: a one-byte read into a stack buffer.
-            let n = unsafe { libc::read(ready_rx.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
-            if n == 1 {
-                *ready = true;
-                systemd::notify(&format!(
-                    "READY=1\nSTATUS=serving {device} on {socket} (sandbox on)"
-                ));
-            } else {
-                ready_open = false;
-            }
-        }
-        if fds[2].revents != 0 {
-            waiting = Some((Instant::now(), false));
-        } else if let Some((since, said)) = waiting {
-            let mut l = [pollfd(listener)];
-            if poll(&mut l, Some(Duration::ZERO)).unwrap_or(0) == 0 {
-                if said {
-                    info!("{device}: the waiting client was accepted");
-                }
-                waiting = None;
-            } else if !said && since.elapsed() >= WAIT_REPORT {
-                warn!(
-                    "{device}: a client has waited {} ms to be served: airlock serves one client at a time and another client holds the device; it is served when that client disconnects (one airlock per VM and device)",
-                    since.elapsed().as_millis()
-                );
-                waiting = Some((since, true));
-            }
-        }
-    }
-}
-
-/// Whether the readiness pipe holds the server's byte (without waiting).
-fn took_ready(ready_rx: &OwnedFd) -> bool {
-    let mut p = [pollfd(ready_rx.as_raw_fd())];
-    if poll(&mut p, Some(Duration::ZERO)).unwrap_or(0) == 0 {
-        return false;
-    }
-    let mut b = [0u8; 1];
-    // SAFETY: a one-byte read into a stack buffer; the pipe is readable.
-    unsafe { libc::read(ready_rx.as_raw_fd(), b.as_mut_ptr().cast(), 1) == 1 }
-}
-
-fn reap(pid: i32) -> Result<Ending, SupervisorError> {
+pub(super) fn reap(pid: i32) -> Result<Ending, SupervisorError> {
     let mut status = 0;
     loop {
         // SAFETY: waitpid writes the status into our local.

@@ -1,17 +1,14 @@
-//! Live upgrade: SIGUSR2 to the supervisor (what `systemctl reload` sends)
-//! replaces the running airlock with the binary at the path it was started
-//! from, without closing what a client or the device depends on.
+//! Live upgrade, the handover itself: what one airlock hands its successor
+//! (AIRLOCK_UPGRADE names the fds), and the successor claiming it.
 //!
-//! The supervisor kills its sandboxed server as a crash would (no quiesce,
-//! no reset) and execs that path with the same arguments, leaving open
-//! (only for the exec: CLOEXEC is cleared on these fds and on nothing
-//! else) the listening socket and, with --vfio, the container, group and
-//! device fds and the handover table's memfd. AIRLOCK_UPGRADE names them;
-//! the new airlock (the same pid, so systemd's MAINPID stays valid) takes
-//! them instead of binding and opening, and its first server adopts the
-//! device exactly as after a crash while a reconnecting client replays.
-//! The socket path never disappears: clients that connect meanwhile wait
-//! in the listen backlog.
+//! SIGUSR2 to the supervisor (what `systemctl reload` sends) starts the
+//! binary at the path airlock was started from as a child (successor.rs),
+//! with the same arguments and these fds left open for its exec only: the
+//! listening socket, the control channel (ctl.rs) and, with --vfio, the
+//! container, group and device fds and the handover table's memfd. The
+//! successor takes them instead of binding and opening; the old airlock
+//! keeps its own copies until the successor serves, so a successor that
+//! fails leaves nothing lost.
 //!
 //! The path is resolved when airlock starts (argv[0], searched on PATH
 //! as the shell did), not /proc/self/exe: that is the old inode, and the
@@ -25,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use super::ctl::{Ctl, HANDOVER_VERSION};
 use crate::config::Listen;
 use crate::device::vfio::{HandedVfio, VfioFds};
 use crate::server::Listener;
@@ -38,6 +36,10 @@ pub enum UpgradeError {
         "{ENV}={value:?} from the previous airlock is malformed ({why}); start airlock without it"
     )]
     Malformed { value: String, why: &'static str },
+    #[error("{ENV}: the previous airlock speaks handover version {got}, this airlock {HANDOVER_VERSION}: it cannot take over from that version; it refuses, and the running airlock carries on")]
+    Version { got: String },
+    #[error("{ENV}: the control channel (fd {fd}) was not made by pid {owner} as the handover says ({why}); refusing fds of unknown origin")]
+    Stranger { fd: RawFd, owner: u32, why: String },
     #[error("{ENV}: the previous airlock handed over fd {fd} as the {what}, but it is not open here ({source}); a wrapper between the two binaries may close fds: exec airlock directly")]
     NotOpen {
         fd: RawFd,
@@ -49,6 +51,10 @@ pub enum UpgradeError {
 /// What one airlock hands its successor across execve, as fd numbers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Handed {
+    /// The pid that made the control channel (its SO_PEERCRED).
+    pub owner: u32,
+    /// The successor's end of the control channel.
+    pub ctl: RawFd,
     /// The listening socket.
     pub listen: RawFd,
     /// --vfio: the device's fds and the handover table.
@@ -59,9 +65,14 @@ pub struct Handed {
 }
 
 impl Handed {
-    /// `pid=P,listen=L[,vfio=C:G:D:T],exe=PATH` (PATH last: it may hold commas).
-    pub fn encode(&self, pid: u32) -> OsString {
-        let mut s = format!("pid={pid},listen={}", self.listen);
+    /// `version=V,owner=P,ctl=C,listen=L[,vfio=C:G:D:T],exe=PATH` (version
+    /// first, so any other version is recognised as such; PATH last: it may
+    /// hold commas).
+    pub fn encode(&self) -> OsString {
+        let mut s = format!(
+            "version={HANDOVER_VERSION},owner={},ctl={},listen={}",
+            self.owner, self.ctl, self.listen
+        );
         if let Some(v) = &self.vfio {
             s += &format!(",vfio={}:{}:{}:{}", v.container, v.group, v.device, v.table);
         }
@@ -71,9 +82,8 @@ impl Handed {
         OsString::from_vec(b)
     }
 
-    /// The inverse of `encode`; None when it is addressed to another
-    /// process (inherited by something airlock did not exec itself).
-    pub fn decode(value: &OsStr, pid: u32) -> Result<Option<Handed>, UpgradeError> {
+    /// The inverse of `encode`, for this version of the handover only.
+    pub fn decode(value: &OsStr) -> Result<Handed, UpgradeError> {
         let bad = |why| UpgradeError::Malformed {
             value: value.to_string_lossy().into_owned(),
             why,
@@ -85,11 +95,21 @@ impl Handed {
             .ok_or_else(|| bad("no exe="))?;
         let exe = PathBuf::from(OsStr::from_bytes(&bytes[split + 5..]));
         let head = std::str::from_utf8(&bytes[..split]).map_err(|_| bad("not ASCII"))?;
+        let version = head
+            .strip_prefix("version=")
+            .and_then(|v| v.split(',').next())
+            .ok_or_else(|| bad("no version= first (an older airlock's handover)"))?;
+        if version != HANDOVER_VERSION.to_string() {
+            return Err(UpgradeError::Version {
+                got: version.chars().take(20).collect(),
+            });
+        }
         let fd = |v: &str| v.parse::<RawFd>().ok().filter(|f| *f > 2);
-        let (mut for_pid, mut listen, mut vfio) = (None, None, None);
-        for kv in head.split(',') {
+        let (mut owner, mut ctl, mut listen, mut vfio) = (None, None, None, None);
+        for kv in head.split(',').skip(1) {
             match kv.split_once('=') {
-                Some(("pid", v)) => for_pid = Some(v.parse::<u32>().map_err(|_| bad("pid"))?),
+                Some(("owner", v)) => owner = Some(v.parse::<u32>().map_err(|_| bad("owner"))?),
+                Some(("ctl", v)) => ctl = Some(fd(v).ok_or_else(|| bad("ctl"))?),
                 Some(("listen", v)) => listen = Some(fd(v).ok_or_else(|| bad("listen"))?),
                 Some(("vfio", v)) => {
                     let n: Vec<RawFd> = v.split(':').filter_map(fd).collect();
@@ -106,10 +126,9 @@ impl Handed {
                 _ => return Err(bad("unknown field")),
             }
         }
-        if for_pid.ok_or_else(|| bad("no pid="))? != pid {
-            return Ok(None);
-        }
         let handed = Handed {
+            owner: owner.ok_or_else(|| bad("no owner="))?,
+            ctl: ctl.ok_or_else(|| bad("no ctl="))?,
             listen: listen.ok_or_else(|| bad("no listen="))?,
             vfio,
             exe,
@@ -120,12 +139,12 @@ impl Handed {
         if all.len() != handed.fds().len() {
             return Err(bad("an fd is named twice"));
         }
-        Ok(Some(handed))
+        Ok(handed)
     }
 
     /// Every fd handed over.
     pub fn fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.listen];
+        let mut v = vec![self.ctl, self.listen];
         if let Some(h) = &self.vfio {
             v.extend([h.container, h.group, h.device, h.table]);
         }
@@ -134,13 +153,13 @@ impl Handed {
 }
 
 /// Reads and removes AIRLOCK_UPGRADE (nothing airlock starts inherits
-/// it); None when absent or addressed to another process.
+/// it); None when absent.
 pub fn take_from_env() -> Result<Option<Handed>, UpgradeError> {
     let Some(v) = std::env::var_os(ENV) else {
         return Ok(None);
     };
     std::env::remove_var(ENV);
-    Handed::decode(&v, std::process::id())
+    Handed::decode(&v).map(Some)
 }
 
 /// Takes ownership of a handed fd: it must be open; CLOEXEC is set again
@@ -156,9 +175,29 @@ pub fn claim(fd: RawFd, what: &'static str) -> Result<OwnedFd, UpgradeError> {
 /// predecessor handed them over.
 pub type HandedFds = (VfioFds, OwnedFd);
 
+/// Takes the control channel to the predecessor, checked to be the one
+/// the predecessor made.
+pub fn claim_ctl(h: &Handed) -> Result<Ctl, UpgradeError> {
+    let ctl = Ctl::from_fd(claim(h.ctl, "control channel")?);
+    match ctl.creator() {
+        Ok(pid) if pid == h.owner => Ok(ctl),
+        Ok(pid) => Err(UpgradeError::Stranger {
+            fd: h.ctl,
+            owner: h.owner,
+            why: format!("it was made by pid {pid}"),
+        }),
+        Err(e) => Err(UpgradeError::Stranger {
+            fd: h.ctl,
+            owner: h.owner,
+            why: e.to_string(),
+        }),
+    }
+}
+
 /// Takes what a predecessor handed over: the listening socket (resumed at
-/// `listen`) and, with --vfio, the device's fds and mapping table. Without
-/// a predecessor, opens the socket anew.
+/// `listen`; its path stays the predecessor's until it lets go) and, with
+/// --vfio, the device's fds and mapping table. Without a predecessor, opens
+/// the socket anew.
 pub fn claim_handed(
     handed: Option<&Handed>,
     listen: &Listen,
@@ -181,7 +220,7 @@ pub fn claim_handed(
     Ok((listener, vfio))
 }
 
-fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+pub(super) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     // SAFETY: fcntl with integer arguments only.
     let r = unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) };
     if r < 0 {
@@ -190,7 +229,7 @@ fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-fn is_executable(p: &Path) -> io::Result<()> {
+pub(super) fn is_executable(p: &Path) -> io::Result<()> {
     let c = CString::new(p.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     if !std::fs::metadata(p)?.is_file() {
@@ -217,97 +256,14 @@ pub fn started_from() -> Option<PathBuf> {
         .and_then(|c| std::path::absolute(c).ok())
 }
 
-/// What SIGUSR2 execs: the binary at `exe` with this airlock's arguments,
-/// handed `handed`'s fds.
-pub struct Successor {
-    exe: PathBuf,
-    argv: Vec<OsString>,
-    handed: Handed,
-}
-
-impl Successor {
-    pub fn new(argv: Vec<OsString>, handed: Handed) -> Successor {
-        Successor {
-            exe: handed.exe.clone(),
-            argv,
-            handed,
-        }
-    }
-
-    pub fn exe(&self) -> &Path {
-        &self.exe
-    }
-
-    /// Why the binary cannot be executed, checked before anything stops.
-    pub fn check(&self) -> io::Result<()> {
-        is_executable(&self.exe)
-    }
-
-    /// Replaces this process (same pid) with the successor; returns only
-    /// if execve failed, with the handed fds CLOEXEC again.
-    pub fn exec(&self) -> io::Error {
-        let cstr = |s: &OsStr| {
-            CString::new(s.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-        };
-        let mut env: Vec<OsString> = std::env::vars_os()
-            .filter(|(k, _)| k != ENV)
-            .map(|(k, v)| {
-                let mut e = k;
-                e.push("=");
-                e.push(v);
-                e
-            })
-            .collect();
-        let mut mine = OsString::from(format!("{ENV}="));
-        mine.push(self.handed.encode(std::process::id()));
-        env.push(mine);
-        let built = (|| -> io::Result<_> {
-            let exe = cstr(self.exe.as_os_str())?;
-            let argv = self
-                .argv
-                .iter()
-                .map(|a| cstr(a))
-                .collect::<io::Result<Vec<_>>>()?;
-            let env = env
-                .iter()
-                .map(|e| cstr(e))
-                .collect::<io::Result<Vec<_>>>()?;
-            Ok((exe, argv, env))
-        })();
-        let (exe, argv, env) = match built {
-            Ok(b) => b,
-            Err(e) => return e,
-        };
-        let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-        argv_p.push(std::ptr::null());
-        let mut env_p: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-        env_p.push(std::ptr::null());
-        let fds = self.handed.fds();
-        for (i, &fd) in fds.iter().enumerate() {
-            if let Err(e) = set_cloexec(fd, false) {
-                for &f in &fds[..i] {
-                    let _ = set_cloexec(f, true);
-                }
-                return e;
-            }
-        }
-        // SAFETY: exe, argv and env are NUL-terminated strings kept alive
-        // by the vectors above; both arrays end with a null pointer.
-        unsafe { libc::execve(exe.as_ptr(), argv_p.as_ptr(), env_p.as_ptr()) };
-        let e = io::Error::last_os_error();
-        for &fd in &fds {
-            let _ = set_cloexec(fd, true);
-        }
-        e
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn handed(vfio: bool) -> Handed {
         Handed {
+            owner: 42,
+            ctl: 8,
             listen: 3,
             vfio: vfio.then_some(HandedVfio {
                 container: 4,
@@ -323,29 +279,39 @@ mod tests {
     fn the_successor_reads_what_its_predecessor_wrote() {
         for vfio in [false, true] {
             let h = handed(vfio);
-            let v = h.encode(42);
-            assert_eq!(Handed::decode(&v, 42).unwrap(), Some(h));
+            assert_eq!(Handed::decode(&h.encode()).unwrap(), h);
         }
     }
 
     #[test]
-    fn a_handover_for_another_process_is_ignored() {
-        let v = handed(true).encode(42);
-        assert_eq!(Handed::decode(&v, 43).unwrap(), None);
+    fn another_version_of_the_handover_is_refused_by_name() {
+        let v = handed(false).encode().into_string().unwrap();
+        let other = v.replace("version=2", "version=3");
+        let e = Handed::decode(OsStr::new(&other)).unwrap_err();
+        assert!(
+            matches!(e, UpgradeError::Version { ref got } if got == "3"),
+            "{e}"
+        );
+        // The first airlocks' handover had no version.
+        let e = Handed::decode(OsStr::new("pid=1,listen=3,exe=/x")).unwrap_err();
+        assert!(e.to_string().contains("no version="), "{e}");
     }
 
     #[test]
     fn malformed_handovers_are_errors_not_guesses() {
         for v in [
-            "pid=1,listen=3",
-            "pid=1,exe=/x",
-            "pid=1,listen=1,exe=/x",
-            "pid=1,listen=3,vfio=4:5:6,exe=/x",
-            "pid=1,listen=3,vfio=3:5:6:7,exe=/x",
-            "pid=x,listen=3,exe=/x",
-            "pid=1,listen=3,color=red,exe=/x",
+            "version=2,owner=1,ctl=8,listen=3",
+            "version=2,owner=1,ctl=8,exe=/x",
+            "version=2,ctl=8,listen=3,exe=/x",
+            "version=2,owner=1,listen=3,exe=/x",
+            "version=2,owner=1,ctl=8,listen=1,exe=/x",
+            "version=2,owner=1,ctl=8,listen=3,vfio=4:5:6,exe=/x",
+            "version=2,owner=1,ctl=8,listen=3,vfio=3:5:6:7,exe=/x",
+            "version=2,owner=1,ctl=3,listen=3,exe=/x",
+            "version=2,owner=x,ctl=8,listen=3,exe=/x",
+            "version=2,owner=1,ctl=8,listen=3,color=red,exe=/x",
         ] {
-            assert!(Handed::decode(OsStr::new(v), 1).is_err(), "{v}");
+            assert!(Handed::decode(OsStr::new(v)).is_err(), "{v}");
         }
     }
 
@@ -353,5 +319,17 @@ mod tests {
     fn a_handed_fd_that_is_not_open_is_named() {
         let e = claim(987_654, "listening socket").unwrap_err();
         assert!(e.to_string().contains("fd 987654"), "{e}");
+    }
+
+    #[test]
+    fn a_control_channel_made_by_another_process_is_refused() {
+        let (_mine, theirs) = Ctl::pair().unwrap();
+        let h = Handed {
+            owner: std::process::id() + 1,
+            ctl: std::os::fd::IntoRawFd::into_raw_fd(theirs),
+            ..handed(false)
+        };
+        let e = claim_ctl(&h).unwrap_err();
+        assert!(matches!(e, UpgradeError::Stranger { .. }), "{e}");
     }
 }

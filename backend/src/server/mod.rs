@@ -127,8 +127,8 @@ impl Listener {
     }
 
     /// The socket a live upgrade's predecessor handed over (it listens
-    /// already; clients wait in its backlog). The path, if any, is ours
-    /// to remove at the end, as if this airlock had bound it.
+    /// already; clients wait in its backlog). The path, if any, stays the
+    /// predecessor's until this airlock has taken over (`own_path`).
     pub fn resume(fd: OwnedFd, listen: &Listen) -> Result<Listener, ServerError> {
         check_listening(fd.as_raw_fd())?;
         Ok(Listener {
@@ -137,7 +137,7 @@ impl Listener {
                 Listen::Path(p) => Some(p.clone()),
                 Listen::Fd(_) => None,
             },
-            owns_path: matches!(listen, Listen::Path(_)),
+            owns_path: false,
         })
     }
 
@@ -168,6 +168,12 @@ impl Listener {
     /// sandbox removes it instead).
     pub fn disown_path(&mut self) {
         self.owns_path = false;
+    }
+
+    /// Removes the path on drop (an upgrade's successor, once it has
+    /// taken over; a no-op for a socket without a path).
+    pub fn own_path(&mut self) {
+        self.owns_path = self.path.is_some();
     }
 
     pub fn raw_fd(&self) -> RawFd {
