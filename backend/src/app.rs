@@ -204,7 +204,7 @@ fn open_held(
 /// The default: a supervisor outside the sandbox starts sandboxed servers,
 /// restarts them when they die and starts a successor on SIGUSR2.
 fn serve_supervised(
-    mut listener: Listener,
+    listener: Listener,
     kind: DeviceKind,
     mut held: Option<VfioPci>,
     sc: SandboxConfig,
@@ -226,26 +226,7 @@ fn serve_supervised(
             h.owner
         );
     }
-    // What SIGUSR2 starts: the binary at the path the first airlock was
-    // started from, handed this socket and device.
-    let socket_path = match up.listen {
-        Listen::Path(p) => Some(p.clone()),
-        Listen::Fd(_) => None,
-    };
-    let successor = up
-        .handed
-        .map(|h| h.exe.clone())
-        .or_else(upgrade::started_from)
-        .map(|exe| {
-            let handed = Handed {
-                owner: 0,
-                ctl: -1,
-                listen: listener.raw_fd(),
-                vfio: held.as_ref().map(VfioPci::handed),
-                exe,
-            };
-            Successor::new(up.argv, handed, socket_path)
-        });
+    let successor = successor_for(&listener, held.as_ref(), &up);
     let supervised = lifecycle::supervise(
         &name,
         &listener.describe(),
@@ -271,6 +252,40 @@ fn serve_supervised(
             }
         },
     );
+    release(supervised, listener, held)
+}
+
+/// What SIGUSR2 starts: the binary at the path the first airlock was
+/// started from, handed this socket and device.
+fn successor_for(
+    listener: &Listener,
+    held: Option<&VfioPci>,
+    up: &Upgrades<'_>,
+) -> Option<Successor> {
+    let socket_path = match up.listen {
+        Listen::Path(p) => Some(p.clone()),
+        Listen::Fd(_) => None,
+    };
+    let exe = up
+        .handed
+        .map(|h| h.exe.clone())
+        .or_else(upgrade::started_from)?;
+    let handed = Handed {
+        owner: 0,
+        ctl: -1,
+        listen: listener.raw_fd(),
+        vfio: held.map(VfioPci::handed),
+        exe,
+    };
+    Some(Successor::new(up.argv.clone(), handed, socket_path))
+}
+
+/// Once supervision ends: who releases the device and the socket path.
+fn release(
+    supervised: Result<Exit, lifecycle::SupervisorError>,
+    mut listener: Listener,
+    held: Option<VfioPci>,
+) -> AppResult<ExitCode> {
     let code = |c: i32| ExitCode::from(c.clamp(0, 255) as u8);
     match supervised {
         // Every server was reaped: dropping the device quiesces it (a

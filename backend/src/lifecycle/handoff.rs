@@ -183,10 +183,12 @@ fn wait(
         }
         if fds[0].revents != 0 {
             let h = cand.ctl.take();
-            // A closed channel with the process gone says more as its exit.
-            if h != Heard::Closed || fds[1].revents == 0 {
+            // A closed channel usually means the process is ending: its
+            // exit status says more.
+            if h != Heard::Closed || !exits_soon(cand) {
                 return Ok(Interrupt::Heard(h));
             }
+            return Ok(Interrupt::Exited(exit_of(cand.pid)));
         }
         if fds[1].revents != 0 {
             return Ok(Interrupt::Exited(exit_of(cand.pid)));
@@ -203,6 +205,12 @@ fn wait(
             );
         }
     }
+}
+
+/// Whether the successor's process ends within a second.
+fn exits_soon(cand: &Candidate) -> bool {
+    let mut p = [pollfd(cand.pidfd.as_raw_fd())];
+    poll(&mut p, Some(Duration::from_secs(1))).unwrap_or(0) == 1
 }
 
 /// How the successor ended (it is reaped).

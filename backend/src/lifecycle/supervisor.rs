@@ -210,50 +210,79 @@ pub fn supervise(
         };
         CHILD.store(0, Ordering::SeqCst);
         ever_ready |= running.ready;
-        let stopped_for_upgrade = running.stopped_for_upgrade;
-        let exit = |code| match predecessor {
-            Some(_) => Exit::LetGo(code),
-            None => Exit::Stopped(code),
-        };
-        if STOPPING.load(Ordering::SeqCst) {
-            return Ok(exit(if stopped_for_upgrade {
-                0
-            } else {
-                ending.code()
-            }));
+        let pending = predecessor.is_some();
+        if let Some(exit) = after(
+            &scene,
+            &running,
+            ending,
+            &record,
+            ever_ready,
+            pending,
+            &mut restarts,
+        ) {
+            return Ok(exit);
         }
-        if stopped_for_upgrade {
-            continue;
-        }
-        if predecessor.is_none() {
-            systemd::notify(&format!(
-                "STATUS={device}: the server died; restarting it on {socket}"
-            ));
-        }
-        let why = describe(device, running.pid, &ending, &record);
-        if !ever_ready {
-            // It never served: a setup error (its message is above), not a
-            // crash; restarting would only repeat it.
-            if !matches!(ending, Ending::Exited(_)) {
-                error!("{why}");
-            }
-            return Ok(exit(ending.code()));
-        }
-        if let Err(n) = restarts.count() {
-            error!("{why}");
-            error!(
-                "{device}: the server died {n} times within {} s; giving up (the socket is removed). Check the lines above; `--sandbox off` runs without the sandbox to reproduce",
-                RESTART_WINDOW.as_secs()
-            );
-            return Ok(exit(ending.code().max(1)));
-        }
-        error!(
-            "{why}; starting a fresh sandboxed server on the same socket (restart {} of at most {MAX_RESTARTS} per {} s)",
-            restarts.0.len(),
-            RESTART_WINDOW.as_secs()
-        );
     }
     unreachable!("generations do not run out")
+}
+
+/// After a server ended: the exit if airlock ends too, None to start a
+/// fresh server. `pending`: a predecessor has not let go yet.
+fn after(
+    scene: &Scene<'_>,
+    running: &Running,
+    ending: Ending,
+    record: &SharedRecord,
+    ever_ready: bool,
+    pending: bool,
+    restarts: &mut Restarts,
+) -> Option<Exit> {
+    let device = scene.device;
+    let exit = |code| match pending {
+        true => Exit::LetGo(code),
+        false => Exit::Stopped(code),
+    };
+    if STOPPING.load(Ordering::SeqCst) {
+        let code = if running.stopped_for_upgrade {
+            0
+        } else {
+            ending.code()
+        };
+        return Some(exit(code));
+    }
+    if running.stopped_for_upgrade {
+        // Not a crash: no restart counted.
+        return None;
+    }
+    if !pending {
+        systemd::notify(&format!(
+            "STATUS={device}: the server died; restarting it on {}",
+            scene.socket
+        ));
+    }
+    let why = describe(device, running.pid, &ending, record);
+    if !ever_ready {
+        // It never served: a setup error (its message is above), not a
+        // crash; restarting would only repeat it.
+        if !matches!(ending, Ending::Exited(_)) {
+            error!("{why}");
+        }
+        return Some(exit(ending.code()));
+    }
+    if let Err(n) = restarts.count() {
+        error!("{why}");
+        error!(
+            "{device}: the server died {n} times within {} s; giving up (the socket is removed). Check the lines above; `--sandbox off` runs without the sandbox to reproduce",
+            RESTART_WINDOW.as_secs()
+        );
+        return Some(exit(ending.code().max(1)));
+    }
+    error!(
+        "{why}; starting a fresh sandboxed server on the same socket (restart {} of at most {MAX_RESTARTS} per {} s)",
+        restarts.0.len(),
+        RESTART_WINDOW.as_secs()
+    );
+    None
 }
 
 /// Restart times within the window.
