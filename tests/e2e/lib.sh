@@ -79,7 +79,12 @@ spawn() { # spawn VAR CMD...: start CMD in the background, its pid into VAR
 }
 stop_pid() { # stop_pid PID: TERM its group, then KILL after 3 s
     local p=$1 i
-    kill -0 "$p" 2>/dev/null || { { wait "$p"; } 2>/dev/null || true; return 0; }
+    if ! kill -0 "$p" 2>/dev/null; then
+        # Its group may outlive it: a live upgrade's successor runs on.
+        kill -TERM -- "-$p" 2>/dev/null || true
+        { wait "$p"; } 2>/dev/null || true
+        return 0
+    fi
     kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || true
     for ((i = 0; i < 30; i++)); do
         kill -0 "$p" 2>/dev/null || break

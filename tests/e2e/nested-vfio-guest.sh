@@ -90,14 +90,25 @@ say "airlock (pid $pid) listening after $(cut -d' ' -f1 /proc/uptime) s of uptim
 # The probe's restart-replay check kills the sandboxed server -9 with a DMA
 # in flight and replays its state to the restarted one (as patched QEMU
 # does); the supervisor holds the VFIO fds, so the device is not reset.
-# upgrade-replay does the same through a live upgrade: SIGUSR2 makes the
-# supervisor exec /bin/airlock in place, handing over the socket, the VFIO
-# fds and the table of IOMMU mappings.
-/bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid "$@"
+# upgrade-broken installs a binary that exits at once, then one that hangs,
+# at /bin/airlock and sends SIGUSR2: airlock must kill each and serve on,
+# the device untouched. upgrade-replay does what restart-replay does through
+# a good live upgrade: SIGUSR2 makes airlock start /bin/airlock beside
+# itself, hand it the socket, the VFIO fds and the table of IOMMU mappings,
+# and exit once the new airlock serves.
+/bin/airlock-probe --socket /tmp/edu.sock --airlock-pid $pid --broken-upgrades "$@"
 rc=$?
 grep -E 'adopted [0-9]+ DMA mappings|adoption window closed|live upgrade' /tmp/airlock.log | sed 's/^.*\(INFO\|WARN\|ERROR\) /INFO airlock: /' | cut -c1-400
-if ! kill -0 $pid 2>/dev/null; then
-    echo "FAIL upgrade-in-place: airlock (pid $pid) is gone after the upgrade-replay check"
+# The new airlock logs its pid; it is not this shell's child.
+new=$(sed -n 's/.*live upgrade: pid \([0-9]*\) .*serves.*/\1/p' /tmp/airlock.log | tail -n 1)
+if [ -n "$new" ] && kill -0 "$new" 2>/dev/null && ! kill -0 $pid 2>/dev/null; then
+    echo "PASS upgrade-handed-over: airlock pid $new took over from pid $pid, which exited"
+    wait $pid 2>/dev/null
+    pid=$new
+elif echo " $* " | grep -q upgrade-replay; then
+    : # skipped by the probe's arguments
+else
+    echo "FAIL upgrade-handed-over: no new airlock serving after the upgrade-replay check (old pid $pid; logged: ${new:-none})"
     rc=1
 fi
 
@@ -131,8 +142,10 @@ else
 fi
 
 kill $pid 2>/dev/null
-wait $pid
-say "airlock exited with $? after SIGTERM"
+i=0
+while kill -0 $pid 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+wait $pid 2>/dev/null
+say "airlock (pid $pid) $(kill -0 $pid 2>/dev/null && echo 'still runs' || echo 'exited') after SIGTERM"
 
 # A common mistake names its fix: RLIMIT_MEMLOCK below what VFIO must pin.
 AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/memlock.sock --memlock 16384 $extra \

@@ -13,9 +13,13 @@
 #   c. stops airlock for longer than QEMU holds a request (x-msg-timeout,
 #      5 s): the guest's accesses fail (all-ones) from then on, and the
 #      device comes back when airlock does;
-#   d. live upgrade: SIGUSR2 to the running airlock, which kills its server
-#      and execs its binary in place (same pid), handing over the listening
-#      socket: the path never disappears, QEMU reconnects and replays.
+#   d. live upgrade: SIGUSR2 to the running airlock (started from a copy of
+#      its binary), which starts that binary beside itself, hands it the
+#      listening socket, stops its own server once the new airlock holds
+#      everything, and exits once that one serves: the path never
+#      disappears, QEMU reconnects and replays;
+#   e. a live upgrade to a broken binary (one that exits at once): the
+#      running airlock never stops its server, and the guest notices nothing.
 # a, b and d pass when QEMU logs the resume, at most one round failed at the
 # restart (the documented effect: the emulated edu's registers live in the
 # server, so an operation the old server had in progress when it died is
@@ -125,15 +129,37 @@ if ((ok)); then
     AT[c]=$(last_round)
     stop_pid "$apid"
     sleep 7
-    start_airlock apid "$sock" "$LOG_DIR/airlock-3.log"
+    # Started from a copy, so that event e can install a broken binary there.
+    mkdir -p "$RUN_DIR/bin"
+    cp "$AIRLOCK_BIN" "$RUN_DIR/bin/airlock"
+    AIRLOCK_BIN="$RUN_DIR/bin/airlock" start_airlock apid "$sock" "$LOG_DIR/airlock-3.log"
     note "airlock stopped at round ~${AT[c]} and started 7 s later"
     event_done c 3
 
-    section "d. live upgrade: SIGUSR2 to airlock (it execs itself in place, keeping the socket)"
+    section "d. live upgrade: SIGUSR2 to airlock (the new binary starts beside it and takes the socket over)"
     AT[d]=$(last_round)
     kill -USR2 "$apid"
     note "SIGUSR2 to airlock (pid $apid) at round ~${AT[d]}"
     event_done d 4
+    for ((i = 0; i < 100; i++)); do
+        newpid=$(sed -nE 's/.*live upgrade: pid ([0-9]+) .*serves.*/\1/p' "$LOG_DIR/airlock-3.log" | head -n1)
+        [[ -n $newpid ]] && break
+        sleep 0.1
+    done
+    [[ -n ${newpid:-} ]] && E2E_PIDS+=("$newpid")
+
+    section "e. live upgrade to a broken binary (it exits at once)"
+    AT[e]=$(last_round)
+    printf '#!/bin/sh\nexit 1\n' >"$RUN_DIR/bin/airlock.new"
+    chmod +x "$RUN_DIR/bin/airlock.new"
+    mv "$RUN_DIR/bin/airlock.new" "$RUN_DIR/bin/airlock"
+    kill -USR2 "${newpid:-$apid}" 2>/dev/null || true
+    note "SIGUSR2 to airlock (pid ${newpid:-?}) with a broken binary installed, at round ~${AT[e]}"
+    for ((i = 0; i < 100; i++)); do
+        grep -aq 'live upgrade failed' "$LOG_DIR/airlock-3.log" && break
+        sleep 0.1
+    done
+    wait_rounds 1000 60 || true
 fi
 AT[end]=999999999
 
@@ -203,14 +229,26 @@ if [[ -z $expired ]]; then
 else
     verdict c-hold-expired OK "QEMU: ${expired#*: }"
 fi
-judge d-live-upgrade d end 3 1
-upgraded=$(grep -a -m1 'live upgrade: airlock' "$LOG_DIR/airlock-3.log" 2>/dev/null || true)
+judge d-live-upgrade d e 3 1
+upgraded=$(grep -a -m1 'took over' "$LOG_DIR/airlock-3.log" 2>/dev/null || true)
 if [[ -z ${AT[d]:-} ]]; then
-    verdict d-same-process FAIL "not run"
-elif ! kill -0 "$apid" 2>/dev/null || [[ -z $upgraded ]]; then
-    verdict d-same-process FAIL "airlock pid $apid did not log the upgrade or is gone (see $LOG_DIR/airlock-3.log)"
+    verdict d-handed-over FAIL "not run"
+elif [[ -z ${newpid:-} || -z $upgraded ]] || ! kill -0 "$newpid" 2>/dev/null || kill -0 "$apid" 2>/dev/null; then
+    verdict d-handed-over FAIL "the old airlock (pid $apid) did not hand over to a new one (${newpid:-no pid logged}) (see $LOG_DIR/airlock-3.log)"
 else
-    verdict d-same-process OK "pid $apid kept; airlock: ${upgraded#*INFO airlock: }"
+    verdict d-handed-over OK "pid $apid exited, pid $newpid serves; airlock: ${upgraded#*INFO }"
+fi
+# e: nothing may have happened to the guest: no reconnect, no failed round.
+failed_upgrade=$(grep -a -m1 'live upgrade failed' "$LOG_DIR/airlock-3.log" 2>/dev/null || true)
+read -r e_failed _ e_longest _ e_why <<<"$(window "${AT[e]:-999999999}" 999999999)"
+if [[ -z ${AT[e]:-} ]]; then
+    verdict e-broken-upgrade FAIL "not run"
+elif [[ -z $failed_upgrade ]] || ! kill -0 "${newpid:-0}" 2>/dev/null; then
+    verdict e-broken-upgrade FAIL "airlock did not log the failed upgrade or is gone (see $LOG_DIR/airlock-3.log)"
+elif (($(resumes) != 4 || e_failed > 0)); then
+    verdict e-broken-upgrade FAIL "the guest noticed: $(resumes) QEMU resumes (want 4), $e_failed rounds failed ${e_why:-}"
+else
+    verdict e-broken-upgrade OK "pid $newpid serves on; 0 rounds failed, no reconnect; longest round $((e_longest - ${median:-0})) ms over the median; airlock: ${failed_upgrade#*ERROR }"
 fi
 
 sum=$(summary_line <(console | result_lines) || true)
@@ -226,4 +264,5 @@ else
     verdict guest-soak OK "one boot; $soak; guest program: $sum"
 fi
 stop_pid "$apid"
+[[ -n ${newpid:-} ]] && stop_pid "$newpid"
 e2e_summary

@@ -1,5 +1,5 @@
 //! Command line: `--socket PATH [--airlock-pid PID] [--iterations N]
-//! [--msi-window START:SIZE] [--skip NAME]...` (also `--opt=value`; --skip
+//! [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]...` (also `--opt=value`; --skip
 //! values may be comma-separated; START and SIZE decimal or 0x-hex).
 
 #[derive(Debug, PartialEq, Eq)]
@@ -11,10 +11,12 @@ pub struct Args {
     /// The host's MSI doorbell window (IOVA start, size): DMA_MAP into it
     /// must be refused (check dma-map-msi-window-refused runs only if set).
     pub msi_window: Option<(u64, u64)>,
+    /// Run upgrade-broken (it replaces airlock's installed binary).
+    pub broken_upgrades: bool,
 }
 
 pub const USAGE: &str = "usage: airlock-probe --socket PATH [--airlock-pid PID] [--iterations N] \
-     [--msi-window START:SIZE] [--skip NAME]...";
+     [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]...";
 
 /// A number in decimal or 0x-hex.
 fn number64(v: &str) -> Option<u64> {
@@ -41,6 +43,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
     let mut iterations = 1000;
     let mut skip = Vec::new();
     let mut msi_window = None;
+    let mut broken_upgrades = false;
     let mut it = argv.into_iter();
     while let Some(arg) = it.next() {
         if arg.is_empty() {
@@ -78,6 +81,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
                     .map(str::to_string),
             ),
             "--msi-window" => msi_window = Some(window(&value("--msi-window")?)?),
+            "--broken-upgrades" => broken_upgrades = true,
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {arg:?}")),
         }
@@ -88,6 +92,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
         iterations,
         skip,
         msi_window,
+        broken_upgrades,
     })
 }
 
@@ -110,6 +115,7 @@ mod tests {
                 iterations: 1000,
                 skip: vec![],
                 msi_window: None,
+                broken_upgrades: false,
             }
         );
     }

@@ -1,6 +1,7 @@
 //! The checks, in order: negotiate, ident, liveness, factorial,
 //! bar0-fast-path, dma, msi (+ msi-no-wakeups), dma-unmapped-blocked,
 //! dma-map-msi-window-refused (only with --msi-window), disconnect-quiesces,
+//! upgrade-broken (broken_upgrade.rs, only with --broken-upgrades),
 //! restart-replay and upgrade-replay (restart.rs: kill airlock's sandboxed
 //! server, or SIGUSR2 its supervisor for a live upgrade, so only with
 //! --airlock-pid naming the supervisor). Each returns an Outcome; state that later checks
@@ -79,6 +80,9 @@ pub fn run(report: &mut Report, args: &Args) {
         });
     }
     report.check("disconnect-quiesces", || disconnect_quiesces(p).into());
+    report.check("upgrade-broken", || {
+        crate::broken_upgrade::broken_upgrades(&args.socket, args.airlock_pid, args.broken_upgrades)
+    });
     report.check("restart-replay", || {
         crate::restart::restart_replay(&args.socket, args.airlock_pid)
     });

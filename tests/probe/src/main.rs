@@ -4,6 +4,7 @@
 //! `N passed, M failed[, K skipped]`; exits 0 iff nothing failed.
 
 mod args;
+mod broken_upgrade;
 mod checks;
 mod device;
 mod os;

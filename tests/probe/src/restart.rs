@@ -10,10 +10,12 @@
 //! must be dropped when the adoption window ends).
 //!
 //! upgrade-replay: the same, but the disruption is a live upgrade: SIGUSR2
-//! to airlock's supervisor, which kills its server as a crash would and
-//! execs the airlock binary again in place (same pid), handing over the
-//! socket and the VFIO fds. The probe waits, as QEMU does, until the old
-//! server's connection hangs up, then reconnects and replays.
+//! to airlock's supervisor, which starts the airlock binary again beside
+//! itself, handing over the socket and the VFIO fds, kills its own server
+//! as a crash would once the new airlock holds them, and exits once the new
+//! one serves. The probe waits, as QEMU does, until the old server's
+//! connection hangs up, then reconnects and replays; the new airlock's
+//! supervisor is the old one's child until the old one exits.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -272,7 +274,12 @@ fn run(socket: &str, sup: u32, how: Disruption) -> Result<(), String> {
     // --- reconnect and replay, as patched QEMU does -----------------------
     let reconnected = connect(socket).map_err(|e| format!("reconnect: {e}"));
     let outage = killed.elapsed();
-    let new_srv = server_pid(sup);
+    // After an upgrade the new supervisor is the old one's only child.
+    let new_sup = match how {
+        Disruption::KillServer => Some(sup as i32),
+        Disruption::Upgrade => server_pid(sup),
+    };
+    let new_srv = new_sup.and_then(|s| server_pid(s as u32));
     // Joined before `bar0` (the mapping it reads) can be dropped.
     let dma_done = watcher.and_then(|w| w.join().ok().flatten());
     let mut dev = reconnected?;
@@ -295,10 +302,21 @@ fn run(socket: &str, sup: u32, how: Disruption) -> Result<(), String> {
     if new_srv == Some(srv) {
         return Err(format!("server pid {srv} still runs after the {what}"));
     }
-    // SAFETY: kill with signal 0 only checks the process exists.
-    if how == Disruption::Upgrade && unsafe { libc::kill(sup as i32, 0) } != 0 {
-        return Err(format!(
-            "the supervisor pid {sup} is gone after SIGUSR2: the upgrade did not exec in place"
+    if how == Disruption::Upgrade {
+        let new_sup = new_sup.ok_or("no new airlock under the old one after SIGUSR2")?;
+        // The old airlock exits once the new one has served through its probation.
+        let t = Instant::now();
+        // SAFETY: kill with signal 0 only checks the process exists.
+        while unsafe { libc::kill(sup as i32, 0) } == 0 && t.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if t.elapsed() >= Duration::from_secs(15) {
+            return Err(format!(
+                "the old airlock pid {sup} did not exit within 15 s of the new one serving"
+            ));
+        }
+        info(&format!(
+            "{name}: airlock pid {new_sup} took over from pid {sup}, which exited"
         ));
     }
     let other_new = Memfd::new(c"airlock-probe-restart-new", SMALL)?;
