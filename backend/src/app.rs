@@ -8,22 +8,31 @@ use std::process::ExitCode;
 
 use crate::config::Listen;
 use crate::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind, SandboxConfig};
+use crate::device::vfio::HandedVfio;
 use crate::device::vfio::VfioPci;
 use crate::device::{emulated::edu::Edu, Device};
 use crate::iova::DoorbellWindow;
 use crate::lifecycle::predecessor::Predecessor;
 use crate::lifecycle::successor::Successor;
 use crate::lifecycle::upgrade::{self, Handed};
-use crate::lifecycle::{self, Exit, ServerStart};
+use crate::lifecycle::{self, Exit, ServerStart, Supervision};
 use crate::negotiate::ServerLimits;
 use crate::sandbox::{self, Policy, Profile};
 use crate::server::{install_stop_signals, refuse_upgrade_signal, serve, Listener};
+use crate::systemd::fdstore;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 type AppResult<T> = Result<T, Box<dyn Error>>;
 
 /// Runs `config`; `argv` is what a live upgrade execs again, `handed` what
-/// a previous airlock handed over (a live upgrade's successor).
-pub fn run(config: Config, argv: Vec<OsString>, handed: Option<Handed>) -> AppResult<ExitCode> {
+/// a previous airlock handed over (a live upgrade's successor), `stored`
+/// what systemd's fd store gave back (systemd/fdstore.rs).
+pub fn run(
+    config: Config,
+    argv: Vec<OsString>,
+    handed: Option<Handed>,
+    stored: Vec<(String, RawFd)>,
+) -> AppResult<ExitCode> {
     let Config::Serve {
         listen,
         device: kind,
@@ -44,12 +53,17 @@ pub fn run(config: Config, argv: Vec<OsString>, handed: Option<Handed>) -> AppRe
         // The socket first: with the sandbox its owner is the supervisor, so
         // the path stays in place while servers come and go (and, handed over
         // by a live upgrade, while binaries do).
-        let (listener, handed_vfio) = upgrade::claim_handed(handed.as_ref(), &listen)?;
+        let restored = restored_device(&kind, handed.as_ref(), stored)?;
+        let (listener, handed_vfio) = upgrade::claim_handed(handed.as_ref(), restored, &listen)?;
         let limits = server_limits(&kind, max_data_xfer, windows);
         match sandbox_config {
             None => serve_unconfined(&listener, kind, limits),
             Some(sc) => {
+                let fresh = handed_vfio.is_none();
                 let held = open_held(&kind, handed_vfio, handed.is_some(), limits.max_dma_maps)?;
+                if let (true, Some(dev)) = (fresh, &held) {
+                    store_device(dev);
+                }
                 let upgrades = Upgrades {
                     argv,
                     handed: handed.as_ref(),
@@ -64,6 +78,41 @@ pub fn run(config: Config, argv: Vec<OsString>, handed: Option<Handed>) -> AppRe
         p.refuse(&e.to_string());
     }
     served
+}
+
+/// The device systemd's fd store gave back, for --vfio when no predecessor
+/// hands one over; the entries that are not used are closed.
+fn restored_device(
+    kind: &DeviceKind,
+    handed: Option<&Handed>,
+    stored: Vec<(String, RawFd)>,
+) -> AppResult<Option<HandedVfio>> {
+    let wanted = handed.is_none() && matches!(kind, DeviceKind::Vfio { .. });
+    let restored = fdstore::restored(&stored).filter(|_| wanted);
+    if restored.is_none() {
+        for (name, fd) in &stored {
+            tracing::warn!("{kind}: closing fd {fd} ({name}) from systemd's fd store: it does not belong to this device's airlock");
+            // SAFETY: systemd passed this fd to this process, and nothing
+            // else here claimed it.
+            drop(unsafe { OwnedFd::from_raw_fd(*fd) });
+        }
+    } else {
+        tracing::info!("{kind}: systemd's fd store gave the device back: it is taken over as it was (no reset; the first server adopts its IOMMU mappings and interrupts)");
+    }
+    Ok(restored)
+}
+
+/// Under a systemd whose fd store keeps the device (FileDescriptorStoreMax=
+/// of at least 4), hands it duplicates of the device's fds: `systemctl
+/// restart` and a crash of airlock itself then keep the device.
+fn store_device(dev: &VfioPci) {
+    if !fdstore::keeps_device() {
+        return;
+    }
+    match fdstore::store(&dev.handed()) {
+        Ok(()) => tracing::info!("{}: the device's fds are in systemd's fd store: systemctl restart, or a crash of airlock, keeps the device; systemctl stop releases it (vfio-pci then resets it)", dev.name()),
+        Err(e) => tracing::warn!("{}: storing the device's fds in systemd's fd store failed ({e}); systemctl restart will reset the device", dev.name()),
+    }
 }
 
 /// What a live upgrade needs: the arguments to start the successor with,
@@ -227,31 +276,33 @@ fn serve_supervised(
         );
     }
     let successor = successor_for(&listener, held.as_ref(), &up);
-    let supervised = lifecycle::supervise(
-        &name,
-        &listener.describe(),
-        listener.raw_fd(),
-        successor.as_ref(),
-        up.predecessor.take(),
-        |start| {
-            // In the server: its own copy of the supervisor's device.
-            let inherited = held.take();
-            match serve_confined(
-                &listener,
-                kind.clone(),
-                inherited,
-                &sc,
-                limits.clone(),
-                start,
-            ) {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("airlock: {e}");
-                    1
-                }
+    let socket = listener.describe();
+    let supervision = Supervision {
+        device: &name,
+        socket: &socket,
+        listener: listener.raw_fd(),
+        successor: successor.as_ref(),
+        predecessor: up.predecessor.take(),
+        device_kept: held.is_some() && fdstore::keeps_device(),
+    };
+    let supervised = lifecycle::supervise(supervision, |start| {
+        // In the server: its own copy of the supervisor's device.
+        let inherited = held.take();
+        match serve_confined(
+            &listener,
+            kind.clone(),
+            inherited,
+            &sc,
+            limits.clone(),
+            start,
+        ) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("airlock: {e}");
+                1
             }
-        },
-    );
+        }
+    });
     release(supervised, listener, held)
 }
 

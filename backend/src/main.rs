@@ -24,20 +24,18 @@ fn main() -> ExitCode {
         }
     };
     let mut args = Args::parse();
-    if let Some(h) = &handed {
-        if args.socket_path.is_none() {
-            // Socket activation's variables went with the first airlock.
-            args.fd = Some(h.listen);
+    // What systemd passed: the activation socket, the fd store's entries.
+    let passed = match airlock::systemd::passed() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return ExitCode::from(2);
         }
-    } else if args.socket_path.is_none() && args.fd.is_none() {
-        // Started by systemd socket activation: serve on the passed socket.
-        match airlock::systemd::listen_fd() {
-            Ok(fd) => args.fd = fd,
-            Err(e) => {
-                eprintln!("airlock: {e}");
-                return ExitCode::from(2);
-            }
-        }
+    };
+    if args.socket_path.is_none() && args.fd.is_none() {
+        // A live upgrade's predecessor hands its socket over (socket
+        // activation's variables went with the first airlock).
+        args.fd = handed.as_ref().map(|h| h.listen).or(passed.listen);
     }
     let config = match Config::try_from(args) {
         Ok(c) => c,
@@ -46,7 +44,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match airlock::app::run(config, argv, handed) {
+    match airlock::app::run(config, argv, handed, passed.stored) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("airlock: {e}");

@@ -18,4 +18,4 @@ pub mod supervisor;
 pub mod upgrade;
 mod watch;
 
-pub use supervisor::{supervise, Exit, ServerStart, SupervisorError};
+pub use supervisor::{supervise, Exit, ServerStart, Supervision, SupervisorError};

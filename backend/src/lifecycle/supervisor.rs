@@ -69,14 +69,28 @@ fn wake() {
     }
 }
 
+/// systemd's fd store keeps the device: a stop kills the server as a
+/// crash would (no quiesce), and the store decides (restart: adopted;
+/// stop: released, and vfio-pci resets the device).
+static DEVICE_KEPT: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn forward(sig: libc::c_int) {
     STOPPING.store(true, Ordering::SeqCst);
     let pid = CHILD.load(Ordering::SeqCst);
     if pid > 0 {
+        let sig = if DEVICE_KEPT.load(Ordering::SeqCst) {
+            libc::SIGKILL
+        } else {
+            sig
+        };
         // SAFETY: kill has no memory arguments; async-signal-safe.
         unsafe { libc::kill(pid, sig) };
     }
     wake();
+}
+
+pub(super) fn device_kept() -> bool {
+    DEVICE_KEPT.load(Ordering::SeqCst)
 }
 
 extern "C" fn on_upgrade(_sig: libc::c_int) {
@@ -161,20 +175,38 @@ pub(super) fn step(what: &'static str) -> impl FnOnce(io::Error) -> SupervisorEr
     move |source| SupervisorError::Step { what, source }
 }
 
+/// What the supervisor is given.
+pub struct Supervision<'a> {
+    /// The device's name, for logs.
+    pub device: &'a str,
+    /// The socket, for logs.
+    pub socket: &'a str,
+    /// The listening socket, watched for clients left waiting.
+    pub listener: RawFd,
+    /// What SIGUSR2 starts (None: the path airlock was started from is
+    /// unknown).
+    pub successor: Option<&'a Successor>,
+    /// The airlock that started this one for a live upgrade.
+    pub predecessor: Option<Predecessor>,
+    /// systemd's fd store keeps the device across a stop (systemd/fdstore.rs).
+    pub device_kept: bool,
+}
+
 /// Runs `server` (returning its exit code) as the sandboxed server until
-/// a stop signal, restarting it when it dies. `device` names the device in
-/// logs; `listener` is the socket to watch for waiting clients;
-/// `successor` is what SIGUSR2 starts (None: the path airlock was started
-/// from is unknown); `predecessor` is the airlock that started this one
-/// for a live upgrade.
+/// a stop signal, restarting it when it dies.
 pub fn supervise(
-    device: &str,
-    socket: &str,
-    listener: RawFd,
-    successor: Option<&Successor>,
-    mut predecessor: Option<Predecessor>,
+    s: Supervision<'_>,
     mut server: impl FnMut(&ServerStart<'_>) -> i32,
 ) -> Result<Exit, SupervisorError> {
+    let Supervision {
+        device,
+        socket,
+        listener,
+        successor,
+        mut predecessor,
+        device_kept,
+    } = s;
+    DEVICE_KEPT.store(device_kept, Ordering::SeqCst);
     let scene = Scene {
         device,
         socket,
@@ -238,10 +270,14 @@ fn after(
     restarts: &mut Restarts,
 ) -> Option<Exit> {
     let device = scene.device;
-    let exit = |code| match pending {
+    let exit = |code| match pending || device_kept() {
         true => Exit::LetGo(code),
         false => Exit::Stopped(code),
     };
+    if STOPPING.load(Ordering::SeqCst) && device_kept() {
+        info!("{device}: stopping; the device stays open in systemd's fd store: systemctl restart keeps it (the next airlock adopts it), systemctl stop releases it (vfio-pci then resets it)");
+        return Some(exit(0));
+    }
     if STOPPING.load(Ordering::SeqCst) {
         let code = if running.stopped_for_upgrade {
             0

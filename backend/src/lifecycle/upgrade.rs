@@ -196,17 +196,18 @@ pub fn claim_ctl(h: &Handed) -> Result<Ctl, UpgradeError> {
 
 /// Takes what a predecessor handed over: the listening socket (resumed at
 /// `listen`; its path stays the predecessor's until it lets go) and, with
-/// --vfio, the device's fds and mapping table. Without a predecessor, opens
-/// the socket anew.
+/// --vfio, the device's fds and mapping table (or `restored`: the same
+/// from systemd's fd store). Without a predecessor, opens the socket anew.
 pub fn claim_handed(
     handed: Option<&Handed>,
+    restored: Option<HandedVfio>,
     listen: &Listen,
 ) -> Result<(Listener, Option<HandedFds>), Box<dyn std::error::Error>> {
-    let Some(h) = handed else {
-        return Ok((Listener::open(listen)?, None));
+    let listener = match handed {
+        Some(h) => Listener::resume(claim(h.listen, "listening socket")?, listen)?,
+        None => Listener::open(listen)?,
     };
-    let listener = Listener::resume(claim(h.listen, "listening socket")?, listen)?;
-    let vfio = match h.vfio {
+    let vfio = match handed.and_then(|h| h.vfio).or(restored) {
         Some(v) => Some((
             VfioFds {
                 device: claim(v.device, "VFIO device fd")?,

@@ -138,7 +138,9 @@ fn stop(run: &mut Running) {
     // The signal handler forwarded SIGTERM if the server was known
     // by then; a pid namespace's PID 1 ignores it until it has a
     // handler, so a server still starting up is killed instead.
-    let sig = if run.ready {
+    // With the device in systemd's fd store the server dies as in a crash:
+    // its graceful stop would quiesce and reset the device.
+    let sig = if run.ready && !super::supervisor::device_kept() {
         libc::SIGTERM
     } else {
         libc::SIGKILL

@@ -45,6 +45,12 @@ pub enum VfioError {
     },
     #[error("{bdf}: the table of IOMMU mappings handed over by the previous airlock cannot be used: {source}")]
     HandedTable { bdf: String, source: std::io::Error },
+    #[error("{bdf}: the VFIO group fd handed over (by the previous airlock, or systemd's fd store) is {got}, not {node}: it belongs to another device. Refusing it; clear the store (systemctl clean --what=fdstore airlock@...) or restart airlock")]
+    HandedGroup {
+        bdf: String,
+        node: String,
+        got: String,
+    },
     #[error("{bdf}: VFIO query failed: {what}: {source}")]
     Query {
         bdf: String,

@@ -115,6 +115,18 @@ impl VfioPci {
         table: OwnedFd,
     ) -> Result<VfioPci, VfioError> {
         let (_, group) = preflight::check(&preflight::Roots::default(), bdf)?;
+        // Handed fds of another device must not be served as this one.
+        let node = format!("/dev/vfio/{group}");
+        let got = std::fs::read_link(format!("/proc/self/fd/{}", fds.group.as_raw_fd()))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| e.to_string());
+        if got != node {
+            return Err(VfioError::HandedGroup {
+                bdf: bdf.into(),
+                node,
+                got,
+            });
+        }
         let handover = Handover::from_memfd(table).map_err(|source| VfioError::HandedTable {
             bdf: bdf.into(),
             source,
