@@ -31,17 +31,24 @@ QEMU side (guest RAM must be a shared memfd so DMA can reach it):
   -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
   -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"/run/airlock/edu.sock\"}}'
 
-Signals:
-  SIGTERM, SIGINT   stop: the device is quiesced, the socket path removed
-  SIGUSR2           live upgrade (systemctl reload): exec the airlock binary at the path this
-                    one was started from, in place (same pid, same arguments), handing over the
-                    listening socket and, with --vfio, the open device with its IOMMU mappings
-                    (no reset); its server adopts them as after a crash. If that binary cannot
-                    be executed, airlock logs why and carries on. Needs the sandbox (supervisor)
+Signals, and what each keeps:
+  SIGTERM, SIGINT   stop: the device is quiesced, the socket path removed. Under a systemd
+                    whose fd store keeps the device (--vfio, FileDescriptorStoreMax=4 or more):
+                    the device stays open in the store; systemctl restart (or Restart= after
+                    a crash) hands it to the next airlock as it was, systemctl stop releases
+                    it and vfio-pci quiesces and resets it
+  SIGUSR2           live upgrade (systemctl reload): start the airlock binary at the path this
+                    one was started from beside it (same arguments), hand it the listening
+                    socket and, with --vfio, the open device with its IOMMU mappings (no reset),
+                    and exit once it serves (systemd hears MAINPID=). If it fails in any way
+                    (exits, hangs, crashes within 2 s of serving, ignores the handover, speaks
+                    another version), airlock kills it and serves on. Needs the sandbox
+  kill -9 of the sandboxed server: the supervisor starts a fresh one; the device is kept
 
 Environment:
   AIRLOCK_LOG   log filter in tracing's syntax (default info; e.g. debug, airlock::server=debug)
-  LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, NOTIFY_SOCKET   systemd socket activation and notification
+  LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES, NOTIFY_SOCKET, FDSTORE   systemd socket activation,
+                notification and fd store
   AIRLOCK_UPGRADE   set by airlock for its successor on SIGUSR2 (the fds handed over); not for users";
 
 #[derive(Parser, Debug)]

@@ -1,32 +1,54 @@
 #!/bin/sh
-# /test inside the L1 guest of tests/e2e/nested-restart-x86_64.sh (busybox sh).
+# /test inside the L1 guest of tests/e2e/nested-restart-x86_64.sh. L1's init
+# is systemd (a Debian trixie root, scripts/mk-systemd-initramfs), which
+# runs this as a unit; airlock runs as the shipped units do in production.
+#
 # Binds QEMU's edu (1234:11e8) to vfio-pci behind the emulated intel-iommu,
-# starts `airlock --vfio <edu> --socket-path /tmp/edu.sock` (sandbox on, the
-# defaults), then runs the PATCHED L2 QEMU from /opt/qemu (through its own
-# loader) with
-#   -chardev socket,id=c0,path=/tmp/edu.sock,reconnect-ms=N
+# starts airlock@<edu>.socket (the shipped units, /usr/local/bin/airlock),
+# then runs the PATCHED L2 QEMU from /opt/qemu (through its own loader) with
+#   -chardev socket,id=c0,path=/run/airlock/<edu>.sock,reconnect-ms=N
 #   -device vfio-user-pci,chardev=c0
-# and a virtio-iommu; L2's /test soaks the device (airlock-guest-test --soak
-# S --sentinel AT:HOLD). When L2 prints "SENTINEL wrote" (the sentinel is in
-# edu's liveness register) and one more round has ended, this kills
-# airlock's sandboxed server (the supervisor's child) with SIGKILL, once;
-# the supervisor starts a fresh server, which adopts the device (the
-# supervisor holds the VFIO fds) and the patched QEMU reconnects and
-# replays. Then it waits for L2 to finish.
+# and a virtio-iommu; the connection socket-activates airlock@<edu>.service.
+# L2's /test soaks the device (airlock-guest-test --soak S --sentinel
+# AT:HOLD). Once L2 prints "SENTINEL wrote" (the sentinel is in edu's
+# liveness register) and one more round has ended, the events below happen
+# one after another, each once QEMU has resumed from the one before:
+#   kill-server    kill -9 of airlock's sandboxed server (the supervisor
+#                  starts a fresh one)
+#   reload         systemctl reload: a live upgrade to the same binary (the
+#                  main pid changes)
+#   reload-broken  systemctl reload with a binary that exits at once
+#                  installed: the running airlock keeps serving (no
+#                  disconnect, same main pid); the good binary is put back
+#   restart        systemctl restart: the device waits in systemd's fd store
+#   kill-main      kill -9 of airlock's main pid: Restart=on-failure, the
+#                  device again from the fd store
+# Then it waits for L2 to finish, and `systemctl stop`s the socket and the
+# service: the fd store must be empty, no process may hold the group, and the
+# device must be quiesced (bus mastering off).
 # Kernel parameters: l2.mem=SIZE (default 256M), restart.reconnect=MS
 # (default 100), airlock.extra=a,b (extra airlock arguments), l2.append=a,b
 # (extra words for L2's kernel command line).
 # Output: "INFO l1: ..." lines; every line of the L2 QEMU (L2's console and
-# QEMU's own messages) as "l2 <L1 uptime>| <line>"; the kill as
-# "INFO l1: KILL <uptime> server <pid> supervisor <pid>"; airlock's log
-# prefixed "airlock| ". Exit: L2's AIRLOCK-GUEST-EXIT status (1 on a setup
-# failure or if L2 printed none).
+# QEMU's own messages) as "l2 <L1 uptime>| <line>"; each event as
+# "INFO l1: EVENT <name> <uptime> <what>"; the stop as "INFO l1: STOP ...";
+# airlock's journal prefixed "airlock| ". Exit: L2's AIRLOCK-GUEST-EXIT
+# status (1 on a setup failure or if L2 printed none).
 
 say() { echo "INFO l1: $*"; }
-fail() { echo "FAIL $*"; show_log; exit 1; }
+fail() { echo "FAIL $*"; show_journal; exit 1; }
 . /l1-vfio.sh
 
-say "start at uptime $(up) s; kernel $(uname -r); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
+svc() { echo "airlock@$edu.service"; }
+show_journal() {
+    [ -n "${edu:-}" ] && journalctl --no-pager -o short-monotonic -u "airlock@$edu.service" -u "airlock@$edu.socket" 2>/dev/null |
+        sed 's/^/airlock| /'
+}
+main_pid() { systemctl show -p MainPID --value "$(svc)"; }
+stored() { systemctl show -p NFileDescriptorStore --value "$(svc)"; }
+journal() { journalctl --no-pager -o cat -u "$(svc)" 2>/dev/null; }
+
+say "start at uptime $(up) s; kernel $(uname -r); $(systemctl --version | head -n 1); PID 1 is $(readlink /proc/1/exe); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
 dmesg | grep -iE 'DMAR: IOMMU enabled|DMAR-IR: Enabled' | while read -r l; do say "dmesg: $l"; done
 
 l2mem=256M reconnect=100 extra= l2append=
@@ -39,18 +61,29 @@ for w in $(cat /proc/cmdline); do
     esac
 done
 
+modprobe vfio-pci || fail "l1-setup: modprobe vfio-pci failed"
 bind_edu
 
-# shellcheck disable=SC2086 # $extra is split on purpose
-start_airlock $extra
-say "airlock (supervisor pid $apid) listening at uptime $(up) s${extra:+ (extra: $extra)}"
+# The shipped units, as an administrator installs them (the initramfs put
+# them in /etc/systemd/system and airlock in /usr/local/bin; a good copy of
+# it waits in /opt/airlock for after the broken upgrade).
+if [ -n "$extra" ]; then
+    mkdir -p /etc/systemd/system/airlock@.service.d
+    printf '[Service]\nExecStart=\nExecStart=/usr/local/bin/airlock --device %%I %s\n' "$extra" \
+        >/etc/systemd/system/airlock@.service.d/extra.conf
+fi
+systemctl daemon-reload
+systemctl start "airlock@$edu.socket" || fail "l1-setup: systemctl start airlock@$edu.socket failed"
+sock=/run/airlock/$edu.sock
+[ -S "$sock" ] || fail "l1-setup: airlock@$edu.socket made no $sock"
+say "airlock@$edu.socket listens on $sock at uptime $(up) s${extra:+ (extra: $extra)}"
 
 # The L2 QEMU; each of its lines goes to L1's console at once with L1's
 # uptime, and into /tmp/l2.log (for the waits below).
 cr=$(printf '\r')
 : >/tmp/l2.log
 say "starting the patched L2 QEMU at uptime $(up) s: TCG, q35, $l2mem memfd share=on, virtio-iommu," \
-    "-chardev socket,id=c0,path=/tmp/edu.sock,reconnect-ms=$reconnect -device vfio-user-pci,chardev=c0"
+    "-chardev socket,id=c0,path=$sock,reconnect-ms=$reconnect -device vfio-user-pci,chardev=c0"
 {
     sh -c 'echo $$ >/tmp/l2.pid; exec "$@"' l2 \
         /opt/qemu/lib/ld-linux-x86-64.so.2 --library-path /opt/qemu/lib --argv0 qemu-system-x86_64 \
@@ -59,7 +92,7 @@ say "starting the patched L2 QEMU at uptime $(up) s: TCG, q35, $l2mem memfd shar
         -object "memory-backend-memfd,id=mem,size=$l2mem,share=on" -machine memory-backend=mem \
         -nographic -nodefaults -serial stdio -no-reboot \
         -device virtio-iommu-pci \
-        -chardev "socket,id=c0,path=/tmp/edu.sock,reconnect-ms=$reconnect" \
+        -chardev "socket,id=c0,path=$sock,reconnect-ms=$reconnect" \
         -device vfio-user-pci,chardev=c0 \
         -kernel /l2/vmlinux -initrd /l2/initrd.cpio \
         -append "console=ttyS0 quiet panic=-1${l2append:+ $l2append}" </dev/null 2>&1
@@ -87,32 +120,93 @@ wait_l2() {
     return 1
 }
 rounds() { grep -c ' ROUND ' /tmp/l2.log; }
-
-if wait_l2 ' SENTINEL wrote ' 900; then
-    # One more round, so that the kill falls inside a round (DMA in flight).
+resumes() { grep -c 'the server is back' /tmp/l2.log; }
+# next_round: wait until L2 has printed one more round (at most 15 s).
+next_round() {
     r0=$(rounds)
     n=0
     while [ "$(rounds)" -le "$r0" ] && [ $n -lt 300 ] && l2_running; do
         sleep 0.05
         n=$((n + 1))
     done
-    srv=$(cut -d' ' -f1 /proc/$apid/task/$apid/children 2>/dev/null)
-    [ -n "$srv" ] || srv=$(pgrep -P "$apid" | head -n 1)
-    if [ -n "$srv" ]; then
-        tk=$(up)
-        kill -KILL "$srv"
-        say "KILL $tk server $srv supervisor $apid"
-        say "SIGKILL sent to airlock's sandboxed server (pid $srv, child of the supervisor $apid); last L2 line: $(tail -n 1 /tmp/l2.log)"
-    else
-        say "no sandboxed server under airlock's supervisor $apid: nothing killed"
-    fi
-    if wait_l2 'the server is back' 120; then
-        say "L2 QEMU reports the resume: $(grep -m1 'the server is back' /tmp/l2.log)"
-    else
-        say "no resume line from the L2 QEMU within 120 s of the kill"
-    fi
+}
+# wait_resume N: until QEMU has logged its N-th resume (at most 60 s).
+wait_resume() {
+    n=0
+    while [ "$(resumes)" -lt "$1" ] && [ $n -lt 600 ] && l2_running; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    [ "$(resumes)" -ge "$1" ] && say "L2 QEMU: $(grep 'the server is back' /tmp/l2.log | sed -n "${1}p" | cut -d' ' -f2-)"
+}
+# wait_pid_change OLD: until the service's main pid is another (15 s).
+wait_pid_change() {
+    n=0
+    while { [ "$(main_pid)" = "$1" ] || [ "$(main_pid)" = 0 ]; } && [ $n -lt 150 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    main_pid
+}
+event() { say "EVENT $1 $(up) $2"; }
+install_airlock() { # install_airlock FILE: as a package upgrade does (rename over)
+    cp "$1" /usr/local/bin/airlock.new && chmod 0755 /usr/local/bin/airlock.new &&
+        mv /usr/local/bin/airlock.new /usr/local/bin/airlock
+}
+
+events() {
+    wait_resume 0
+    pid=$(main_pid)
+    say "airlock@$edu.service serves: main pid $pid, $(stored) fds in systemd's fd store"
+
+    srv=$(cut -d' ' -f1 "/proc/$pid/task/$pid/children" 2>/dev/null)
+    [ -n "$srv" ] || { say "no sandboxed server under airlock's main pid $pid"; return; }
+    kill -KILL "$srv"
+    event kill-server "server $srv main $pid"
+    wait_resume 1
+    next_round
+
+    old=$(main_pid)
+    systemctl reload "$(svc)" || say "systemctl reload failed"
+    event reload "main $old"
+    wait_resume 2
+    new=$(wait_pid_change "$old")
+    say "reload: main pid $old -> $new"
+    next_round
+
+    printf '#!/bin/sh\nexit 1\n' >/tmp/broken
+    install_airlock /tmp/broken
+    old=$(main_pid)
+    systemctl reload "$(svc)" || say "systemctl reload failed"
+    event reload-broken "main $old"
+    n=0
+    while ! journal | grep -q 'live upgrade failed' && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done
+    say "reload-broken: main pid $old -> $(main_pid); airlock: $(journal | grep -m1 'live upgrade failed' | cut -c1-300)"
+    install_airlock /opt/airlock/airlock
+    next_round
+    next_round
+
+    old=$(main_pid)
+    systemctl restart "$(svc)" || say "systemctl restart failed"
+    event restart "main $old"
+    wait_resume 3
+    say "restart: main pid $old -> $(wait_pid_change "$old"); $(stored) fds in the store"
+    next_round
+
+    old=$(main_pid)
+    kill -KILL "$old"
+    event kill-main "main $old"
+    wait_resume 4
+    say "kill-main: main pid $old -> $(wait_pid_change "$old"); $(stored) fds in the store"
+}
+
+if wait_l2 ' SENTINEL wrote ' 900; then
+    # One more round, so that the first event falls inside a round.
+    next_round
+    events
+    say "events done at uptime $(up) s; last L2 line: $(tail -n 1 /tmp/l2.log)"
 else
-    say "L2 never wrote the sentinel (see its lines above); no kill"
+    say "L2 never wrote the sentinel (see its lines above); no events"
 fi
 
 # The soak runs to its end; then L2 powers off.
@@ -129,7 +223,17 @@ fi
 wait $lpid
 say "L2 QEMU ended: $(grep -m1 'AIRLOCK-L2-QEMU-RC' /tmp/l2.log | cut -d' ' -f2-) at uptime $(up) s, $(awk -v a="$t2" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }') s after its start"
 
-grep -E 'starting a fresh sandboxed server|adopted [0-9]+ DMA mappings|adoption window closed' /tmp/airlock.log |
-    sed -E 's/^[^ ]+ +[A-Z]+ [a-z_:]+: /INFO airlock: /' | cut -c1-500
+# systemctl stop: nothing stays open, and the kernel quiesced the device.
+before=$(stored)
+systemctl stop "airlock@$edu.socket" "$(svc)"
+holders=$(ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c "/dev/vfio/$g\$")
+cmd=$(od -An -tx2 -j4 -N2 "/sys/bus/pci/devices/$edu/config" | tr -d ' ')
+master=$(((0x$cmd >> 2) & 1))
+say "STOP store $before -> $(stored) fds; holders of /dev/vfio/$g: $holders; command register 0x$cmd (bus master $master); state $(systemctl show -p ActiveState --value "$(svc)")"
+
+journal | grep -E 'starting a fresh sandboxed server|adopted [0-9]+ DMA mappings|adoption window closed|live upgrade|fd store|took over' |
+    sed -E 's/^/INFO airlock: /' | cut -c1-500
 rc=$(sed -n 's/^[0-9.]* AIRLOCK-GUEST-EXIT \([0-9]*\).*/\1/p' /tmp/l2.log | tail -n 1)
-end_l1 "$rc" 'DMAR.*(fault|fail)|vfio' 6
+dmesg | grep -iE 'DMAR.*(fault|fail)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
+show_journal
+exit "${rc:-1}"
