@@ -127,3 +127,58 @@ fn systemd_analyze_verify_accepts_the_shipped_units() {
     );
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
+
+#[test]
+fn fd_store_entries_that_are_not_this_devices_are_closed_and_the_socket_served() {
+    // What systemd passes an airlock@edu after its unit once served a
+    // --vfio device: the socket, and a stored fd named as airlock names the
+    // table of IOMMU mappings. edu has no use for it: it is closed, with a
+    // warning, and the socket served.
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir("systemd-fdstore");
+    let sock = dir.0.join("edu.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let stray = std::fs::File::open("/proc/self/status").unwrap();
+    let (l, s) = (listener.as_raw_fd(), stray.as_raw_fd());
+    let log = dir.0.join("airlock.log");
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .args(["--device", "edu"])
+        .env("LISTEN_FDS", "2")
+        .env("LISTEN_FDNAMES", "airlock:vfio-table")
+        .env("AIRLOCK_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    if !is_root() {
+        cmd.args(["--sandbox", "off"]);
+    }
+    // SAFETY: dup2 and fcntl only, between fork and exec: fd 3 is the
+    // socket and fd 4 the stray file, as systemd numbers passed fds.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Out of the way first: either may already sit at 3 or 4.
+            for (from, to) in [(l, 103), (s, 104), (103, 3), (104, 4)] {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            libc::fcntl(3, libc::F_SETFD, 0);
+            libc::fcntl(4, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut c = connect_path(&sock);
+    assert_eq!(c.read32(0, REG_IDENT).unwrap(), IDENT);
+    drop(c);
+    // SAFETY: kill with our own child's pid (sh execs airlock).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = wait_exit(&mut child);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(st.success(), "airlock exited {st:?}:\n{text}");
+    assert!(text.contains("closing fd 4 (vfio-table)"), "{text}");
+    assert!(text.contains("listening on fd 3"), "{text}");
+}
