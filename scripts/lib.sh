@@ -110,6 +110,28 @@ need_mmdebstrap() {
         die "mmdebstrap is needed to make the Debian roots in $AIRLOCK_CACHE (see above)"
 }
 
+# cached_root ROOT WANT: for the scripts that make a Debian root in the
+# cache. When ROOT is made and its stamp's second line is WANT (the suite and
+# package list), prints ROOT and ends the calling script; otherwise takes
+# the builder's lock (held until the script ends: one builder at a time, for
+# parallel CI jobs) and returns, for the caller to make ROOT.
+cached_root() {
+    local root=$1 want=$2
+    _root_ready() { [[ -f $root.stamp && -d $root && $(sed -n 2p "$root.stamp") == "$want" ]]; }
+    if _root_ready; then
+        printf '%s\n' "$root"
+        exit 0
+    fi
+    mkdir -p "$AIRLOCK_CACHE"
+    exec 9>"$AIRLOCK_CACHE/.${root##*/}.lock"
+    flock 9
+    if _root_ready; then
+        printf '%s\n' "$root"
+        exit 0
+    fi
+    [[ $(id -u) == 0 ]] || die "must run as root to make $root (mmdebstrap root mode)"
+}
+
 # mmdebstrap_root TARGET SUITE SOURCE... [-- MMDEBSTRAP_OPTION...]: a Debian
 # root of SUITE in TARGET from the SOURCE lines (deb822 one-liners), as small
 # as apt makes it: no recommends, no man pages, docs or locales, no apt cache.

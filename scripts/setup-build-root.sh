@@ -30,20 +30,7 @@ root="$AIRLOCK_CACHE/build-root"
 stamp="$root.stamp"
 want="$suite ${pkgs[*]}"
 
-ready() { [[ -f $stamp && -d $root && $(sed -n 2p "$stamp") == "$want" ]]; }
-if ready; then
-    printf '%s\n' "$root"
-    exit 0
-fi
-mkdir -p "$AIRLOCK_CACHE"
-# One builder at a time (parallel CI jobs); re-check after waiting.
-exec 9>"$AIRLOCK_CACHE/.setup-build-root.lock"
-flock 9
-if ready; then
-    printf '%s\n' "$root"
-    exit 0
-fi
-[[ $(id -u) == 0 ]] || die "must run as root to make $root (mmdebstrap root mode)"
+cached_root "$root" "$want"
 need_mmdebstrap
 mirror=$(debian_mirror)
 keyring=$(debian_keyring)

@@ -148,6 +148,8 @@ wait_pid_change() {
     done
     main_pid
 }
+# event NAME WHAT: said just before the event happens (its uptime starts the
+# window in which QEMU must lose and regain the server).
 event() { say "EVENT $1 $(up) $2"; }
 install_airlock() { # install_airlock FILE: as a package upgrade does (rename over)
     cp "$1" /usr/local/bin/airlock.new && chmod 0755 /usr/local/bin/airlock.new &&
@@ -161,14 +163,16 @@ events() {
 
     srv=$(cut -d' ' -f1 "/proc/$pid/task/$pid/children" 2>/dev/null)
     [ -n "$srv" ] || { say "no sandboxed server under airlock's main pid $pid"; return; }
-    kill -KILL "$srv"
     event kill-server "server $srv main $pid"
+    kill -KILL "$srv"
     wait_resume 1
     next_round
 
     old=$(main_pid)
-    systemctl reload "$(svc)" || say "systemctl reload failed"
+    # (systemctl reload returns once airlock says READY=1 again: after the
+    # new airlock's probation, or after a failed upgrade)
     event reload "main $old"
+    systemctl reload "$(svc)" || say "systemctl reload failed"
     wait_resume 2
     new=$(wait_pid_change "$old")
     say "reload: main pid $old -> $new"
@@ -177,8 +181,8 @@ events() {
     printf '#!/bin/sh\nexit 1\n' >/tmp/broken
     install_airlock /tmp/broken
     old=$(main_pid)
-    systemctl reload "$(svc)" || say "systemctl reload failed"
     event reload-broken "main $old"
+    systemctl reload "$(svc)" || say "systemctl reload failed"
     n=0
     while ! journal | grep -q 'live upgrade failed' && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done
     say "reload-broken: main pid $old -> $(main_pid); airlock: $(journal | grep -m1 'live upgrade failed' | cut -c1-300)"
@@ -187,15 +191,15 @@ events() {
     next_round
 
     old=$(main_pid)
-    systemctl restart "$(svc)" || say "systemctl restart failed"
     event restart "main $old"
+    systemctl restart "$(svc)" || say "systemctl restart failed"
     wait_resume 3
     say "restart: main pid $old -> $(wait_pid_change "$old"); $(stored) fds in the store"
     next_round
 
     old=$(main_pid)
-    kill -KILL "$old"
     event kill-main "main $old"
+    kill -KILL "$old"
     wait_resume 4
     say "kill-main: main pid $old -> $(wait_pid_change "$old"); $(stored) fds in the store"
 }
