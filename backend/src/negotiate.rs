@@ -51,6 +51,44 @@ impl Default for Peer {
     }
 }
 
+/// The most ranges an iova_ranges reply lists (docs/interop/vfio-user.rst,
+/// qemu-patches/0009: QEMU's client takes at most 256).
+pub const MAX_IOVA_RANGES: usize = 256;
+
+/// The usable ranges for an iova_ranges proposal, as the spec wants them:
+/// within the proposed ranges (if any), sorted, without overlaps, at least
+/// one and at most MAX_IOVA_RANGES (the largest; leaving a small range out
+/// only makes fewer IOVAs usable).
+fn usable_for(
+    proposed: &[airlock_protocol::version::IovaRange],
+    space: &IovaSpace<'_>,
+) -> Result<Vec<IovaRange>, ProtocolError> {
+    let mut usable = usable_ranges(space.host, space.windows);
+    if !proposed.is_empty() {
+        // A proposed range that ends before it starts narrows nothing.
+        let proposed: Vec<IovaRange> = proposed
+            .iter()
+            .filter_map(|p| IovaRange::try_from(*p).ok())
+            .collect();
+        let within: Vec<IovaRange> = usable
+            .iter()
+            .flat_map(|u| proposed.iter().filter_map(|p| u.intersection(p)))
+            .collect();
+        usable = crate::iova::union(&within);
+    }
+    if usable.is_empty() {
+        return Err(ProtocolError::BadJson(
+            "iova_ranges: none of the proposed IOVA ranges is usable (they lie inside the IOVA windows DMA must avoid)".into(),
+        ));
+    }
+    if usable.len() > MAX_IOVA_RANGES {
+        usable.sort_by_key(|r| std::cmp::Reverse(r.len()));
+        usable.truncate(MAX_IOVA_RANGES);
+        usable.sort();
+    }
+    Ok(usable)
+}
+
 pub fn negotiate(
     proposal: &Version,
     ours: &ServerLimits,
@@ -97,19 +135,12 @@ pub fn negotiate(
     // Only for a client that proposed it: stock QEMU warns about keys it
     // did not propose. A non-empty proposal narrows the answer further.
     if let Some(proposed) = &theirs.iova_ranges {
-        let mut usable = usable_ranges(space.host, space.windows);
-        if !proposed.is_empty() {
-            // A proposed range that ends before it starts narrows nothing.
-            let proposed: Vec<IovaRange> = proposed
-                .iter()
-                .filter_map(|p| IovaRange::try_from(*p).ok())
-                .collect();
-            usable = usable
-                .iter()
-                .flat_map(|u| proposed.iter().filter_map(|p| u.intersection(p)))
-                .collect();
-        }
-        reply.iova_ranges = Some(usable.into_iter().map(Into::into).collect());
+        reply.iova_ranges = Some(
+            usable_for(proposed, space)?
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+        );
     }
     Ok((
         Version {
@@ -119,4 +150,63 @@ pub fn negotiate(
         },
         peer,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use airlock_protocol::version::IovaRange as Wire;
+
+    fn r(first: u64, last: u64) -> IovaRange {
+        IovaRange::new(first, last).unwrap()
+    }
+
+    fn wire(first: u64, last: u64) -> Wire {
+        Wire {
+            start: first,
+            end: last,
+        }
+    }
+
+    #[test]
+    fn overlapping_proposals_get_sorted_ranges_without_overlaps() {
+        let host = [r(0, 0xffff_ffff)];
+        let space = IovaSpace {
+            host: Some(&host),
+            windows: &[],
+        };
+        let got = usable_for(&[wire(0x5000, 0x8fff), wire(0x1000, 0x5fff)], &space).unwrap();
+        assert_eq!(got, [r(0x1000, 0x8fff)]);
+    }
+
+    #[test]
+    fn a_proposal_with_nothing_usable_is_refused() {
+        let host = [r(0x1000, 0x1fff)];
+        let space = IovaSpace {
+            host: Some(&host),
+            windows: &[],
+        };
+        let e = usable_for(&[wire(0x8000, 0x8fff)], &space).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(e.to_string().contains("none of the proposed"), "{e}");
+    }
+
+    #[test]
+    fn at_most_256_ranges_are_listed_the_largest_kept_in_order() {
+        // 300 usable ranges of growing size, split by one-page holes.
+        let mut host = Vec::new();
+        let mut at = 0u64;
+        for i in 0..300u64 {
+            host.push(r(at, at + (i + 1) * 0x1000 - 1));
+            at += (i + 2) * 0x1000;
+        }
+        let space = IovaSpace {
+            host: Some(&host),
+            windows: &[],
+        };
+        let got = usable_for(&[], &space).unwrap();
+        assert_eq!(got.len(), MAX_IOVA_RANGES);
+        assert_eq!(got[0], host[300 - MAX_IOVA_RANGES], "the smallest left out");
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "sorted");
+    }
 }

@@ -138,6 +138,24 @@ pub fn subtract(within: &[IovaRange], cuts: &[IovaRange]) -> Vec<IovaRange> {
     left
 }
 
+/// The same IOVAs as `ranges`, lowest first, with overlapping and adjacent
+/// ranges merged (what a client may take as one list without overlaps).
+pub fn union(ranges: &[IovaRange]) -> Vec<IovaRange> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort();
+    let mut out: Vec<IovaRange> = Vec::new();
+    for r in sorted {
+        match out.last_mut() {
+            Some(last) if r.first() <= last.last().saturating_add(1) => {
+                *last =
+                    IovaRange::new(last.first(), last.last().max(r.last())).expect("first <= last");
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// The complement of `ranges` in the 64-bit space, lowest first: the holes
 /// between and around them (none for an empty list: nothing is known).
 pub fn gaps(ranges: &[IovaRange]) -> Vec<IovaRange> {
@@ -154,6 +172,16 @@ mod tests {
 
     fn r(first: u64, last: u64) -> IovaRange {
         IovaRange::new(first, last).expect("a valid range")
+    }
+
+    #[test]
+    fn union_merges_overlapping_and_adjacent_ranges_and_keeps_gaps() {
+        assert_eq!(
+            union(&[r(20, 30), r(0, 10), r(5, 12), r(13, 14), r(16, 16)]),
+            [r(0, 14), r(16, 16), r(20, 30)]
+        );
+        assert_eq!(union(&[r(0, u64::MAX), r(7, 9)]), [r(0, u64::MAX)]);
+        assert_eq!(union(&[]), []);
     }
 
     #[test]
