@@ -27,6 +27,8 @@
 #        GUEST_TIMEOUT     seconds before L1's QEMU is killed (default 1500)
 #        L1_MEM, L2_MEM    guest RAM (default 2G, 256M)
 #        NESTED_AIRLOCK    a static airlock binary to use instead of this tree's build
+#        L2_QEMU=patched   run L2 under the patched QEMU (qemu-patches/, built by
+#                          scripts/setup-qemu-patched.sh) instead of the stock 11.1
 #        L2_GLOBAL         one -global DRIVER.PROP=VALUE for the L2 QEMU
 #        L2_COMPARE=1      then boot the same L2 again with QEMU's in-process
 #                          vfio-pci on the device, and print both sides' BENCH
@@ -138,10 +140,18 @@ l2_cpio="$work/l2.cpio"
 mk_l2_cpio "$l2_cpio"
 
 # --- the L2 QEMU bundle: binary, its libraries (by soname), loader, firmware -
-qr="$AIRLOCK_CACHE/qemu-root"
-ql="$qr/usr/lib/x86_64-linux-gnu"
-qemu_bundle_x86 "$qr/usr/bin/qemu-system-x86_64" "$ql/ld-linux-x86-64.so.2" "$ql"
-note "L2 QEMU bundle: ${#bundle[@]} files, $((bundle_bytes / 1048576)) MiB; L2 initramfs $(($(stat -c %s "$l2_cpio") / 1024)) KiB"
+if [[ ${L2_QEMU:-stock} == patched ]]; then
+    pq_dir=$("$repo/scripts/setup-qemu-patched.sh" 2>>"$LOG_DIR/setup.log") ||
+        die "building the patched QEMU failed (see $LOG_DIR/setup.log)"
+    qemu_bundle_x86 "$pq_dir/bin/qemu-system-x86_64" "$pq_dir/lib/ld-linux-x86-64.so.2" "$pq_dir/lib"
+    which="patched ($pq_dir)"
+else
+    qr="$AIRLOCK_CACHE/qemu-root"
+    ql="$qr/usr/lib/x86_64-linux-gnu"
+    qemu_bundle_x86 "$qr/usr/bin/qemu-system-x86_64" "$ql/ld-linux-x86-64.so.2" "$ql"
+    which="stock 11.1"
+fi
+note "L2 QEMU bundle ($which): ${#bundle[@]} files, $((bundle_bytes / 1048576)) MiB; L2 initramfs $(($(stat -c %s "$l2_cpio") / 1024)) KiB"
 
 cpio="$work/l1.cpio"
 AIRLOCK_UNSAFE_INTERRUPTS=0 "$repo/scripts/mkinitramfs" x86_64 "$cpio" \
