@@ -18,6 +18,27 @@ series_load() {
     hash=$(cd "$patches" && cat series "${files[@]}" | sha256sum | cut -c1-12)
 }
 
+# source_key: what names the source tree, build and output directories of
+# the cache: the base commit's 12 digits, or for $AIRLOCK_QEMU_SRC (another
+# base, e.g. a release being moved to) "src-" and 12 digits of a hash of its
+# path and modification time, so it never reuses the base's tree.
+source_key() {
+    if [[ -n ${AIRLOCK_QEMU_SRC:-} ]]; then
+        printf 'src-%s\n' "$(stat -L -c '%n %Y %s' "$AIRLOCK_QEMU_SRC" 2>/dev/null | sha256sum | cut -c1-12)"
+    else
+        printf '%s\n' "${base:0:12}"
+    fi
+}
+
+# source_label: the source the series is applied to, for messages.
+source_label() {
+    if [[ -n ${AIRLOCK_QEMU_SRC:-} ]]; then
+        printf '%s\n' "AIRLOCK_QEMU_SRC=$AIRLOCK_QEMU_SRC"
+    else
+        printf 'QEMU %s\n' "$base"
+    fi
+}
+
 # qemu_git SRC ARGS...: git in the tree SRC, with a fixed identity.
 qemu_git() {
     local src=$1
@@ -117,7 +138,7 @@ series_apply() {
     for f in "${files[@]}"; do
         qemu_git "$src" am -q --keep-cr "$patches/$f" >&2 || {
             qemu_git "$src" am --abort >/dev/null 2>&1 || true
-            die "patch $f does not apply to QEMU $base"
+            die "patch $f does not apply to $(source_label) (git am's error above; scripts/qemu-series-check.sh lists the hunks that fail)"
         }
     done
 }

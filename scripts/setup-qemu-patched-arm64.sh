@@ -47,9 +47,9 @@ triplet=aarch64-linux-gnu
 series_load "$patches"
 
 top="$AIRLOCK_CACHE/qemu-patched"
-work="$top/${base:0:12}-arm64"
+work="$top/$(source_key)-arm64"
 src="$work/src" build="$work/build" sysroot="$work/sysroot"
-out="$top/${base:0:12}-$hash-arm64"
+out="$top/$(source_key)-$hash-arm64"
 
 installed() { [[ -f $out/.stamp && -x $out/qemu-system-aarch64 && -f $out/lib/ld-linux-aarch64.so.1 ]]; }
 if installed; then
@@ -114,7 +114,7 @@ chmod +x "$pc"
 # --- the source tree at the base commit (our own copy), the series applied ---------
 qemu_source "$src" "$build" "$work/download" "$repo"
 series_apply "$src" "$patches"
-log "applied ${#files[@]} patches (series $hash) to QEMU ${base:0:12} (arm64 tree)"
+log "applied ${#files[@]} patches (series $hash) to QEMU $(source_key) (arm64 tree)"
 
 # --- configure and build (cross) ------------------------------------------------
 # configure's --cross-prefix writes meson's cross file; --sysroot makes the

@@ -24,7 +24,10 @@
 # patches touch.
 #
 # QEMU source, first match wins:
-#   $AIRLOCK_QEMU_SRC      a QEMU tree or tarball at the base commit
+#   $AIRLOCK_QEMU_SRC      a QEMU tree or tarball: the base commit's, or another QEMU
+#                          to move the series to (built in its own cache
+#                          directory, src-<hash>; a patch that does not apply
+#                          is named)
 #   <repo>/../shared/qemu/qemu-*.tar.xz   a vendored tarball (with subprojects)
 #   otherwise              git clone of upstream QEMU at the base commit
 #                          (meson then downloads its subprojects)
@@ -40,9 +43,9 @@ series="$patches/series"
 series_load "$patches"
 
 top="$AIRLOCK_CACHE/qemu-patched"
-work="$top/${base:0:12}"
+work="$top/$(source_key)"
 src="$work/src" build="$work/build"
-out="$top/${base:0:12}-$hash"
+out="$top/$(source_key)-$hash"
 targets=(qemu-system-x86_64 qemu-system-aarch64)
 
 installed() { [[ -f $out/.stamp && -x $out/qemu-system-x86_64 && -x $out/qemu-system-aarch64 && -f $out/lib/ld-linux-x86-64.so.2 ]]; }
@@ -70,7 +73,7 @@ inroot() { in_root "$broot" "$work" -- "$@"; }
 # --- the source tree at the base commit, the series applied -----------------------
 qemu_source "$src" "$build" "$work/download" "$repo"
 series_apply "$src" "$patches"
-log "applied ${#files[@]} patches (series $hash) to QEMU ${base:0:12}"
+log "applied ${#files[@]} patches (series $hash) to QEMU $(source_key)"
 
 # --- configure and build (in the build root) ----------------------------------------
 # No debug info: the binaries are stripped, and -g costs a cold build minutes.
