@@ -110,26 +110,42 @@ need_mmdebstrap() {
         die "mmdebstrap is needed to make the Debian roots in $AIRLOCK_CACHE (see above)"
 }
 
-# cached_root ROOT WANT: for the scripts that make a Debian root in the
-# cache. When ROOT is made and its stamp's second line is WANT (the suite and
-# package list), prints ROOT and ends the calling script; otherwise takes
-# the builder's lock (held until the script ends: one builder at a time, for
-# parallel CI jobs) and returns, for the caller to make ROOT.
-cached_root() {
-    local root=$1 want=$2
+# debian_root NAME SUITE "PKG..." [-- MMDEBSTRAP_OPTION...]: makes the Debian
+# root $AIRLOCK_CACHE/NAME with mmdebstrap (mmdebstrap_root, from the host's
+# own mirror) and prints its path (the only line on stdout), then ends the
+# calling script. A stamp records the suite and packages: the root is made
+# once, and anew when the list changes. One builder at a time (parallel CI
+# jobs); needs root only when it builds.
+debian_root() {
+    local name=$1 suite=$2 pkgs=$3 root="$AIRLOCK_CACHE/$1" want mirror keyring tmp start
+    shift 3
+    [[ ${1:-} == -- ]] && shift
+    want="$suite $pkgs"
     _root_ready() { [[ -f $root.stamp && -d $root && $(sed -n 2p "$root.stamp") == "$want" ]]; }
-    if _root_ready; then
-        printf '%s\n' "$root"
-        exit 0
+    if ! _root_ready; then
+        mkdir -p "$AIRLOCK_CACHE"
+        exec 9>"$AIRLOCK_CACHE/.$name.lock"
+        flock 9
     fi
-    mkdir -p "$AIRLOCK_CACHE"
-    exec 9>"$AIRLOCK_CACHE/.${root##*/}.lock"
-    flock 9
-    if _root_ready; then
-        printf '%s\n' "$root"
-        exit 0
+    if ! _root_ready; then
+        [[ $(id -u) == 0 ]] || die "must run as root to make $root (mmdebstrap root mode)"
+        need_mmdebstrap
+        mirror=$(debian_mirror)
+        keyring=$(debian_keyring)
+        start=$SECONDS
+        log "making $name ($suite, $(wc -w <<<"$pkgs") packages and their dependencies) from $mirror"
+        tmp="$root.tmp"
+        rm -rf "$tmp" "$root.stamp"
+        mmdebstrap_root "$tmp" "$suite" "deb [signed-by=$keyring] $mirror $suite main" -- \
+            --include="${pkgs// /,}" "$@" ||
+            die "mmdebstrap could not make $name (its error above)"
+        rm -rf "$root"
+        mv "$tmp" "$root"
+        printf 'built %s\n%s\n' "$(date -u +%FT%TZ)" "$want" >"$root.stamp"
+        log "$name ready in $((SECONDS - start)) s ($(du -sh "$root" | cut -f1))"
     fi
-    [[ $(id -u) == 0 ]] || die "must run as root to make $root (mmdebstrap root mode)"
+    printf '%s\n' "$root"
+    exit 0
 }
 
 # mmdebstrap_root TARGET SUITE SOURCE... [-- MMDEBSTRAP_OPTION...]: a Debian

@@ -26,25 +26,4 @@ pkgs=(
     libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev
     gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross
 )
-root="$AIRLOCK_CACHE/build-root"
-stamp="$root.stamp"
-want="$suite ${pkgs[*]}"
-
-cached_root "$root" "$want"
-need_mmdebstrap
-mirror=$(debian_mirror)
-keyring=$(debian_keyring)
-start=$SECONDS
-log "making the build root ($suite, ${#pkgs[@]} packages and their dependencies) from $mirror"
-
-tmp="$root.tmp"
-rm -rf "$tmp" "$stamp"
-include=$(IFS=,; echo "${pkgs[*]}")
-mmdebstrap_root "$tmp" "$suite" "deb [signed-by=$keyring] $mirror $suite main" -- --include="$include" ||
-    die "mmdebstrap could not make the build root (its error above)"
-
-rm -rf "$root"
-mv "$tmp" "$root"
-printf 'built %s\n%s\n' "$(date -u +%FT%TZ)" "$want" >"$stamp"
-log "build root ready in $((SECONDS - start)) s ($(du -sh "$root" | cut -f1))"
-printf '%s\n' "$root"
+debian_root build-root "$suite" "${pkgs[*]}"

@@ -28,36 +28,15 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 suite=trixie
 pkgs=(systemd systemd-sysv kmod util-linux procps bash mawk grep sed)
-root="$AIRLOCK_CACHE/systemd-root"
-stamp="$root.stamp"
-want="$suite ${pkgs[*]}"
-
-cached_root "$root" "$want"
-need_mmdebstrap
-mirror=$(debian_mirror)
-keyring=$(debian_keyring)
-start=$SECONDS
-log "making the systemd root ($suite, ${#pkgs[@]} packages and their dependencies) from $mirror"
-
-tmp="$root.tmp"
-rm -rf "$tmp" "$stamp"
-include=$(IFS=,; echo "${pkgs[*]}")
 # The customize hooks run in the finished root:
 #  - systemd's postinst enables getty@tty1 (getty.target.wants): nobody logs in.
 #  - no machine-id: mk-systemd-initramfs writes one per image (an empty or
 #    missing one makes systemd think this is a first boot).
 #  - apt's lists are not needed in a guest (apt-get clean keeps them).
+#  - the root must boot: systemd is where PID 1 is looked for.
 # shellcheck disable=SC2016 # $1 is expanded by mmdebstrap's hook shell
-mmdebstrap_root "$tmp" "$suite" "deb [signed-by=$keyring] $mirror $suite main" -- \
-    --include="$include" \
+debian_root systemd-root "$suite" "${pkgs[*]}" -- \
     --customize-hook='rm -f "$1"/etc/systemd/system/getty.target.wants/getty@*.service' \
     --customize-hook='rm -f "$1"/etc/machine-id "$1"/var/lib/dbus/machine-id' \
-    --customize-hook='rm -rf "$1"/var/lib/apt/lists/*' ||
-    die "mmdebstrap could not make the systemd root (its error above)"
-[[ -x $tmp/usr/lib/systemd/systemd ]] || die "$tmp has no /usr/lib/systemd/systemd (did the systemd package install?)"
-
-rm -rf "$root"
-mv "$tmp" "$root"
-printf 'built %s\n%s\n' "$(date -u +%FT%TZ)" "$want" >"$stamp"
-log "systemd root ready in $((SECONDS - start)) s ($(du -sh "$root" | cut -f1)): $(chroot "$root" /usr/lib/systemd/systemd --version | head -n1)"
-printf '%s\n' "$root"
+    --customize-hook='rm -rf "$1"/var/lib/apt/lists/*' \
+    --customize-hook='test -x "$1"/usr/lib/systemd/systemd'

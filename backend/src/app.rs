@@ -4,12 +4,13 @@
 
 use std::error::Error;
 use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 
-use crate::config::Listen;
-use crate::config::{capabilities_json, Args, Config, DeviceKind, EmulatedKind, SandboxConfig};
-use crate::device::vfio::HandedVfio;
-use crate::device::vfio::VfioPci;
+use crate::config::{
+    capabilities_json, Args, Config, DeviceKind, EmulatedKind, Listen, SandboxConfig,
+};
+use crate::device::vfio::{HandedVfio, VfioPci};
 use crate::device::{emulated::edu::Edu, Device};
 use crate::iova::DoorbellWindow;
 use crate::lifecycle::predecessor::Predecessor;
@@ -20,7 +21,6 @@ use crate::negotiate::ServerLimits;
 use crate::sandbox::{self, Policy, Profile};
 use crate::server::{install_stop_signals, refuse_upgrade_signal, serve, Listener};
 use crate::systemd::fdstore;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 type AppResult<T> = Result<T, Box<dyn Error>>;
 
@@ -53,7 +53,7 @@ pub fn run(
         // The socket first: with the sandbox its owner is the supervisor, so
         // the path stays in place while servers come and go (and, handed over
         // by a live upgrade, while binaries do).
-        let restored = restored_device(&kind, handed.as_ref(), stored)?;
+        let restored = restored_device(&kind, handed.as_ref(), stored);
         let (listener, handed_vfio) = upgrade::claim_handed(handed.as_ref(), restored, &listen)?;
         let limits = server_limits(&kind, max_data_xfer, windows);
         match sandbox_config {
@@ -86,7 +86,7 @@ fn restored_device(
     kind: &DeviceKind,
     handed: Option<&Handed>,
     stored: Vec<(String, RawFd)>,
-) -> AppResult<Option<HandedVfio>> {
+) -> Option<HandedVfio> {
     let wanted = handed.is_none() && matches!(kind, DeviceKind::Vfio { .. });
     let restored = fdstore::restored(&stored).filter(|_| wanted);
     if restored.is_none() {
@@ -99,7 +99,7 @@ fn restored_device(
     } else {
         tracing::info!("{kind}: systemd's fd store gave the device back: it is taken over as it was (no reset; the first server adopts its IOMMU mappings and interrupts)");
     }
-    Ok(restored)
+    restored
 }
 
 /// Under a systemd whose fd store keeps the device (FileDescriptorStoreMax=
@@ -321,14 +321,13 @@ fn successor_for(
         .handed
         .map(|h| h.exe.clone())
         .or_else(upgrade::started_from)?;
-    let handed = Handed {
-        owner: 0,
-        ctl: -1,
-        listen: listener.raw_fd(),
-        vfio: held.map(VfioPci::handed),
+    Some(Successor::new(
         exe,
-    };
-    Some(Successor::new(up.argv.clone(), handed, socket_path))
+        up.argv.clone(),
+        listener.raw_fd(),
+        held.map(VfioPci::handed),
+        socket_path,
+    ))
 }
 
 /// Once supervision ends: who releases the device and the socket path.

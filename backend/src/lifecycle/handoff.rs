@@ -100,7 +100,7 @@ fn phases(
             Ok(pid) => pid,
             Err(why) => return Ok(Err(why)),
         },
-        other => return Ok(Err(interrupted(other, "hello"))),
+        other => return Ok(Err(interrupted(other, "hello", HELLO_WAIT))),
     };
     stop_server(run)?;
     if let Err(e) = cand.ctl.send(&Msg::Go) {
@@ -110,7 +110,7 @@ fn phases(
     match wait(scene, cand, None, SERVING_WAIT)? {
         Interrupt::Heard(Heard::Msg(Msg::Serving)) => {}
         Interrupt::Heard(h) if h != Heard::TimedOut => return Ok(Err(unexpected(h, "serving"))),
-        other => return Ok(Err(interrupted(other, "serving"))),
+        other => return Ok(Err(interrupted(other, "serving", SERVING_WAIT))),
     }
     debug!(
         "{}: live upgrade: the successor serves {} ms after the old server stopped",
@@ -129,21 +129,16 @@ fn phases(
             }
             // Anything else it says is ignored; it is judged by staying up.
             Interrupt::Heard(_) => {}
-            other => return Ok(Err(interrupted(other, "its probation to end"))),
+            other => return Ok(Err(interrupted(other, "its probation to end", PROBATION))),
         }
     }
 }
 
-fn interrupted(i: Interrupt, want: &str) -> String {
+fn interrupted(i: Interrupt, want: &str, limit: Duration) -> String {
     match i {
-        Interrupt::Heard(Heard::TimedOut) => format!(
-            "it did not say {want} within {} s",
-            match want {
-                "hello" => HELLO_WAIT,
-                _ => SERVING_WAIT,
-            }
-            .as_secs()
-        ),
+        Interrupt::Heard(Heard::TimedOut) => {
+            format!("it did not say {want} within {} s", limit.as_secs())
+        }
         Interrupt::Heard(h) => unexpected(h, want),
         Interrupt::Exited(how) => format!("it {how} before {want}"),
         Interrupt::Stop => format!("a stop signal arrived before {want}"),

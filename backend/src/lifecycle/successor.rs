@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use super::ctl::{Ctl, Heard, Msg, HANDOVER_VERSION};
 use super::upgrade::{is_executable, Handed, ENV};
+use crate::device::vfio::HandedVfio;
 
 /// How long the successor may take to start and say hello (the old server
 /// serves meanwhile).
@@ -43,12 +44,12 @@ pub const SERVING_WAIT: Duration = Duration::from_secs(5);
 pub const PROBATION: Duration = Duration::from_secs(2);
 
 /// What SIGUSR2 starts: the binary at `exe` with this airlock's arguments,
-/// handed `handed`'s fds.
+/// handed the listening socket and, with --vfio, the device.
 pub struct Successor {
     exe: PathBuf,
     argv: Vec<OsString>,
-    /// The fds to hand over (owner and ctl are filled in per attempt).
-    handed: Handed,
+    listen: RawFd,
+    vfio: Option<HandedVfio>,
     /// --socket-path: kept linked under another name during the upgrade,
     /// so it can be put back if a successor replaced it.
     socket_path: Option<PathBuf>,
@@ -63,11 +64,18 @@ pub struct Candidate {
 }
 
 impl Successor {
-    pub fn new(argv: Vec<OsString>, handed: Handed, socket_path: Option<PathBuf>) -> Successor {
+    pub fn new(
+        exe: PathBuf,
+        argv: Vec<OsString>,
+        listen: RawFd,
+        vfio: Option<HandedVfio>,
+        socket_path: Option<PathBuf>,
+    ) -> Successor {
         Successor {
-            exe: handed.exe.clone(),
+            exe,
             argv,
-            handed,
+            listen,
+            vfio,
             socket_path,
         }
     }
@@ -93,7 +101,9 @@ impl Successor {
         let handed = Handed {
             owner: std::process::id(),
             ctl: theirs.as_raw_fd(),
-            ..self.handed.clone()
+            listen: self.listen,
+            vfio: self.vfio,
+            exe: self.exe.clone(),
         };
         let exec = Exec::new(&self.exe, &self.argv, &handed)?;
         let fds = handed.fds();
@@ -107,15 +117,7 @@ impl Successor {
             exec.run_child(&fds, theirs.as_raw_fd());
         }
         drop(theirs);
-        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            kill_tree(pid);
-            return Err(e);
-        }
-        // SAFETY: pidfd_open returned a new fd nobody else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let pidfd = pidfd(pid).inspect_err(|_| kill_tree(pid))?;
         Ok(Candidate { pid, pidfd, ctl })
     }
 }
@@ -245,7 +247,7 @@ pub fn kill_tree(pid: i32) {
     }
     let late = children_of_all(&all);
     all.extend(late);
-    let pidfds: Vec<OwnedFd> = all.iter().filter_map(|&p| pidfd(p)).collect();
+    let pidfds: Vec<OwnedFd> = all.iter().filter_map(|&p| pidfd(p).ok()).collect();
     for &p in &all {
         // SAFETY: kill has no memory arguments.
         unsafe { libc::kill(p, libc::SIGKILL) };
@@ -274,11 +276,15 @@ fn children_of_all(pids: &[i32]) -> Vec<i32> {
         .collect()
 }
 
-fn pidfd(pid: i32) -> Option<OwnedFd> {
+/// A pidfd of `pid`, to wait on its end (for any process, not only a child).
+pub(super) fn pidfd(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags; the result is checked.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
-    // SAFETY: a new fd nobody else owns.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a new fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The socket path kept under a second name while a successor starts: a

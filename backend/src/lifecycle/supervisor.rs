@@ -440,16 +440,11 @@ fn spawn(
     }
     drop(tx);
     CHILD.store(pid, Ordering::SeqCst);
-    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
-    if fd < 0 {
-        return Err(step("pidfd_open on the server")(io::Error::last_os_error()));
-    }
+    let pidfd = super::successor::pidfd(pid).map_err(step("pidfd_open on the server"))?;
     info!("sandbox: serving process is pid {pid} (host view), in its own pid namespace");
     Ok(Running {
         pid,
-        // SAFETY: pidfd_open returned a new fd nobody else owns.
-        pidfd: unsafe { OwnedFd::from_raw_fd(fd) },
+        pidfd,
         ready_rx: rx,
         ready: false,
         ready_open: true,

@@ -12,7 +12,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use airlock_protocol::client::Client;
 use airlock_protocol::device::PCI_MSI_IRQ_INDEX;
 use airlock_protocol::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use airlock_protocol::irqs::{IrqAction, IrqData};
@@ -100,10 +99,7 @@ fn wait_settled(sup: u32, server: i32, limit: Duration) -> Result<Duration, Stri
 }
 
 fn run(socket: &str, sup: u32, exe: &Path) -> Result<(), String> {
-    let mut dev = Dev::connect(socket)?;
-    dev.client
-        .negotiate(Client::qemu_capabilities())
-        .map_err(|e| format!("VERSION: {e}"))?;
+    let mut dev = crate::restart::connect(socket)?;
     let mem = Memfd::new(c"airlock-probe-broken-upgrade", SIZE)?;
     let rw = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
     dev.client

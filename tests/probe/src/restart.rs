@@ -75,7 +75,8 @@ fn layout(dev: &mut Dev) -> Result<Layout, String> {
     })
 }
 
-fn connect(path: &str) -> Result<Dev, String> {
+/// A connection that has done a QEMU-like VERSION.
+pub(crate) fn connect(path: &str) -> Result<Dev, String> {
     let mut dev = Dev::connect(path)?;
     dev.client
         .negotiate(Client::qemu_capabilities())
