@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use crate::config::{
     capabilities_json, Args, Config, DeviceKind, EmulatedKind, Listen, SandboxConfig,
 };
+use crate::device::vfio::request::{self, RequestWatch, EXIT_WITHDRAWN};
 use crate::device::vfio::{HandedVfio, VfioPci};
 use crate::device::{emulated::edu::Edu, Device};
 use crate::iova::DoorbellWindow;
@@ -206,15 +207,30 @@ fn serve_unconfined(
     tracing::warn!("sandbox off: the server runs with airlock's full privileges");
     install_stop_signals()?;
     refuse_upgrade_signal()?;
+    request::install_relay()?;
     crate::fit_dma_maps_to_nofile(&mut limits);
-    let (device, _) = open_device(kind, limits.max_dma_maps)?;
+    let device: Box<dyn Device> = match open_held(&kind, None, false, limits.max_dma_maps)? {
+        Some(vfio) => {
+            if let Some(watch) = request_watch(Some(&vfio), true) {
+                lifecycle::withdraw::watch_in_thread(vfio.name().to_string(), watch)?;
+            }
+            Box::new(vfio)
+        }
+        None => open_device(kind, limits.max_dma_maps)?.0,
+    };
     crate::systemd::notify(&format!(
         "READY=1\nSTATUS=serving {} on {} (sandbox off)",
         device.name(),
         listener.describe()
     ));
-    serve(listener, device, limits)?;
+    let device = serve(listener, device, limits)?;
     crate::systemd::notify("STOPPING=1");
+    if device.withdrawn() {
+        let name = device.name().to_string();
+        drop(device);
+        tracing::error!("{name}: released to the host after its device request (quiesced, every fd closed); exiting with status {EXIT_WITHDRAWN} so that nothing restarts airlock for a device that is gone");
+        return Ok(ExitCode::from(EXIT_WITHDRAWN as u8));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -277,6 +293,8 @@ fn serve_supervised(
     }
     let successor = successor_for(&listener, held.as_ref(), &up);
     let socket = listener.describe();
+    // A successor hears the device request once its predecessor let go.
+    let request = request_watch(held.as_ref(), up.handed.is_none());
     let supervision = Supervision {
         device: &name,
         socket: &socket,
@@ -284,6 +302,7 @@ fn serve_supervised(
         successor: successor.as_ref(),
         predecessor: up.predecessor.take(),
         device_kept: held.is_some() && fdstore::keeps_device(),
+        request: request.as_ref(),
     };
     let supervised = lifecycle::supervise(supervision, |start| {
         // In the server: its own copy of the supervisor's device.
@@ -304,6 +323,23 @@ fn serve_supervised(
         }
     });
     release(supervised, listener, held)
+}
+
+/// The kernel's device request for `held` (--vfio), armed now if `arm`.
+/// Without it an unbind from vfio-pci waits until airlock stops.
+fn request_watch(held: Option<&VfioPci>, arm: bool) -> Option<RequestWatch> {
+    let dev = held?;
+    let watch = dev
+        .request_watch()
+        .and_then(|w| {
+            if let (Some(w), true) = (&w, arm) {
+                w.arm()?;
+            }
+            Ok(w)
+        })
+        .map_err(|e| tracing::warn!("{}: arming the device request (VFIO REQ) failed: {e}; an unbind from vfio-pci then waits for airlock to stop", dev.name()))
+        .ok()??;
+    Some(watch)
 }
 
 /// What SIGUSR2 starts: the binary at the path the first airlock was
@@ -343,7 +379,11 @@ fn release(
         // path goes.
         Ok(Exit::Stopped(c)) => {
             listener.own_path();
+            let name = held.as_ref().map(|d| d.name().to_string());
             drop(held);
+            if let (EXIT_WITHDRAWN, Some(name)) = (c, name) {
+                tracing::error!("{name}: released to the host after its device request (quiesced, every fd closed); exiting with status {EXIT_WITHDRAWN} so that nothing restarts airlock for a device that is gone");
+            }
             Ok(code(c))
         }
         // Handed to a successor, or never taken from a predecessor: the
@@ -374,6 +414,7 @@ fn serve_confined(
 ) -> AppResult<()> {
     // Acquire everything first: signals, device.
     install_stop_signals()?;
+    request::install_relay()?;
     let (device, profile): (Box<dyn Device>, Profile) = match inherited {
         Some(mut vfio) => {
             // What a killed predecessor left in the kernel stays: no

@@ -38,6 +38,9 @@ pub struct MockDevice {
     pub dma_on_doorbell: Vec<DmaJob>,
     /// Outcomes of finished jobs.
     pub dma_done: Vec<(DmaJob, Result<Vec<u8>, DmaError>)>,
+    /// The host took the device back (a VFIO device request); shared, so
+    /// a test can raise it while a session runs.
+    pub withdrawn: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MockDevice {
@@ -58,6 +61,10 @@ impl MockDevice {
 impl Device for MockDevice {
     fn name(&self) -> &str {
         "mock"
+    }
+
+    fn withdrawn(&self) -> bool {
+        self.withdrawn.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn flags(&self) -> u32 {

@@ -156,6 +156,11 @@ pub trait Device: Send {
     fn usable_iova(&self) -> Option<Vec<crate::iova::IovaRange>> {
         None
     }
+    /// The host took the device back (VFIO's device request): serve no
+    /// further client.
+    fn withdrawn(&self) -> bool {
+        false
+    }
     /// A warning to log at every client connect (e.g. unsafe interrupts).
     fn connect_warning(&self) -> Option<String> {
         None

@@ -8,7 +8,8 @@
 //! supervisor.rs (restarts) and watch.rs (what it waits on); the live
 //! upgrade: upgrade.rs (what is handed over), ctl.rs (the channel between
 //! the two airlocks), successor.rs + handoff.rs (the old airlock's side),
-//! predecessor.rs (the new one's side).
+//! predecessor.rs (the new one's side); withdraw.rs: the host asking for
+//! the device back.
 
 pub mod ctl;
 mod handoff;
@@ -17,5 +18,6 @@ pub mod successor;
 pub mod supervisor;
 pub mod upgrade;
 mod watch;
+pub mod withdraw;
 
 pub use supervisor::{supervise, Exit, ServerStart, Supervision, SupervisorError};

@@ -36,6 +36,8 @@ use super::handoff::{self, Upgrade};
 use super::predecessor::Predecessor;
 use super::successor::Successor;
 use super::watch::{watch, Watched};
+use super::withdraw;
+use crate::device::vfio::request::{RequestWatch, EXIT_WITHDRAWN};
 use crate::sandbox::violation::{syscall_name, SharedRecord};
 use crate::signals::{self, Disposition};
 use crate::systemd;
@@ -166,6 +168,8 @@ impl Ending {
 /// What the supervisor watches and names in its logs.
 pub(super) struct Scene<'a> {
     pub device: &'a str,
+    /// The kernel's device request, heard by this airlock (withdraw.rs).
+    pub request: Option<&'a RequestWatch>,
     pub socket: &'a str,
     pub listener: RawFd,
     pub wake_rx: OwnedFd,
@@ -190,6 +194,9 @@ pub struct Supervision<'a> {
     pub predecessor: Option<Predecessor>,
     /// systemd's fd store keeps the device across a stop (systemd/fdstore.rs).
     pub device_kept: bool,
+    /// The device's request watch (--vfio), armed already unless this
+    /// airlock is a successor: it arms it once its predecessor let go.
+    pub request: Option<&'a RequestWatch>,
 }
 
 /// Runs `server` (returning its exit code) as the sandboxed server until
@@ -205,10 +212,12 @@ pub fn supervise(
         successor,
         mut predecessor,
         device_kept,
+        request,
     } = s;
     DEVICE_KEPT.store(device_kept, Ordering::SeqCst);
     let scene = Scene {
         device,
+        request,
         socket,
         listener,
         wake_rx: install_handlers()?,
@@ -274,6 +283,9 @@ fn after(
         true => Exit::LetGo(code),
         false => Exit::Stopped(code),
     };
+    if withdraw::withdrawing() {
+        return Some(Exit::Stopped(EXIT_WITHDRAWN));
+    }
     if STOPPING.load(Ordering::SeqCst) && device_kept() {
         info!("{device}: stopping; the device stays open in systemd's fd store: systemctl restart keeps it (the next airlock adopts it), systemctl stop releases it (vfio-pci then resets it)");
         return Some(exit(0));

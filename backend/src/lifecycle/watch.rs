@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use super::predecessor::{Predecessor, Word};
 use super::supervisor::{reap, step, Ending, Running, Scene, SupervisorError, STOPPING, UPGRADE};
+use super::withdraw;
 use crate::systemd;
 
 /// How long a client may wait in the backlog before it is logged.
@@ -61,6 +62,7 @@ pub(super) fn watch(
 ) -> Result<Watched, SupervisorError> {
     let mut waiting: Waiting = None;
     let mut stop_sent = false;
+    let mut withdrawal = None;
     loop {
         if STOPPING.load(Ordering::SeqCst) && !stop_sent {
             stop(run);
@@ -82,10 +84,14 @@ pub(super) fn watch(
             }),
             pollfd(scene.wake_rx.as_raw_fd()),
             pollfd(predecessor.as_ref().map_or(-1, Predecessor::raw_fd)),
+            pollfd(scene.request.map_or(-1, |r| r.raw_fd())),
         ];
         // While the server starts up, wake now and then to re-check a stop
         // request that raced with poll.
-        let timeout = (waiting.is_some() || !run.ready).then(|| Duration::from_millis(250));
+        let mut timeout = (waiting.is_some() || !run.ready).then(|| Duration::from_millis(250));
+        if let Some(w) = withdrawal.as_mut() {
+            timeout = Some(withdraw::tick(scene.device, w, run.pid));
+        }
         match poll(&mut fds, timeout) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -106,11 +112,20 @@ pub(super) fn watch(
         if fds[3].revents != 0 {
             super::watch::drain(&scene.wake_rx);
         }
+        if let (true, Some(r)) = (fds[5].revents != 0, scene.request) {
+            withdraw::begin(scene.device, r, run.pid, &mut withdrawal);
+        }
         if UPGRADE.swap(false, Ordering::SeqCst) && !STOPPING.load(Ordering::SeqCst) {
-            if predecessor.is_none() {
+            if withdraw::withdrawing() {
+                warn!(
+                    "{}: live upgrade (SIGUSR2) ignored: the host asked for the device back",
+                    scene.device
+                );
+            } else if predecessor.is_none() {
                 return Ok(Watched::UpgradeRequested);
+            } else {
+                warn!("{}: live upgrade (SIGUSR2) ignored: this airlock is itself still taking over from pid {}", scene.device, predecessor.as_ref().map_or(0, Predecessor::pid));
             }
-            warn!("{}: live upgrade (SIGUSR2) ignored: this airlock is itself still taking over from pid {}", scene.device, predecessor.as_ref().map_or(0, Predecessor::pid));
         }
         if fds[1].revents != 0 {
             readiness(scene, run, predecessor);
@@ -182,6 +197,10 @@ fn committed(scene: &Scene<'_>, p: &Predecessor) {
         "READY=1\nSTATUS=serving {} on {} (sandbox on)",
         scene.device, scene.socket
     ));
+    // The device request is this airlock's to hear from now on.
+    if let Some(Err(e)) = scene.request.map(|r| r.arm()) {
+        warn!("{}: arming the device request (VFIO REQ) failed: {e}; an unbind from vfio-pci then waits for airlock to stop", scene.device);
+    }
 }
 
 /// Notes a client waiting in the backlog (`pending`: the listener is

@@ -293,7 +293,7 @@ pub fn serve(
         "listening on {}",
         listener.describe()
     );
-    while !stop_requested() {
+    while !stop_requested() && !device.withdrawn() {
         if !wait_for_client(listener.listener.as_raw_fd()).map_err(ServerError::Poll)? {
             continue;
         }
@@ -314,6 +314,16 @@ pub fn serve(
         ACTIVE.store(-1, Ordering::SeqCst);
         info!(device = device.name(), "client left; device quiesced");
     }
-    info!("stop signal received, shutting down");
+    if device.withdrawn() {
+        info!(
+            device = device.name(),
+            "the host asked for the device back (device request): serving no further client"
+        );
+    } else {
+        info!("stop signal received, shutting down");
+    }
     Ok(device)
 }
+
+#[cfg(test)]
+mod tests;

@@ -57,6 +57,14 @@ pub fn store(v: &HandedVfio) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes the device's fds out of the store (the host took the device back:
+/// systemd must not hold it open, or vfio-pci's unbind waits forever).
+pub fn remove_device() {
+    for name in NAMES {
+        super::notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+    }
+}
+
 /// One datagram to the notify socket at `path` ('@': abstract) carrying `fd`.
 fn send_with_fd(path: &[u8], state: &str, fd: RawFd) -> io::Result<()> {
     // SAFETY: zeroed sockaddr_un is a valid (empty) address.

@@ -63,6 +63,27 @@ impl BarShadow {
         s
     }
 
+    /// The shadow of the config space `read` reads, with `size(i)` the
+    /// VFIO region size of BAR i (6: the ROM; 0: not implemented).
+    pub fn read(
+        read: impl Fn(usize, &mut [u8]) -> std::io::Result<()>,
+        size: impl Fn(usize) -> u64,
+    ) -> std::io::Result<BarShadow> {
+        let mut bars = [BarInfo {
+            register: 0,
+            size: 0,
+        }; 6];
+        for (i, bar) in bars.iter_mut().enumerate() {
+            let mut b = [0u8; 4];
+            read(BARS.start + 4 * i, &mut b)?;
+            *bar = BarInfo {
+                register: u32::from_le_bytes(b),
+                size: size(i),
+            };
+        }
+        Ok(BarShadow::new(bars, size(6)))
+    }
+
     pub fn shadows(offset: usize) -> bool {
         BARS.contains(&offset) || ROM.contains(&offset)
     }

@@ -17,6 +17,7 @@ use tracing::{debug, info};
 
 use super::handover::Handover;
 use super::ioctl;
+use super::request::REQ_INDEX;
 
 #[derive(Default)]
 pub(super) struct IrqMirror {
@@ -170,6 +171,11 @@ impl IrqMirror {
         name: &str,
     ) {
         for &index in which {
+            if index == REQ_INDEX {
+                // An older airlock passed the client's REQ eventfd to the
+                // kernel; the trigger is the holder's own now (request.rs).
+                continue;
+            }
             info!(device = %name, "{why}: disabling IRQ index {} the previous server's client had enabled", index_name(index));
             self.disable(device, table, index, name);
         }
@@ -183,7 +189,9 @@ impl IrqMirror {
     /// per index, as VFIO reports them).
     pub fn quiesce(&mut self, device: BorrowedFd<'_>, table: &Handover, counts: &[(u32, u32)]) {
         for (index, &(_, count)) in counts.iter().enumerate() {
-            if count > 0 {
+            // REQ's trigger belongs to the process that holds the device
+            // (request.rs): it must outlive every client.
+            if count > 0 && index as u32 != REQ_INDEX {
                 let off = IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER;
                 let _ = ioctl::set_irqs(device, off, index as u32, 0, 0, &[]);
             }

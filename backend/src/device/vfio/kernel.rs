@@ -137,29 +137,37 @@ impl KernelDevice {
 
     /// The MSI-X table and PBA as (BAR, byte range), from the capability.
     pub fn msix_holes(&self) -> io::Result<Vec<(usize, Hole)>> {
-        let mut b = [0u8; 1];
-        self.config_read(0x34, &mut b)?;
-        let mut at = b[0] as usize & !3;
-        // A bounded walk: a looping capability list must not hang airlock.
-        for _ in 0..48 {
-            if at < 0x40 {
-                break;
-            }
-            let mut h = [0u8; 12];
-            self.config_read(at, &mut h)?;
-            if h[0] == crate::device::pci::CAP_ID_MSIX {
-                let n = (u16::from_le_bytes([h[2], h[3]]) & 0x7ff) as u64 + 1;
-                let table = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-                let pba = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-                let hole = |bir: u32, len: u64| {
-                    let start = (bir & !7) as u64;
-                    let end = start + len;
-                    ((bir & 7) as usize, Hole { start, end })
-                };
-                return Ok(vec![hole(table, n * 16), hole(pba, n.div_ceil(64) * 8)]);
-            }
-            at = h[1] as usize & !3;
-        }
-        Ok(Vec::new())
+        msix_holes(|at, out| self.config_read(at, out))
     }
+}
+
+/// The MSI-X table and PBA of the config space `read` reads, as (BAR, byte
+/// range); none without an MSI-X capability.
+pub(super) fn msix_holes(
+    read: impl Fn(usize, &mut [u8]) -> io::Result<()>,
+) -> io::Result<Vec<(usize, Hole)>> {
+    let mut b = [0u8; 1];
+    read(0x34, &mut b)?;
+    let mut at = b[0] as usize & !3;
+    // A bounded walk: a looping capability list must not hang airlock.
+    for _ in 0..48 {
+        if at < 0x40 {
+            break;
+        }
+        let mut h = [0u8; 12];
+        read(at, &mut h)?;
+        if h[0] == crate::device::pci::CAP_ID_MSIX {
+            let n = (u16::from_le_bytes([h[2], h[3]]) & 0x7ff) as u64 + 1;
+            let table = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            let pba = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+            let hole = |bir: u32, len: u64| {
+                let start = (bir & !7) as u64;
+                let end = start + len;
+                ((bir & 7) as usize, Hole { start, end })
+            };
+            return Ok(vec![hole(table, n * 16), hole(pba, n.div_ceil(64) * 8)]);
+        }
+        at = h[1] as usize & !3;
+    }
+    Ok(Vec::new())
 }

@@ -38,7 +38,10 @@ pub mod isolation;
 mod kernel;
 mod maps;
 pub mod preflight;
+pub mod request;
 pub mod sparse;
+#[cfg(test)]
+mod tests;
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
@@ -49,7 +52,7 @@ use airlock_protocol::device::{
 use airlock_protocol::irqs::IrqSet;
 use tracing::{debug, warn};
 
-use self::bar_shadow::{BarInfo, BarShadow};
+use self::bar_shadow::BarShadow;
 pub use self::error::VfioError;
 use self::handover::Handover;
 use self::irqs::IrqMirror;
@@ -57,6 +60,7 @@ use self::isolation::MsiIsolation;
 use self::kernel::KernelDevice;
 pub use self::kernel::{HandedVfio, VfioFds};
 use self::maps::{DmaMap, IommuMaps};
+use self::request::{ClientRequest, RequestWatch, REQ_INDEX};
 use self::sparse::{mmap_areas, Hole};
 use super::{Device, DeviceError, RegionDesc};
 use crate::device::irq_rules::IrqError;
@@ -77,6 +81,9 @@ pub struct VfioPci {
     /// The host IOMMU's usable IOVA ranges, if VFIO reports them.
     usable: Option<Vec<IovaRange>>,
     isolation: MsiIsolation,
+    /// The client's REQ eventfd: the kernel's REQ trigger is airlock's own
+    /// (request.rs), relayed to this one.
+    request: ClientRequest,
 }
 
 impl Drop for VfioPci {
@@ -145,6 +152,52 @@ impl VfioPci {
         }
     }
 
+    /// A watch on the kernel's device request (REQ), for the process that
+    /// holds the device longest to arm; None if VFIO offers no REQ index.
+    pub fn request_watch(&self) -> std::io::Result<Option<RequestWatch>> {
+        match self.kernel.irqs.get(REQ_INDEX as usize) {
+            Some(&(_, 1)) => RequestWatch::new(self.kernel.fd()).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// SET_IRQS on REQ: the client's eventfd stays here (the kernel's
+    /// trigger is airlock's); DATA_NONE or a true BOOL fires it, as the
+    /// kernel's loopback does.
+    fn set_request(&mut self, set: IrqSet) -> Result<(), DeviceError> {
+        use airlock_protocol::irqs::{IrqAction, IrqData};
+        if set.action != IrqAction::Trigger {
+            return Err(self.irq_err(IrqError::Unsupported {
+                index: REQ_INDEX,
+                what: "MASK or UNMASK (only TRIGGER)",
+            }));
+        }
+        let disable_all =
+            crate::device::irq_rules::check_range(&set, 1).map_err(|e| self.irq_err(e))?;
+        match set.data {
+            _ if disable_all => self.request.set(None),
+            IrqData::None => self.request.fire(),
+            IrqData::Bool(v) => {
+                if v.first() == Some(&true) {
+                    self.request.fire();
+                }
+            }
+            IrqData::Eventfds(mut fds) => {
+                // None (or -1) de-assigns.
+                let file = fds.pop().map(std::fs::File::from);
+                if file.as_ref().is_some_and(|f| !ClientRequest::acceptable(f)) {
+                    return Err(self.irq_err(IrqError::Unsupported {
+                        index: REQ_INDEX,
+                        what: "an fd that is not an eventfd",
+                    }));
+                }
+                self.request.set(file);
+            }
+        }
+        debug!(device = %self.name, set = self.request.is_set(), "REQ eventfd kept for the relay");
+        Ok(())
+    }
+
     /// The queries both `open` and `resume` make on an attached device.
     /// `announce`: log the IOVA windows at info (once per airlock start).
     fn from_fds(
@@ -184,6 +237,7 @@ impl VfioPci {
             windows,
             usable,
             isolation,
+            request: ClientRequest::default(),
         };
         if !mediate_bars {
             dev.offer_mmaps().map_err(q("config read"))?;
@@ -284,20 +338,8 @@ fn iova_windows(
 /// The BAR and ROM registers as the device holds them, with the sizes
 /// VFIO reports.
 fn bar_shadow(kernel: &KernelDevice) -> std::io::Result<BarShadow> {
-    let mut bars = [BarInfo {
-        register: 0,
-        size: 0,
-    }; 6];
-    for (i, bar) in bars.iter_mut().enumerate() {
-        let mut b = [0u8; 4];
-        kernel.config_read(0x10 + 4 * i, &mut b)?;
-        *bar = BarInfo {
-            register: u32::from_le_bytes(b),
-            size: kernel.regions.get(i).map_or(0, |r| r.info.size),
-        };
-    }
-    let rom = kernel.regions.get(6).map_or(0, |r| r.info.size);
-    Ok(BarShadow::new(bars, rom))
+    let size = |i: usize| kernel.regions.get(i).map_or(0, |r| r.info.size);
+    BarShadow::read(|at, out| kernel.config_read(at, out), size)
 }
 
 impl Device for VfioPci {
@@ -351,6 +393,9 @@ impl Device for VfioPci {
     }
 
     fn set_irqs(&mut self, set: IrqSet) -> Result<(), DeviceError> {
+        if set.index == REQ_INDEX && self.irq_info(REQ_INDEX).is_some() {
+            return self.set_request(set);
+        }
         let (_, have) = self.irq_info(set.index).ok_or_else(|| {
             self.irq_err(IrqError::NoSuchIndex {
                 index: set.index,
@@ -439,6 +484,7 @@ impl Device for VfioPci {
                 warn!(device = %self.name, "cannot clear bus mastering: {e}");
             }
         }
+        self.request.set(None);
         let (fd, table) = (self.kernel.fd(), self.maps.table());
         self.irqs.quiesce(fd, table, &self.kernel.irqs);
         if self.kernel.flags & DEVICE_FLAGS_RESET != 0 {
@@ -446,6 +492,10 @@ impl Device for VfioPci {
                 debug!(device = %self.name, "reset after disconnect failed: {e}");
             }
         }
+    }
+
+    fn withdrawn(&self) -> bool {
+        request::requested()
     }
 
     fn iova_windows(&self) -> Vec<DoorbellWindow> {
