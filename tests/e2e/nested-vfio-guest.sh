@@ -179,6 +179,62 @@ if [ -x /bin/airlock-blackbox-fuzz ]; then
     fi
 fi
 
+# The host takes the device back (vfio-pci's device request, REQ): an unbind
+# from vfio-pci while a client holds the device, then while none does. Each
+# time the unbind must complete within 5 s, airlock must name the request
+# and exit 69 (EX_UNAVAILABLE); with a client, the probe's REQ eventfd must
+# fire (QEMU would unplug the device from its guest). Last: it unbinds edu.
+ms_since() { awk -v a="$1" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
+device_request() { # device_request NAME HOLD(1: a client holds the device)
+    name=$1 hold=$2 log=/tmp/airlock-$1.log
+    bind "$edu" || { echo "FAIL $name: $edu did not bind to vfio-pci again"; rc=1; return; }
+    # shellcheck disable=SC2086 # $extra is split on purpose
+    AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/req.sock $extra </dev/null >"$log" 2>&1 &
+    apid=$!
+    i=0
+    while [ ! -S /tmp/req.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    hpid=""
+    if [ "$hold" = 1 ]; then
+        /bin/airlock-probe --socket /tmp/req.sock --hold-request 20 >/tmp/hold.out 2>&1 &
+        hpid=$!
+        i=0
+        while ! grep -q 'holding the device' /tmp/hold.out && kill -0 $hpid 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    fi
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    echo "$edu" >/sys/bus/pci/drivers/vfio-pci/unbind &
+    upid=$!
+    i=0
+    while kill -0 $upid 2>/dev/null && [ $i -lt 150 ]; do sleep 0.05; i=$((i + 1)); done
+    took=$(ms_since "$t0")
+    unbound=1
+    kill -0 $upid 2>/dev/null && unbound=0
+    i=0
+    while kill -0 $apid 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    kill -0 $apid 2>/dev/null && { kill -KILL $apid; sleep 0.2; }
+    wait $apid
+    arc=$?
+    [ -n "$hpid" ] && { wait $hpid; grep -E '^(INFO|FAIL) ' /tmp/hold.out; }
+    [ "$unbound" = 0 ] && wait $upid
+    said=$(grep -m1 'device request' "$log" | sed 's/^.*\(WARN\|ERROR\) //' | cut -c1-240)
+    released=$(grep -m1 'released to the host' "$log" | sed 's/^.*ERROR //' | cut -c1-200)
+    say "$name: unbind took $took ms; airlock exited $arc; it said: $said / $released"
+    why=""
+    [ "$unbound" = 1 ] && [ "$took" -le 5000 ] || why="$why the unbind took $took ms (limit 5000);"
+    [ "$arc" = 69 ] || why="$why airlock exited $arc, not 69;"
+    [ -n "$said" ] || why="$why airlock's log names no device request;"
+    [ -z "$hpid" ] || grep -q '^PASS device-request-relayed' /tmp/hold.out || why="$why the client's REQ eventfd never fired;"
+    [ -e "/sys/bus/pci/devices/$edu/driver" ] && why="$why $edu is still bound to $(driver_of "/sys/bus/pci/devices/$edu");"
+    if [ -z "$why" ]; then
+        echo "PASS $name: the unbind completed in $took ms, airlock released the device and exited 69"
+    else
+        echo "FAIL $name:$why"
+        sed 's/^/airlock-req| /' "$log" | tail -n 12
+        rc=1
+    fi
+}
+device_request device-request-held 1
+device_request device-request-idle 0
+
 say "after the probe: $(grep -E 'vfio|DMAR|smmu' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
 dmesg | grep -iE 'DMAR.*(fault|fail)|smmu.*(event|fault)|vfio' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
 show_log

@@ -1,5 +1,5 @@
 //! Command line: `--socket PATH [--airlock-pid PID] [--iterations N]
-//! [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]...` (also `--opt=value`; --skip
+//! [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]... [--hold-request SECONDS]` (also `--opt=value`; --skip
 //! values may be comma-separated; START and SIZE decimal or 0x-hex).
 
 #[derive(Debug, PartialEq, Eq)]
@@ -13,10 +13,13 @@ pub struct Args {
     pub msi_window: Option<(u64, u64)>,
     /// Run upgrade-broken (it replaces airlock's installed binary).
     pub broken_upgrades: bool,
+    /// Instead of the checks: hold the device with a REQ eventfd for at
+    /// most this many seconds (hold_request.rs).
+    pub hold_request: Option<u64>,
 }
 
 pub const USAGE: &str = "usage: airlock-probe --socket PATH [--airlock-pid PID] [--iterations N] \
-     [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]...";
+     [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]... [--hold-request SECONDS]";
 
 /// A number in decimal or 0x-hex.
 fn number64(v: &str) -> Option<u64> {
@@ -44,6 +47,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
     let mut skip = Vec::new();
     let mut msi_window = None;
     let mut broken_upgrades = false;
+    let mut hold_request = None;
     let mut it = argv.into_iter();
     while let Some(arg) = it.next() {
         if arg.is_empty() {
@@ -82,6 +86,9 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
             ),
             "--msi-window" => msi_window = Some(window(&value("--msi-window")?)?),
             "--broken-upgrades" => broken_upgrades = true,
+            "--hold-request" => {
+                hold_request = Some(number("--hold-request", value("--hold-request")?)? as u64)
+            }
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {arg:?}")),
         }
@@ -93,6 +100,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
         skip,
         msi_window,
         broken_upgrades,
+        hold_request,
     })
 }
 
@@ -116,6 +124,7 @@ mod tests {
                 skip: vec![],
                 msi_window: None,
                 broken_upgrades: false,
+                hold_request: None,
             }
         );
     }

@@ -7,6 +7,7 @@ mod args;
 mod broken_upgrade;
 mod checks;
 mod device;
+mod hold_request;
 mod os;
 mod report;
 mod restart;
@@ -23,6 +24,9 @@ fn main() {
         }
     };
     let mut report = report::Report::new(args.skip.clone());
-    checks::run(&mut report, &args);
+    match args.hold_request {
+        Some(s) => hold_request::run(&mut report, &args.socket, s),
+        None => checks::run(&mut report, &args),
+    }
     std::process::exit(report.finish());
 }
