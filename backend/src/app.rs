@@ -36,6 +36,7 @@ pub fn run(
 ) -> AppResult<ExitCode> {
     let Config::Serve {
         listen,
+        access,
         device: kind,
         max_data_xfer,
         sandbox: sandbox_config,
@@ -55,7 +56,8 @@ pub fn run(
         // the path stays in place while servers come and go (and, handed over
         // by a live upgrade, while binaries do).
         let restored = restored_device(&kind, handed.as_ref(), stored);
-        let (listener, handed_vfio) = upgrade::claim_handed(handed.as_ref(), restored, &listen)?;
+        let (listener, handed_vfio) =
+            upgrade::claim_handed(handed.as_ref(), restored, &listen, &access)?;
         let limits = server_limits(&kind, max_data_xfer, windows);
         match sandbox_config {
             None => serve_unconfined(&listener, kind, limits),

@@ -129,3 +129,44 @@ fn no_device_or_no_socket_says_which_options_to_give() {
         &["not a PCI address", "0000:00:04.0"],
     );
 }
+
+#[test]
+fn a_socket_group_or_mode_that_cannot_work_is_named_before_anything_is_served() {
+    let dir = tempdir("socket-access-errors");
+    let sock = dir.0.join("edu.sock");
+    let s = sock.to_str().unwrap();
+    refused_with(
+        &[
+            "--socket-path",
+            s,
+            "--emulate",
+            "edu",
+            "--socket-group",
+            "no-such-group-airlock",
+        ],
+        &["no-such-group-airlock", "no such group"],
+    );
+    refused_with(
+        &[
+            "--socket-path",
+            s,
+            "--emulate",
+            "edu",
+            "--socket-mode",
+            "rw-rw----",
+        ],
+        &["rw-rw----", "not an octal file mode"],
+    );
+    refused_with(
+        &[
+            "--socket-path",
+            s,
+            "--emulate",
+            "edu",
+            "--socket-mode",
+            "0666",
+        ],
+        &["0666", "every user", "--socket-group"],
+    );
+    assert!(!sock.exists(), "nothing was served");
+}

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use super::ctl::{Ctl, HANDOVER_VERSION};
-use crate::config::Listen;
+use crate::config::{Listen, SocketAccess};
 use crate::device::vfio::{HandedVfio, VfioFds};
 use crate::server::Listener;
 
@@ -202,10 +202,11 @@ pub fn claim_handed(
     handed: Option<&Handed>,
     restored: Option<HandedVfio>,
     listen: &Listen,
+    access: &SocketAccess,
 ) -> Result<(Listener, Option<HandedFds>), Box<dyn std::error::Error>> {
     let listener = match handed {
         Some(h) => Listener::resume(claim(h.listen, "listening socket")?, listen)?,
-        None => Listener::open(listen)?,
+        None => Listener::open(listen, access)?,
     };
     let vfio = match handed.and_then(|h| h.vfio).or(restored) {
         Some(v) => Some((

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::config::Listen;
+use crate::config::{Listen, SocketAccess};
 use crate::device::Device;
 use crate::negotiate::ServerLimits;
 use crate::signals::{self, Disposition};
@@ -36,6 +36,12 @@ pub enum ServerError {
     NotASocket { path: PathBuf },
     #[error("cannot listen on {path}: {source}{}", bind_fix(path, source))]
     Bind { path: PathBuf, source: io::Error },
+    #[error("cannot set {path}'s {what}: {source}. The socket directory's filesystem may refuse chown, or airlock lacks CAP_CHOWN for that group: pick a --socket-path on a local filesystem (e.g. /run/airlock/) and run airlock as root")]
+    Access {
+        path: PathBuf,
+        what: String,
+        source: io::Error,
+    },
     #[error("--fd {fd} is not a listening unix socket: {why}")]
     BadFd { fd: RawFd, why: String },
     #[error("signal setup failed: {0}")]
@@ -66,6 +72,34 @@ fn bind_fix(path: &Path, e: &io::Error) -> String {
     }
 }
 
+/// Gives the socket at `at` to --socket-group's group, if any.
+fn give_group(at: &Path, access: &SocketAccess) -> Result<(), ServerError> {
+    let Some((gid, _)) = &access.group else {
+        return Ok(());
+    };
+    std::os::unix::fs::lchown(at, None, Some(*gid)).map_err(|e| access_err(e, at, access))
+}
+
+fn access_err(source: io::Error, path: &Path, access: &SocketAccess) -> ServerError {
+    ServerError::Access {
+        path: path.into(),
+        what: access.describe(),
+        source,
+    }
+}
+
+/// Who can connect, for the log: the default keeps other users out, and a
+/// QEMU of another user then fails with EACCES; say what lets it in.
+fn who_may_connect(access: &SocketAccess) -> String {
+    match &access.group {
+        Some((_, name)) => format!("{}: users in group {name} may connect", access.describe()),
+        None => format!(
+            "{}: only airlock's user may connect (a QEMU running as another user gets EACCES; let its group in with --socket-group GROUP)",
+            access.describe()
+        ),
+    }
+}
+
 /// A listening socket; removes its path on drop when it owns the path.
 pub struct Listener {
     listener: UnixListener,
@@ -75,14 +109,14 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn open(listen: &Listen) -> Result<Listener, ServerError> {
+    pub fn open(listen: &Listen, access: &SocketAccess) -> Result<Listener, ServerError> {
         match listen {
-            Listen::Path(p) => Self::bind(p),
+            Listen::Path(p) => Self::bind(p, access),
             Listen::Fd(fd) => Self::inherit(*fd),
         }
     }
 
-    fn bind(path: &Path) -> Result<Listener, ServerError> {
+    fn bind(path: &Path, access: &SocketAccess) -> Result<Listener, ServerError> {
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
                 let _ = std::fs::remove_file(path);
@@ -107,18 +141,25 @@ impl Listener {
         let at = if staged { tmp.as_path() } else { path };
         let _ = std::fs::remove_file(&tmp);
         let listener = UnixListener::bind(at).map_err(bind_err)?;
-        let placed =
-            std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o600)).and_then(|_| {
+        // Group and mode before the socket is in place: nobody connects
+        // while it is still root's alone or more open than asked.
+        let placed = give_group(at, access)
+            .and_then(|_| {
+                std::fs::set_permissions(at, std::fs::Permissions::from_mode(access.mode))
+                    .map_err(|e| access_err(e, path, access))
+            })
+            .and_then(|_| {
                 if staged {
-                    std::fs::rename(at, path)
+                    std::fs::rename(at, path).map_err(bind_err)
                 } else {
                     Ok(())
                 }
             });
         if let Err(e) = placed {
             let _ = std::fs::remove_file(at);
-            return Err(bind_err(e));
+            return Err(e);
         }
+        info!("{}: {}", path.display(), who_may_connect(access));
         Ok(Listener {
             listener,
             path: Some(path.into()),
