@@ -8,7 +8,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 
 use crate::config::{
-    capabilities_json, Args, Config, DeviceKind, EmulatedKind, Listen, SandboxConfig,
+    backend_json, capabilities_json, Args, Config, DeviceKind, EmulatedKind, Listen, SandboxConfig,
 };
 use crate::device::vfio::request::{self, RequestWatch, EXIT_WITHDRAWN};
 use crate::device::vfio::{HandedVfio, VfioPci};
@@ -132,6 +132,13 @@ struct Upgrades<'a> {
 fn print(config: Config) -> AppResult<ExitCode> {
     match config {
         Config::PrintCapabilities => println!("{}", capabilities_json()),
+        Config::PrintBackendJson(binary) => {
+            let binary = match binary {
+                Some(b) => b,
+                None => std::env::current_exe()?.display().to_string(),
+            };
+            println!("{}", serde_json::to_string_pretty(&backend_json(&binary))?);
+        }
         Config::PrintMan => clap_mangen::Man::new(<Args as clap::CommandFactory>::command())
             .render(&mut std::io::stdout())?,
         Config::PrintCompletions(shell) => {

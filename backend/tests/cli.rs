@@ -25,6 +25,9 @@ const OPTIONS: &[&str] = &[
     "--sandbox",
     "--user",
     "--memlock",
+    "--socket-group",
+    "--socket-mode",
+    "--print-backend-json",
 ];
 
 #[test]
@@ -67,4 +70,26 @@ fn bash_completion_parses_and_completes_every_option() {
     for shell in ["zsh", "fish"] {
         assert!(run(&["--print-completions", shell]).contains("socket-path"));
     }
+}
+
+#[test]
+fn the_shipped_backend_description_is_what_the_flag_prints() {
+    // docs/interop/vfio-user.rst: a backend comes with a JSON file under
+    // /usr/share/vfio-user (README, Installing, installs this one).
+    let printed = run(&["--print-backend-json", "/usr/local/bin/airlock"]);
+    let shipped = include_str!("../vfio-user/50-airlock.json");
+    assert_eq!(
+        printed, shipped,
+        "regenerate backend/vfio-user/50-airlock.json with the flag"
+    );
+    let v: serde_json::Value = serde_json::from_str(shipped).unwrap();
+    assert_eq!(v["type"], "vfio-user-pci");
+    assert_eq!(v["binary"], "/usr/local/bin/airlock");
+    let own = run(&["--print-backend-json"]);
+    let v: serde_json::Value = serde_json::from_str(&own).unwrap();
+    assert_eq!(
+        v["binary"],
+        env!("CARGO_BIN_EXE_airlock"),
+        "without BINARY: this airlock"
+    );
 }

@@ -112,6 +112,12 @@ pub struct Args {
     /// Print a JSON description of device kinds and features, then exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Print the backend description a management layer (libvirt) looks for
+    /// under /usr/share/vfio-user/ (QEMU's vfio-user backend program
+    /// conventions, shaped as docs/interop/vhost-user.json), naming BINARY
+    /// (default: this airlock), then exit.
+    #[arg(long, value_name = "BINARY", num_args = 0..=1, default_missing_value = "")]
+    pub print_backend_json: Option<String>,
     /// Print airlock's man page (roff, generated from these options), then exit.
     #[arg(long)]
     pub print_man: bool,

@@ -100,6 +100,8 @@ pub fn parse_bdf(s: &str) -> Result<String, ConfigError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Config {
     PrintCapabilities,
+    /// The backend description naming this binary (None: the running one).
+    PrintBackendJson(Option<String>),
     PrintMan,
     PrintCompletions(clap_complete::Shell),
     Serve {
@@ -142,6 +144,9 @@ impl TryFrom<Args> for Config {
     fn try_from(a: Args) -> Result<Config, ConfigError> {
         if a.print_capabilities {
             return Ok(Config::PrintCapabilities);
+        }
+        if let Some(b) = a.print_backend_json {
+            return Ok(Config::PrintBackendJson((!b.is_empty()).then_some(b)));
         }
         if a.print_man {
             return Ok(Config::PrintMan);
@@ -219,6 +224,22 @@ impl TryFrom<Args> for Config {
             windows,
         })
     }
+}
+
+/// Where the backend description is installed (docs/interop/vfio-user.rst,
+/// Backend Program Conventions), and its name there.
+pub const BACKEND_JSON_PATH: &str = "/usr/share/vfio-user/50-airlock.json";
+
+/// The backend description: docs/interop/vhost-user.json's VhostUserBackend
+/// shape (the vfio-user conventions mirror it; their schema is a TODO), with
+/// the device type QEMU's -device takes.
+pub fn backend_json(binary: &str) -> serde_json::Value {
+    serde_json::json!({
+        "description": "airlock: sandboxed vfio-user PCI device backend (VFIO passthrough, emulated edu)",
+        "type": "vfio-user-pci",
+        "binary": binary,
+        "tags": ["airlock", "vfio-passthrough", "emulated-edu", "sandbox"]
+    })
 }
 
 /// The --print-capabilities JSON (vhost-user backend program convention).
