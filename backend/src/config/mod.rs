@@ -252,6 +252,7 @@ pub fn capabilities_json() -> serde_json::Value {
         "features": ["socket-path", "fd", "dma-map-fd", "dma-messages", "intx", "msi", "msix",
                      "reset", "write-multiple", "posted-writes", "vfio-mmap-fast-path",
                      "mediate-bars", "irqfd-passthrough", "sandbox",
-                     "reserve-iova", "iova-ranges", "msi-isolation-check", "print-qemu-args"]
+                     "reserve-iova", "iova-ranges", "msi-isolation-check", "print-qemu-args",
+                     "socket-group", "device-request"]
     })
 }
