@@ -235,6 +235,30 @@ cmd=$(od -An -tx2 -j4 -N2 "/sys/bus/pci/devices/$edu/config" | tr -d ' ')
 master=$(((0x$cmd >> 2) & 1))
 say "STOP store $before -> $(stored) fds; holders of /dev/vfio/$g: $holders; command register 0x$cmd (bus master $master); state $(systemctl show -p ActiveState --value "$(svc)")"
 
+# The host takes the device back under systemd: airlock, started again (the
+# device's fds in the store), hears vfio-pci's request when L1 unbinds the
+# edu, empties the store, exits 69 and is not restarted (RestartPreventExitStatus=).
+systemctl start "airlock@$edu.socket" "$(svc)" || say "systemctl start failed"
+n=0
+while [ "$(stored)" != 4 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+wpid=$(main_pid)
+r0=$(systemctl show -p NRestarts --value "$(svc)")
+t0=$(up)
+echo "$edu" >/sys/bus/pci/drivers/vfio-pci/unbind &
+upid=$!
+n=0
+while kill -0 $upid 2>/dev/null && [ $n -lt 300 ]; do sleep 0.05; n=$((n + 1)); done
+took=$(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%d", (b - a) * 1000 }')
+unbound=yes
+kill -0 $upid 2>/dev/null && unbound=no
+sleep 3 # RestartSec=1s: a restart would have happened by now
+show() { systemctl show -p "$1" --value "$(svc)"; }
+driver=none
+[ -e "/sys/bus/pci/devices/$edu/driver" ] && driver=$(basename "$(readlink "/sys/bus/pci/devices/$edu/driver")")
+said=$(journal | grep -c 'device request: the host asks for the device back')
+say "WITHDRAW main pid $wpid; unbind done $unbound after $took ms; driver $driver; state $(show ActiveState)/$(show Result); status $(show ExecMainStatus); restarts $r0 -> $(show NRestarts); store $(stored) fds; request lines $said"
+journal | grep -E 'device request|released to the host' | sed 's/^/INFO airlock: /' | cut -c1-400
+
 journal | grep -E 'starting a fresh sandboxed server|adopted [0-9]+ DMA mappings|adoption window closed|live upgrade|fd store|took over' |
     sed -E 's/^/INFO airlock: /' | cut -c1-500
 rc=$(sed -n 's/^[0-9.]* AIRLOCK-GUEST-EXIT \([0-9]*\).*/\1/p' /tmp/l2.log | tail -n 1)

@@ -47,6 +47,10 @@
 #                      back after the last resume: no reset, same device
 #   stop-released      after systemctl stop: the fd store is empty, no
 #                      process holds the VFIO group, bus mastering is off
+#   withdraw-under-systemd  then, started again, the host unbinds the edu:
+#                      the unbind completes within 5 s, airlock named the
+#                      request, the service ended with status 69 and was
+#                      not restarted, the fd store is empty
 #   guest-soak         one L2 boot, its program's results all passed
 #
 # A long-running test (minutes: L2 boots under TCG inside TCG), not part of
@@ -330,6 +334,16 @@ elif [[ $stop =~ store\ ([0-9]+)\ -\>\ ([0-9]+)\ fds.*holders\ of\ [^:]+:\ ([0-9
     verdict stop-released OK "systemctl stop: $stop"
 else
     verdict stop-released FAIL "want the store 4 -> 0 fds, no holders, bus master 0: $stop"
+fi
+
+w=$(lines | sed -nE 's/^INFO l1: WITHDRAW //p' | head -n1)
+if [[ -z $w ]]; then
+    verdict withdraw-under-systemd FAIL "L1 printed no WITHDRAW line"
+elif [[ $w =~ unbind\ done\ yes\ after\ ([0-9]+)\ ms\;\ driver\ none\;\ state\ [a-z]+/exit-code\;\ status\ 69\;\ restarts\ ([0-9]+)\ -\>\ ([0-9]+)\;\ store\ 0\ fds\;\ request\ lines\ [1-9] ]] &&
+    ((BASH_REMATCH[1] <= 5000 && BASH_REMATCH[2] == BASH_REMATCH[3])); then
+    verdict withdraw-under-systemd OK "$w"
+else
+    verdict withdraw-under-systemd FAIL "want the unbind done within 5000 ms, no driver, Result=exit-code, status 69, no restart, an empty store and a request line: $w"
 fi
 
 # One boot, the guest program's results.
