@@ -138,6 +138,42 @@ fn parse_user(s: &str) -> Result<(u32, u32), ConfigError> {
     Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
 }
 
+/// The device to serve: --emulate, --vfio, or --device's one word.
+fn device_kind(a: &Args) -> Result<DeviceKind, ConfigError> {
+    let (emulate, vfio) = match a.device.as_deref() {
+        Some("edu") => (Some(EmulatedKind::Edu), None),
+        Some(bdf) => (None, Some(bdf.to_string())),
+        None => (a.emulate, a.vfio.clone()),
+    };
+    match (emulate, vfio) {
+        (Some(kind), None) => Ok(DeviceKind::Emulated(kind)),
+        (None, Some(bdf)) => Ok(DeviceKind::Vfio {
+            bdf: parse_bdf(&bdf)?,
+            mediate_bars: a.mediate_bars,
+            allow_unsafe_interrupts: a.allow_unsafe_interrupts,
+        }),
+        _ => Err(ConfigError::NoDevice),
+    }
+}
+
+/// The sandbox's settings (None: --sandbox off).
+fn sandbox_config(a: &Args) -> Result<Option<SandboxConfig>, ConfigError> {
+    #[cfg(feature = "fault-injection")]
+    let fault = a.inject_fault;
+    #[cfg(not(feature = "fault-injection"))]
+    let fault = None;
+    let user = a.user.as_deref().map(parse_user).transpose()?;
+    match a.sandbox {
+        SandboxMode::On => Ok(Some(SandboxConfig {
+            user,
+            memlock: a.memlock,
+            fault,
+        })),
+        SandboxMode::Off if user.is_some() => Err(ConfigError::UserWithoutSandbox),
+        SandboxMode::Off => Ok(None),
+    }
+}
+
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
@@ -154,7 +190,7 @@ impl TryFrom<Args> for Config {
         if let Some(shell) = a.print_completions {
             return Ok(Config::PrintCompletions(shell));
         }
-        let listen = match (a.socket_path, a.fd) {
+        let listen = match (a.socket_path.clone(), a.fd) {
             (Some(p), None) => Listen::Path(p),
             (None, Some(fd)) if fd >= 3 => Listen::Fd(fd),
             (None, Some(fd)) => return Err(ConfigError::BadFd(fd)),
@@ -165,37 +201,11 @@ impl TryFrom<Args> for Config {
             a.socket_mode.as_deref(),
             matches!(listen, Listen::Path(_)),
         )?;
-        let (emulate, vfio) = match a.device.as_deref() {
-            Some("edu") => (Some(EmulatedKind::Edu), None),
-            Some(bdf) => (None, Some(bdf.to_string())),
-            None => (a.emulate, a.vfio),
-        };
-        let device = match (emulate, vfio) {
-            (Some(kind), None) => DeviceKind::Emulated(kind),
-            (None, Some(bdf)) => DeviceKind::Vfio {
-                bdf: parse_bdf(&bdf)?,
-                mediate_bars: a.mediate_bars,
-                allow_unsafe_interrupts: a.allow_unsafe_interrupts,
-            },
-            _ => return Err(ConfigError::NoDevice),
-        };
+        let device = device_kind(&a)?;
         if !(4096..=64 << 20).contains(&a.max_data_xfer) {
             return Err(ConfigError::BadXfer(a.max_data_xfer));
         }
-        #[cfg(feature = "fault-injection")]
-        let fault = a.inject_fault;
-        #[cfg(not(feature = "fault-injection"))]
-        let fault = None;
-        let user = a.user.as_deref().map(parse_user).transpose()?;
-        let sandbox = match a.sandbox {
-            SandboxMode::On => Some(SandboxConfig {
-                user,
-                memlock: a.memlock,
-                fault,
-            }),
-            SandboxMode::Off if user.is_some() => return Err(ConfigError::UserWithoutSandbox),
-            SandboxMode::Off => None,
-        };
+        let sandbox = sandbox_config(&a)?;
         // Each window can split a usable range; patched QEMU takes at most
         // 256 ranges in a VERSION reply.
         if a.reserve_iova.len() > MAX_RESERVED_WINDOWS {

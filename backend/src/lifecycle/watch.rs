@@ -68,24 +68,7 @@ pub(super) fn watch(
             stop(run);
             stop_sent = true;
         }
-        let mut fds = [
-            pollfd(run.pidfd.as_raw_fd()),
-            pollfd(if run.ready_open {
-                run.ready_rx.as_raw_fd()
-            } else {
-                -1
-            }),
-            // While a client waits, poll the listener by timeout instead
-            // (it stays readable until the server accepts).
-            pollfd(if waiting.is_none() {
-                scene.listener
-            } else {
-                -1
-            }),
-            pollfd(scene.wake_rx.as_raw_fd()),
-            pollfd(predecessor.as_ref().map_or(-1, Predecessor::raw_fd)),
-            pollfd(scene.request.map_or(-1, |r| r.raw_fd())),
-        ];
+        let mut fds = watched_fds(scene, run, predecessor, waiting.is_none());
         // While the server starts up, wake now and then to re-check a stop
         // request that raced with poll.
         let mut timeout = (waiting.is_some() || !run.ready).then(|| Duration::from_millis(250));
@@ -115,17 +98,8 @@ pub(super) fn watch(
         if let (true, Some(r)) = (fds[5].revents != 0, scene.request) {
             withdraw::begin(scene.device, r, run.pid, &mut withdrawal);
         }
-        if UPGRADE.swap(false, Ordering::SeqCst) && !STOPPING.load(Ordering::SeqCst) {
-            if withdraw::withdrawing() {
-                warn!(
-                    "{}: live upgrade (SIGUSR2) ignored: the host asked for the device back",
-                    scene.device
-                );
-            } else if predecessor.is_none() {
-                return Ok(Watched::UpgradeRequested);
-            } else {
-                warn!("{}: live upgrade (SIGUSR2) ignored: this airlock is itself still taking over from pid {}", scene.device, predecessor.as_ref().map_or(0, Predecessor::pid));
-            }
+        if UPGRADE.swap(false, Ordering::SeqCst) && upgrade_allowed(scene, predecessor) {
+            return Ok(Watched::UpgradeRequested);
         }
         if fds[1].revents != 0 {
             readiness(scene, run, predecessor);
@@ -140,6 +114,49 @@ pub(super) fn watch(
         }
         backlog(scene, fds[2].revents != 0, &mut waiting);
     }
+}
+
+/// What `watch` polls, in this order: the server's death, its readiness
+/// byte, the listener (while no client is known to wait: it stays readable
+/// until the server accepts), the signal wake-up pipe, the predecessor, the
+/// device request.
+fn watched_fds(
+    scene: &Scene<'_>,
+    run: &Running,
+    predecessor: &Option<Predecessor>,
+    listen: bool,
+) -> [libc::pollfd; 6] {
+    [
+        pollfd(run.pidfd.as_raw_fd()),
+        pollfd(if run.ready_open {
+            run.ready_rx.as_raw_fd()
+        } else {
+            -1
+        }),
+        pollfd(if listen { scene.listener } else { -1 }),
+        pollfd(scene.wake_rx.as_raw_fd()),
+        pollfd(predecessor.as_ref().map_or(-1, Predecessor::raw_fd)),
+        pollfd(scene.request.map_or(-1, |r| r.raw_fd())),
+    ]
+}
+
+/// SIGUSR2 arrived: whether the upgrade may start now (else says why not).
+fn upgrade_allowed(scene: &Scene<'_>, predecessor: &Option<Predecessor>) -> bool {
+    if STOPPING.load(Ordering::SeqCst) {
+        return false;
+    }
+    if withdraw::withdrawing() {
+        warn!(
+            "{}: live upgrade (SIGUSR2) ignored: the host asked for the device back",
+            scene.device
+        );
+        return false;
+    }
+    if let Some(p) = predecessor {
+        warn!("{}: live upgrade (SIGUSR2) ignored: this airlock is itself still taking over from pid {}", scene.device, p.pid());
+        return false;
+    }
+    true
 }
 
 /// A stop signal arrived: the server stops (gracefully once it is ready).

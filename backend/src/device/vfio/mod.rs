@@ -42,8 +42,9 @@ pub mod request;
 pub mod sparse;
 #[cfg(test)]
 mod tests;
+mod windows;
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use airlock_protocol::device::{
     RegionCap, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, PCI_CONFIG_REGION_INDEX,
@@ -65,7 +66,7 @@ use self::sparse::{mmap_areas, Hole};
 use super::{Device, DeviceError, RegionDesc};
 use crate::device::irq_rules::IrqError;
 use crate::dma::FileId;
-use crate::iova::{self, DoorbellWindow, IovaRange};
+use crate::iova::{DoorbellWindow, IovaRange};
 
 /// A passed-through PCI function: the kernel device, and what airlock
 /// keeps beside it (BAR shadow, interrupt mirror, IOMMU map record, the
@@ -161,43 +162,6 @@ impl VfioPci {
         }
     }
 
-    /// SET_IRQS on REQ: the client's eventfd stays here (the kernel's
-    /// trigger is airlock's); DATA_NONE or a true BOOL fires it, as the
-    /// kernel's loopback does.
-    fn set_request(&mut self, set: IrqSet) -> Result<(), DeviceError> {
-        use airlock_protocol::irqs::{IrqAction, IrqData};
-        if set.action != IrqAction::Trigger {
-            return Err(self.irq_err(IrqError::Unsupported {
-                index: REQ_INDEX,
-                what: "MASK or UNMASK (only TRIGGER)",
-            }));
-        }
-        let disable_all =
-            crate::device::irq_rules::check_range(&set, 1).map_err(|e| self.irq_err(e))?;
-        match set.data {
-            _ if disable_all => self.request.set(None),
-            IrqData::None => self.request.fire(),
-            IrqData::Bool(v) => {
-                if v.first() == Some(&true) {
-                    self.request.fire();
-                }
-            }
-            IrqData::Eventfds(mut fds) => {
-                // None (or -1) de-assigns.
-                let file = fds.pop().map(std::fs::File::from);
-                if file.as_ref().is_some_and(|f| !ClientRequest::acceptable(f)) {
-                    return Err(self.irq_err(IrqError::Unsupported {
-                        index: REQ_INDEX,
-                        what: "an fd that is not an eventfd",
-                    }));
-                }
-                self.request.set(file);
-            }
-        }
-        debug!(device = %self.name, set = self.request.is_set(), "REQ eventfd kept for the relay");
-        Ok(())
-    }
-
     /// The queries both `open` and `resume` make on an attached device.
     /// `announce`: log the IOVA windows at info (once per airlock start).
     fn from_fds(
@@ -216,7 +180,7 @@ impl VfioPci {
         let name = format!("vfio {bdf}");
         let isolation = MsiIsolation::from_u32(handover.isolation());
         let kernel = KernelDevice::query(fds).map_err(q("device info"))?;
-        let (windows, usable) = iova_windows(kernel.container(), group);
+        let (windows, usable) = windows::iova_windows(kernel.container(), group);
         let list: Vec<String> = windows.iter().map(|w| w.to_string()).collect();
         let list = if list.is_empty() {
             "none".into()
@@ -319,22 +283,6 @@ impl VfioPci {
     }
 }
 
-/// The windows DMA must avoid (reserved regions of the IOMMU group and
-/// holes between the usable ranges) and the usable ranges themselves.
-fn iova_windows(
-    container: BorrowedFd<'_>,
-    group: &str,
-) -> (Vec<DoorbellWindow>, Option<Vec<IovaRange>>) {
-    let usable = ioctl::iommu_iova_ranges(container).unwrap_or(None);
-    let mut windows = iova::read_reserved_regions(group);
-    for h in usable.iter().flat_map(|u| iova::holes(u)) {
-        if !windows.iter().any(|w| w.range == h.range) {
-            windows.push(h);
-        }
-    }
-    (windows, usable)
-}
-
 /// The BAR and ROM registers as the device holds them, with the sizes
 /// VFIO reports.
 fn bar_shadow(kernel: &KernelDevice) -> std::io::Result<BarShadow> {
@@ -394,7 +342,9 @@ impl Device for VfioPci {
 
     fn set_irqs(&mut self, set: IrqSet) -> Result<(), DeviceError> {
         if set.index == REQ_INDEX && self.irq_info(REQ_INDEX).is_some() {
-            return self.set_request(set);
+            self.request.apply(set).map_err(|e| self.irq_err(e))?;
+            debug!(device = %self.name, set = self.request.is_set(), "REQ eventfd kept for the relay");
+            return Ok(());
         }
         let (_, have) = self.irq_info(set.index).ok_or_else(|| {
             self.irq_err(IrqError::NoSuchIndex {

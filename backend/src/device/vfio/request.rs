@@ -20,9 +20,12 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
-use airlock_protocol::irqs::{IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD};
+use airlock_protocol::irqs::{
+    IrqAction, IrqData, IrqSet, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD,
+};
 
 use super::ioctl;
+use crate::device::irq_rules::{check_range, IrqError};
 use crate::signals::{self, Disposition};
 
 /// vfio-pci's REQ interrupt index.
@@ -152,6 +155,37 @@ impl ClientRequest {
         f.metadata().is_ok_and(|m| m.mode() & libc::S_IFMT == 0)
     }
 
+    /// A client's SET_IRQS on REQ: its eventfd stays here (the kernel's
+    /// trigger is airlock's); DATA_NONE or a true BOOL fires it, as the
+    /// kernel's loopback does.
+    pub fn apply(&mut self, set: IrqSet) -> Result<(), IrqError> {
+        if set.action != IrqAction::Trigger {
+            return Err(IrqError::Unsupported {
+                index: REQ_INDEX,
+                what: "MASK or UNMASK (only TRIGGER)",
+            });
+        }
+        let disable_all = check_range(&set, 1)?;
+        match set.data {
+            _ if disable_all => self.set(None),
+            IrqData::None => self.fire(),
+            IrqData::Bool(v) if v.first() == Some(&true) => self.fire(),
+            IrqData::Bool(_) => {}
+            IrqData::Eventfds(mut fds) => {
+                // None (or -1) de-assigns.
+                let file = fds.pop().map(File::from);
+                if file.as_ref().is_some_and(|f| !Self::acceptable(f)) {
+                    return Err(IrqError::Unsupported {
+                        index: REQ_INDEX,
+                        what: "an fd that is not an eventfd",
+                    });
+                }
+                self.set(file);
+            }
+        }
+        Ok(())
+    }
+
     pub fn is_set(&self) -> bool {
         self.file.is_some()
     }
@@ -186,6 +220,72 @@ mod tests {
         }
     }
 
+    /// CLIENT is one per process: the tests that set it take turns.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn set(action: IrqAction, count: u32, data: IrqData) -> IrqSet {
+        IrqSet {
+            index: REQ_INDEX,
+            start: 0,
+            count,
+            action,
+            data,
+        }
+    }
+
+    #[test]
+    fn a_clients_req_set_irqs_keeps_its_eventfd_and_follows_the_kernels_rules() {
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut req = ClientRequest::default();
+        let client = eventfd();
+        let watch = client.try_clone().unwrap();
+        req.apply(set(
+            IrqAction::Trigger,
+            1,
+            IrqData::Eventfds(vec![client.into()]),
+        ))
+        .unwrap();
+        assert!(req.is_set());
+        req.apply(set(IrqAction::Trigger, 1, IrqData::None))
+            .unwrap();
+        req.apply(set(IrqAction::Trigger, 1, IrqData::Bool(vec![false])))
+            .unwrap();
+        req.apply(set(IrqAction::Trigger, 1, IrqData::Bool(vec![true])))
+            .unwrap();
+        assert_eq!(
+            count(&watch),
+            2,
+            "DATA_NONE and a true BOOL fire it (loopback)"
+        );
+        for bad in [
+            set(IrqAction::Mask, 1, IrqData::None),
+            set(IrqAction::Unmask, 1, IrqData::None),
+            set(IrqAction::Trigger, 2, IrqData::None),
+        ] {
+            assert!(req.apply(bad).is_err());
+        }
+        let (r, _w) = std::io::pipe().unwrap();
+        let pipe = set(
+            IrqAction::Trigger,
+            1,
+            IrqData::Eventfds(vec![OwnedFd::from(r)]),
+        );
+        assert!(req.apply(pipe).is_err(), "a pipe could block the relay");
+        assert!(req.is_set(), "a refused SET_IRQS keeps the eventfd");
+        req.apply(set(IrqAction::Trigger, 1, IrqData::Eventfds(vec![])))
+            .unwrap();
+        assert!(!req.is_set(), "no fd de-assigns");
+        req.apply(set(
+            IrqAction::Trigger,
+            1,
+            IrqData::Eventfds(vec![eventfd().into()]),
+        ))
+        .unwrap();
+        req.apply(set(IrqAction::Trigger, 0, IrqData::None))
+            .unwrap();
+        assert!(!req.is_set(), "count 0 disables the index");
+    }
+
     #[test]
     fn only_anonymous_inodes_can_be_the_clients_eventfd() {
         assert!(ClientRequest::acceptable(&eventfd()));
@@ -198,6 +298,7 @@ mod tests {
 
     #[test]
     fn the_relay_signals_the_clients_eventfd_and_marks_the_request() {
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let client = eventfd();
         let watch = client.try_clone().unwrap();
         let mut req = ClientRequest::default();
