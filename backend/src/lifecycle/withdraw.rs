@@ -52,7 +52,7 @@ pub(super) fn begin(
     }
     WITHDRAWING.store(true, Ordering::SeqCst);
     warn!(
-        "{device}: device request: the host asks for the device back (an unbind from vfio-pci, the VF removed by sriov_numvfs, or a hot removal); relaying it to the client (QEMU unplugs the device from its guest) and releasing the device within {} ms",
+        "{device}: device request: the host asks for the device back (an unbind from vfio-pci, the VF removed by sriov_numvfs, or a hot removal); relaying it to the client (a QEMU that registered a REQ eventfd, as the patched one does, unplugs the device from its guest) and releasing the device within {} ms",
         (GRACE + KILL_AFTER).as_millis()
     );
     systemd::notify(&format!(

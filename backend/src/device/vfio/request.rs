@@ -10,7 +10,8 @@
 //! eventfd never reaches the kernel. The server keeps the client's eventfd
 //! here instead, and SIGUSR1 makes it relay the request ([`install_relay`]):
 //! QEMU then unplugs the device from its guest, as it does for in-process
-//! vfio-pci. Once the client has left (or a grace period is over) the
+//! vfio-pci (the patched QEMU: stock 11.1's vfio-user-pci lacks the x-req
+//! property and never registers a REQ eventfd, qemu-patches/ patch 16). Once the client has left (or a grace period is over) the
 //! device is quiesced, every fd closed, and airlock exits with
 //! [`EXIT_WITHDRAWN`] so that no supervisor restarts it on a device that
 //! is gone (lifecycle/withdraw.rs).
