@@ -15,7 +15,12 @@
 #   c. `virsh destroy`: airlock sees the client leave and quiesces the device
 #   d. a second `virsh start` of the same domain is served by the same airlock
 #      and passes again; `virsh destroy`
-#   e. the README's "With libvirt" section shows exactly the tested XML
+#   e. the README's "With libvirt" section shows exactly the tested XML (and
+#      the patched QEMU's <qemu:commandline> of f)
+#   f. only with AIRLOCK_LIBVIRT_PATCHED=1 (it builds the patched QEMU on
+#      first use, ~6 min; the suite does not set it): the same domain with
+#      airlock's patched QEMU (qemu-patches/) as its <emulator> and the
+#      -chardev + vfio-user-pci chardev= form; the guest passes
 # Logs: $AIRLOCK_LOG_DIR (default logs/e2e-libvirt-x86_64/). Last line:
 # "N passed, M failed". Exit 0 iff all passed; 77 if it could not run.
 set -euo pipefail
@@ -29,6 +34,23 @@ dom=airlock-edu
 in_sock=/run/airlock/edu.sock
 in_images=/var/lib/libvirt/images
 in_console=/var/log/libvirt/qemu/$dom.console
+# The patched QEMU's device arguments (README "With libvirt" quotes them).
+# -device in JSON: QEMU creates every key=value -device before the JSON ones
+# libvirt gives, so a key=value vfio-user-pci would take the PCI slot libvirt
+# chose for one of its own devices ("slot 1 function 0 not available for
+# virtio-iommu-pci, in use by vfio-user-pci").
+patched_cmdline=$(cat <<'EOF'
+  <qemu:commandline>
+    <qemu:arg value='-chardev'/>
+    <qemu:arg value='socket,id=airlock-edu,path=/run/airlock/edu.sock,reconnect-ms=100'/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='{"driver":"vfio-user-pci","chardev":"airlock-edu"}'/>
+  </qemu:commandline>
+EOF
+)
+# Where the patched build is seen in the chroot, and its launcher there: the
+# build ships no firmware, so the launcher names the root's.
+in_patched=/opt/airlock-qemu in_patched_qemu=/usr/local/bin/qemu-system-x86_64-airlock
 
 section "setup"
 command -v cargo >/dev/null || skip_exit "cargo not found (install a Rust toolchain)"
@@ -42,6 +64,13 @@ t0=$(now)
 root=$("$E2E_REPO/scripts/setup-libvirt-root.sh" 2>>"$LOG_DIR/setup.log") ||
     skip_exit "the libvirt root could not be made (see $LOG_DIR/setup.log)"
 note "libvirt root: $root ($(sed -n 1p "$root.stamp"); ready in $(elapsed "$t0") s)"
+patched_dir=""
+if [[ ${AIRLOCK_LIBVIRT_PATCHED:-0} == 1 ]]; then
+    t0=$(now)
+    patched_dir=$("$E2E_REPO/scripts/setup-qemu-patched.sh" 2>>"$LOG_DIR/setup.log") ||
+        skip_exit "building the patched QEMU failed (see $LOG_DIR/setup.log)"
+    note "patched QEMU: $patched_dir ($(elapsed "$t0") s)"
+fi
 e2e_build
 # The guest program, then an idle guest: the domain must still run for
 # `virsh destroy` (the stock /init powers off when /test ends).
@@ -73,6 +102,16 @@ chmod 0755 "$share" "$images"
 cp "$AIRLOCK_CACHE/guest/amd64/vmlinux" "$images/airlock-vmlinux"
 cp "$cpio" "$images/airlock-test.cpio"
 cp "$domain_xml" "$images/$dom.xml"
+# f's domain: the shipped one with the patched QEMU and its device arguments.
+python3 - "$domain_xml" "$images/$dom-patched.xml" "$patched_cmdline" "$in_patched_qemu" <<'EOF'
+import re, sys
+src, dst, cmdline, emulator = sys.argv[1:5]
+x = open(src).read()
+x = x.replace("<name>airlock-edu</name>", "<name>airlock-edu-patched</name>")
+x = re.sub(r"<emulator>[^<]*</emulator>", "<emulator>%s</emulator>" % emulator, x)
+x = re.sub(r"  <qemu:commandline>.*</qemu:commandline>", lambda m: cmdline, x, flags=re.S)
+open(dst, "w").write(x)
+EOF
 chmod 0644 "$images"/*
 upper="$RUN_DIR/upper" # the chroot's writes (logs, the console, libvirt's state)
 
@@ -98,6 +137,12 @@ mount -t tmpfs tmpfs "$m/tmp"
 mkdir -p "$m/run/airlock"
 mount --bind "$d/airlock" "$m/run/airlock"
 mount --bind "$d/images" "$m/var/lib/libvirt/images"
+if [ -n "$3" ]; then
+    mkdir -p "$m$4"
+    mount --bind -o ro "$3" "$m$4"
+    printf "#!/bin/sh\nexec %s -L /usr/share/qemu -L /usr/share/seabios \"\$@\"\n" "$4/qemu-system-x86_64" >"$m$5"
+    chmod 0755 "$m$5"
+fi
 printf "%s\n" "security_driver = \"none\"" "cgroup_controllers = [ ]" "namespaces = [ ]" >>"$m/etc/libvirt/qemu.conf"
 printf "%s\n" "log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"" >>"$m/etc/libvirt/libvirtd.conf"
 exec chroot "$m" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 /bin/sh -c "
@@ -107,7 +152,7 @@ exec chroot "$m" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF
     while :; do sleep 1000 & wait \$!; done"'
 t0=$(now)
 spawn ns_pid unshare --mount --pid --fork --propagation private /bin/sh -euc "$ns_script" \
-    libvirt-ns "$root" "$RUN_DIR" </dev/null >"$LOG_DIR/namespace.log" 2>&1
+    libvirt-ns "$root" "$RUN_DIR" "$patched_dir" "$in_patched" "$in_patched_qemu" </dev/null >"$LOG_DIR/namespace.log" 2>&1
 ns_init=""
 for ((i = 0; i < 100; i++)); do
     ns_init=$(cut -d' ' -f1 "/proc/$ns_pid/task/$ns_pid/children" 2>/dev/null || true)
@@ -152,11 +197,11 @@ serve() {
     cat "$log" >&2
     die "airlock did not start listening on $share/edu.sock (log: $log)"
 }
-# run_domain NAME: `virsh start`, wait for the guest's summary line on the
+# run_domain NAME DOMAIN: `virsh start DOMAIN`, wait for the guest's summary line on the
 # console (only lines written after the start count), `virsh destroy`. Sets
 # RUN_OK, RUN_SUM, RUN_USER (QEMU's user), RUN_DETAIL, and the times.
 run_domain() {
-    local name=$1 start_out t_start first="" rc="" results="$LOG_DIR/$1.results" i out state line
+    local name=$1 dom=$2 start_out t_start first="" rc="" results="$LOG_DIR/$1.results" i out state line
     RUN_OK=1 RUN_SUM="" RUN_USER="" RUN_DETAIL=""
     # Each start's console on its own: libvirt truncates the file at a start
     # (no append='on' in the XML), and a leftover must not count as a result.
@@ -169,8 +214,11 @@ run_domain() {
     fi
     RUN_START_S=$(elapsed "$t_start")
     note "\$ virsh start $dom ($RUN_START_S s): $start_out"
-    RUN_USER=$(in_ns ps -o user:20= -C qemu-system-x86_64 | tr -d ' ' || true)
-    note "\$ ps -o user -C qemu-system-x86_64: ${RUN_USER:-<no QEMU process>}"
+    # QEMU's pid from libvirt (the patched one runs as its bundled loader).
+    local qpid
+    qpid=$(in_ns cat "/run/libvirt/qemu/$dom.pid" 2>/dev/null || true)
+    RUN_USER=$(in_ns ps -o user:20= -p "${qpid:-0}" | tr -d ' ' || true)
+    note "\$ ps -o user -p \$(cat /run/libvirt/qemu/$dom.pid): ${RUN_USER:-<no QEMU process>} (pid $qpid)"
     local deadline=$((SECONDS + 120)) console=$upper$in_console
     while ((SECONDS < deadline)); do
         [[ -z $first ]] && result_lines "$console" 2>/dev/null | grep -q . && first=$(now)
@@ -228,7 +276,7 @@ section "b. airlock --socket-group $qemu_gid: virsh start, the guest drives airl
 serve apid "$LOG_DIR/airlock.log" --socket-group "$qemu_gid"
 note "airlock: $(grep -m1 -E 'mode 0[0-7]+' "$LOG_DIR/airlock.log" | sed 's/^.*INFO [^ ]* //' || true)"
 note "\$ ls -l $in_sock (in the chroot): $(in_ns ls -l "$in_sock")"
-run_domain b-first
+run_domain b-first "$dom"
 b_ok=$RUN_OK b_sum=$RUN_SUM b_user=$RUN_USER
 device_arg=$(grep -aF -- '-device '\''{"driver":"vfio-user-pci"' "$upper/var/log/libvirt/qemu/$dom.log" | tail -n1 || true)
 note "libvirt's QEMU command line (/var/log/libvirt/qemu/$dom.log) has: ${device_arg:-<no vfio-user-pci -device>}"
@@ -250,7 +298,7 @@ fi
 
 # ---------------------------------------------------------------------------
 section "d. a second virsh start of the same domain, served by the same airlock"
-run_domain d-second
+run_domain d-second "$dom"
 d_ok=$RUN_OK
 sessions=0
 for ((i = 0; i < 100; i++)); do
@@ -270,17 +318,42 @@ virsh undefine "$dom" >/dev/null 2>&1 || true
 
 # ---------------------------------------------------------------------------
 section "e. the README shows the tested domain XML"
-if python3 - "$domain_xml" "$E2E_REPO/README.md" <<'EOF'; then
+if python3 - "$domain_xml" "$E2E_REPO/README.md" "$patched_cmdline" <<'EOF'; then
 import sys
 xml, readme = (open(p).read() for p in sys.argv[1:3])
-# An indented code block: each line of the file, four spaces in.
-block = "".join("    " + l if l.strip() else l for l in xml.splitlines(True))
+# Indented code blocks: each line, four spaces in.
+blocks = ["".join("    " + l if l.strip() else l for l in t.splitlines(True))
+          for t in (xml, sys.argv[3] + "\n")]
 section = readme.split("## With libvirt", 1)[-1].split("\n## ", 1)[0]
-sys.exit(0 if "## With libvirt" in readme and block in section else 1)
+sys.exit(0 if "## With libvirt" in readme and all(b in section for b in blocks) else 1)
 EOF
-    verdict e-readme-xml OK "README.md's \"With libvirt\" quotes ${domain_xml#"$E2E_REPO"/} verbatim"
+    verdict e-readme-xml OK "README.md's \"With libvirt\" quotes ${domain_xml#"$E2E_REPO"/} and the patched <qemu:commandline> verbatim"
 else
-    verdict e-readme-xml FAIL "README.md's \"With libvirt\" section does not quote ${domain_xml#"$E2E_REPO"/} verbatim"
+    verdict e-readme-xml FAIL "README.md's \"With libvirt\" section does not quote ${domain_xml#"$E2E_REPO"/} and the patched <qemu:commandline> verbatim"
+fi
+
+# ---------------------------------------------------------------------------
+if [[ -n $patched_dir ]]; then
+    section "f. the patched QEMU as the domain's emulator: -chardev + vfio-user-pci chardev="
+    out=$(virsh define "$in_images/$dom-patched.xml" 2>&1) || true
+    note "\$ virsh define $in_images/$dom-patched.xml: $out"
+    note "emulator $in_patched_qemu: $(in_ns "$in_patched_qemu" -version | head -n1)"
+    serve apid "$LOG_DIR/airlock-f.log" --socket-group "$qemu_gid"
+    run_domain f-patched "$dom-patched"
+    if grep -qaF '"chardev":"airlock-edu"' "$upper/var/log/libvirt/qemu/$dom-patched.log" 2>/dev/null; then
+        note "libvirt's QEMU command line has: $(grep -aF -e '-chardev socket,id=airlock-edu' "$upper/var/log/libvirt/qemu/$dom-patched.log" | tail -n1)"
+    else
+        RUN_OK=0 RUN_DETAIL+="no chardev vfio-user-pci on libvirt's QEMU command line; "
+    fi
+    if ((RUN_OK)); then
+        verdict f-patched OK "guest: $RUN_SUM; the patched QEMU ran as $RUN_USER"
+    else
+        verdict f-patched FAIL "$RUN_DETAIL"
+    fi
+    stop_pid "$apid"
+    virsh undefine "$dom-patched" >/dev/null 2>&1 || true
+else
+    note "(f. the patched QEMU under libvirt: not run; AIRLOCK_LIBVIRT_PATCHED=1 runs it)"
 fi
 
 # ---------------------------------------------------------------------------
