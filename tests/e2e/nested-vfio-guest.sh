@@ -179,6 +179,23 @@ if [ -x /bin/airlock-blackbox-fuzz ]; then
     fi
 fi
 
+# What a DMA_MAP+UNMAP pair costs through airlock against the same two VFIO
+# ioctls issued directly (the floor, on the otherwise unused nvme's group):
+# a figure (BENCH line), not a check; x86_64 only (it has the nvme).
+if [ -n "$nvme" ]; then
+    ng=$(basename "$(readlink "/sys/bus/pci/devices/$nvme/iommu_group")")
+    # shellcheck disable=SC2086 # $extra is split on purpose
+    AIRLOCK_LOG=warn NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/bench.sock $extra </dev/null >/tmp/airlock-bench.log 2>&1 &
+    bpid=$!
+    i=0
+    while [ ! -S /tmp/bench.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    /bin/airlock-probe --socket /tmp/bench.sock --bench-dma "$ng" >/tmp/bench.out 2>&1
+    grep -E '^(BENCH|INFO|FAIL) ' /tmp/bench.out | sed 's/^BENCH /INFO BENCH /'
+    grep -q '^PASS bench-dma-map-unmap' /tmp/bench.out || rc=1
+    kill $bpid 2>/dev/null
+    wait $bpid
+fi
+
 # The host takes the device back (vfio-pci's device request, REQ): an unbind
 # from vfio-pci while a client holds the device, then while none does. Each
 # time the unbind must complete within 5 s, airlock must name the request

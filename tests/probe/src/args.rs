@@ -1,5 +1,5 @@
 //! Command line: `--socket PATH [--airlock-pid PID] [--iterations N]
-//! [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]... [--hold-request SECONDS]` (also `--opt=value`; --skip
+//! [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]... [--hold-request SECONDS] [--bench-dma GROUP]` (also `--opt=value`; --skip
 //! values may be comma-separated; START and SIZE decimal or 0x-hex).
 
 #[derive(Debug, PartialEq, Eq)]
@@ -16,10 +16,13 @@ pub struct Args {
     /// Instead of the checks: hold the device with a REQ eventfd for at
     /// most this many seconds (hold_request.rs).
     pub hold_request: Option<u64>,
+    /// Instead of the checks: DMA_MAP+UNMAP through airlock against the
+    /// direct ioctls on this other VFIO group (bench_dma.rs).
+    pub bench_dma: Option<String>,
 }
 
 pub const USAGE: &str = "usage: airlock-probe --socket PATH [--airlock-pid PID] [--iterations N] \
-     [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]... [--hold-request SECONDS]";
+     [--msi-window START:SIZE] [--broken-upgrades] [--skip NAME]... [--hold-request SECONDS] [--bench-dma GROUP]";
 
 /// A number in decimal or 0x-hex.
 fn number64(v: &str) -> Option<u64> {
@@ -48,6 +51,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
     let mut msi_window = None;
     let mut broken_upgrades = false;
     let mut hold_request = None;
+    let mut bench_dma = None;
     let mut it = argv.into_iter();
     while let Some(arg) = it.next() {
         if arg.is_empty() {
@@ -86,6 +90,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
             ),
             "--msi-window" => msi_window = Some(window(&value("--msi-window")?)?),
             "--broken-upgrades" => broken_upgrades = true,
+            "--bench-dma" => bench_dma = Some(value("--bench-dma")?),
             "--hold-request" => {
                 hold_request = Some(number("--hold-request", value("--hold-request")?)? as u64)
             }
@@ -101,6 +106,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, String> {
         msi_window,
         broken_upgrades,
         hold_request,
+        bench_dma,
     })
 }
 
@@ -125,6 +131,7 @@ mod tests {
                 msi_window: None,
                 broken_upgrades: false,
                 hold_request: None,
+                bench_dma: None,
             }
         );
     }

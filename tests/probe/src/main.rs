@@ -4,6 +4,7 @@
 //! `N passed, M failed[, K skipped]`; exits 0 iff nothing failed.
 
 mod args;
+mod bench_dma;
 mod broken_upgrade;
 mod checks;
 mod device;
@@ -24,9 +25,10 @@ fn main() {
         }
     };
     let mut report = report::Report::new(args.skip.clone());
-    match args.hold_request {
-        Some(s) => hold_request::run(&mut report, &args.socket, s),
-        None => checks::run(&mut report, &args),
+    match (args.hold_request, &args.bench_dma) {
+        (Some(s), _) => hold_request::run(&mut report, &args.socket, s),
+        (None, Some(group)) => bench_dma::run(&mut report, &args.socket, group),
+        (None, None) => checks::run(&mut report, &args),
     }
     std::process::exit(report.finish());
 }
