@@ -58,6 +58,8 @@ for tool in unshare nsenter setsid; do
     command -v "$tool" >/dev/null || skip_exit "$tool not found (util-linux)"
 done
 [[ $(id -u) == 0 ]] || skip_exit "needs root (a chroot and mounts for libvirtd; the Debian root)"
+command -v python3 >/dev/null || need_host_pkgs python3:python3-minimal >>"$LOG_DIR/setup.log" 2>&1 ||
+    skip_exit "python3 missing (the XML checks)"
 t0=$(now)
 "$E2E_REPO/scripts/setup-guest.sh" >>"$LOG_DIR/setup.log" 2>&1 ||
     skip_exit "guest kernel setup failed (see $LOG_DIR/setup.log)"
@@ -153,10 +155,12 @@ exec chroot "$m" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF
 t0=$(now)
 spawn ns_pid unshare --mount --pid --fork --propagation private /bin/sh -euc "$ns_script" \
     libvirt-ns "$root" "$RUN_DIR" "$patched_dir" "$in_patched" "$in_patched_qemu" </dev/null >"$LOG_DIR/namespace.log" 2>&1
+# The namespace's init, once it is chrooted (nsenter -r takes its root).
 ns_init=""
-for ((i = 0; i < 100; i++)); do
+for ((i = 0; i < 200; i++)); do
     ns_init=$(cut -d' ' -f1 "/proc/$ns_pid/task/$ns_pid/children" 2>/dev/null || true)
-    [[ -n $ns_init ]] && break
+    [[ -n $ns_init && $(readlink "/proc/$ns_init/root" 2>/dev/null) == "$RUN_DIR/merged" ]] && break
+    ns_init=""
     sleep 0.05
 done
 [[ -n $ns_init ]] || { cat "$LOG_DIR/namespace.log"; die "the libvirt namespace did not start"; }
