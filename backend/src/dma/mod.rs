@@ -14,11 +14,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
 use airlock_protocol::dma::{DmaMap, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use thiserror::Error;
+
+mod host;
 
 /// Page size offered in VERSION (pgsizes); maps must be aligned to it.
 pub const PAGE_SIZE: u64 = 4096;
@@ -99,23 +101,9 @@ enum Backing {
     Messages,
     /// Reached with pread/pwrite at `offset` + (address - map start).
     File { file: File, offset: u64 },
-    /// mmapped for a device that needs a host address (the fd is closed:
-    /// the mapping keeps the file).
-    Host(HostMapping),
-}
-
-/// A shared mapping of a client's file, unmapped on drop.
-struct HostMapping {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Drop for HostMapping {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly what mmap returned; nothing else
-        // unmaps it, and the device dropped it (dma_unmapped) before us.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
+    /// mmapped for a device that needs a host address (host.rs: the fd is
+    /// closed, the mapping keeps the file): its address.
+    Host(u64),
 }
 
 /// A contiguous piece of a DMA access that falls in one map.
@@ -132,6 +120,7 @@ pub struct DmaSpace {
     max_maps: usize,
     /// mmap fd-backed maps (for a device that needs host addresses).
     host_mappings: bool,
+    host: host::HostFiles,
 }
 
 impl DmaSpace {
@@ -140,6 +129,7 @@ impl DmaSpace {
             maps: BTreeMap::new(),
             max_maps,
             host_mappings,
+            host: host::HostFiles::default(),
         }
     }
 
@@ -176,7 +166,11 @@ impl DmaSpace {
                 let (file, file_id) = checked_backing(m, fd)?;
                 id = Some(file_id);
                 if self.host_mappings {
-                    Backing::Host(mmap_backing(m, &file)?)
+                    let host = self
+                        .host
+                        .acquire(&file, m.offset, m.size, prot(m.flags))
+                        .map_err(|source| DmaError::Mmap { iova, size, source })?;
+                    Backing::Host(host)
                 } else {
                     Backing::File {
                         file,
@@ -197,20 +191,28 @@ impl DmaSpace {
         Ok(())
     }
 
-    /// Removes the map that matches [iova, iova + size) exactly; dropping
-    /// it munmaps the memory before this returns.
+    /// Removes the map that matches [iova, iova + size) exactly (its file
+    /// closes, or its host mapping loses a user, before this returns).
     pub fn unmap(&mut self, iova: u64, size: u64) -> Result<(), DmaError> {
         match self.maps.get(&iova) {
             Some(m) if m.size == size => {
-                self.maps.remove(&iova);
+                if let Some(Mapping {
+                    backing: Backing::Host(h),
+                    ..
+                }) = self.maps.remove(&iova)
+                {
+                    self.host.release(h);
+                }
                 Ok(())
             }
             _ => Err(DmaError::NoSuchMap { iova, size }),
         }
     }
 
+    /// Removes every map; no host mapping is kept.
     pub fn clear(&mut self) {
         self.maps.clear();
+        self.host = host::HostFiles::default();
     }
 
     /// True when a map covers exactly [iova, iova + size).
@@ -231,7 +233,7 @@ impl DmaSpace {
     /// Where airlock mapped the map starting at `iova` (None without an fd).
     pub fn host_address(&self, iova: u64) -> Option<u64> {
         match &self.maps.get(&iova)?.backing {
-            Backing::Host(h) => Some(h.ptr as u64),
+            Backing::Host(h) => Some(*h),
             _ => None,
         }
     }
@@ -355,38 +357,14 @@ fn checked_backing(m: &DmaMap, fd: OwnedFd) -> Result<(File, FileId), DmaError> 
     Ok((file, id))
 }
 
-/// mmaps the client's file for a device that needs a host address.
-fn mmap_backing(m: &DmaMap, file: &File) -> Result<HostMapping, DmaError> {
+/// The mmap protection a map's flags ask for.
+fn prot(flags: u32) -> i32 {
     let mut prot = 0;
-    if m.flags & DMA_MAP_FLAG_READ != 0 {
+    if flags & DMA_MAP_FLAG_READ != 0 {
         prot |= libc::PROT_READ;
     }
-    if m.flags & DMA_MAP_FLAG_WRITE != 0 {
+    if flags & DMA_MAP_FLAG_WRITE != 0 {
         prot |= libc::PROT_WRITE;
     }
-    let err = |source| DmaError::Mmap {
-        iova: m.iova,
-        size: m.size,
-        source,
-    };
-    let len = usize::try_from(m.size)
-        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
-    let offset = libc::off_t::try_from(m.offset)
-        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
-    // SAFETY: a new shared mapping chosen by the kernel; file is a valid
-    // fd for the call. The result is checked and owned by HostMapping.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            prot,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            offset,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    Ok(HostMapping { ptr, len })
+    prot
 }
