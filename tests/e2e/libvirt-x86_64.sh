@@ -17,8 +17,9 @@
 #      and passes again; `virsh destroy`
 #   e. the README's "With libvirt" section shows exactly the tested XML (and
 #      the patched QEMU's <qemu:commandline> of f)
-#   f. only with AIRLOCK_LIBVIRT_PATCHED=1 (it builds the patched QEMU on
-#      first use, ~6 min; the suite does not set it): the same domain with
+#   f. unless AIRLOCK_LIBVIRT_PATCHED=0 (it builds the patched QEMU on first
+#      use, ~6 min; the suite runs it after qemu-patched-x86_64.sh, which has
+#      built it already): the same domain with
 #      airlock's patched QEMU (qemu-patches/) as its <emulator> and the
 #      -chardev + vfio-user-pci chardev= form; the guest passes
 # Logs: $AIRLOCK_LOG_DIR (default logs/e2e-libvirt-x86_64/). Last line:
@@ -67,7 +68,7 @@ root=$("$E2E_REPO/scripts/setup-libvirt-root.sh" 2>>"$LOG_DIR/setup.log") ||
     skip_exit "the libvirt root could not be made (see $LOG_DIR/setup.log)"
 note "libvirt root: $root ($(sed -n 1p "$root.stamp"); ready in $(elapsed "$t0") s)"
 patched_dir=""
-if [[ ${AIRLOCK_LIBVIRT_PATCHED:-0} == 1 ]]; then
+if [[ ${AIRLOCK_LIBVIRT_PATCHED:-1} == 1 ]]; then
     t0=$(now)
     patched_dir=$("$E2E_REPO/scripts/setup-qemu-patched.sh" 2>>"$LOG_DIR/setup.log") ||
         skip_exit "building the patched QEMU failed (see $LOG_DIR/setup.log)"
@@ -357,7 +358,7 @@ if [[ -n $patched_dir ]]; then
     stop_pid "$apid"
     virsh undefine "$dom-patched" >/dev/null 2>&1 || true
 else
-    note "(f. the patched QEMU under libvirt: not run; AIRLOCK_LIBVIRT_PATCHED=1 runs it)"
+    note "(f. the patched QEMU under libvirt: not run: AIRLOCK_LIBVIRT_PATCHED=0)"
 fi
 
 # ---------------------------------------------------------------------------
