@@ -20,7 +20,8 @@
 #           interleaved in rounds: frame rate and round-trip time, 0 lost,
 #           0 corrupted; the ivshmem BAR2 mmapped through sysfs: the host's
 #           pattern P0 read, pattern P1 written
-#     L1: REQ: unbinds VF2 while L2 drives it (<= 5 s; L2 sees it unplugged;
+#     L1: REQ: unbinds VF2 while L2 drives it (airlock lets go within 5 s,
+#         the unbind returns once QEMU closed its copy of the device fd; L2 sees it unplugged;
 #         airlock exits 69 naming the device request)
 #     host: ERR: injects an uncorrectable non-fatal AER error (POISON_TLP)
 #         through its monitor when L1 asks: into the igb PF (pf0) first,
