@@ -50,8 +50,8 @@
 #                         SeaBIOS puts L1's 64-bit BARs above 4 GiB)
 #        SHM_MIB          the ivshmem's size (default 256)
 #        WIRE_ROUNDS, WIRE_FRAMES, WIRE_WINDOW, WIRE_RTT
-#                         traffic: rounds (4), frames per rate phase (400),
-#                         frames in flight (16), one-at-a-time frames (30)
+#                         traffic: rounds (8), frames per rate phase (400),
+#                         frames in flight (16), one-at-a-time frames (40)
 #        L2_QEMU          patched (default) or stock
 #        L2_APPEND        extra words for L2's kernel command line
 #        NESTED_AIRLOCK   a static airlock binary to use instead of this tree's build
@@ -69,7 +69,7 @@ timeout_s=${GUEST_TIMEOUT:-1500}
 # places a 256 MiB BAR2 below 4 GiB).
 l1_mem=${L1_MEM:-3G} l2_mem=${L2_MEM:-256M}
 shm_mib=${SHM_MIB:-256}
-rounds=${WIRE_ROUNDS:-4} frames=${WIRE_FRAMES:-400} window=${WIRE_WINDOW:-16} rtt=${WIRE_RTT:-30}
+rounds=${WIRE_ROUNDS:-8} frames=${WIRE_FRAMES:-400} window=${WIRE_WINDOW:-16} rtt=${WIRE_RTT:-40}
 l2_qemu=${L2_QEMU:-patched}
 target=x86_64-unknown-linux-gnu
 shm="$LOG_DIR/ivshmem.bin"
