@@ -237,7 +237,7 @@ fn serve_unconfined(
     if device.withdrawn() {
         let name = device.name().to_string();
         drop(device);
-        tracing::error!("{name}: released to the host after its device request (quiesced, every fd closed); exiting with status {EXIT_WITHDRAWN} so that nothing restarts airlock for a device that is gone");
+        lifecycle::withdraw::released(&name);
         return Ok(ExitCode::from(EXIT_WITHDRAWN as u8));
     }
     Ok(ExitCode::SUCCESS)
@@ -338,17 +338,14 @@ fn serve_supervised(
 /// Without it an unbind from vfio-pci waits until airlock stops.
 fn request_watch(held: Option<&VfioPci>, arm: bool) -> Option<RequestWatch> {
     let dev = held?;
-    let watch = dev
-        .request_watch()
-        .and_then(|w| {
-            if let (Some(w), true) = (&w, arm) {
-                w.arm()?;
-            }
-            Ok(w)
-        })
-        .map_err(|e| tracing::warn!("{}: arming the device request (VFIO REQ) failed: {e}; an unbind from vfio-pci then waits for airlock to stop", dev.name()))
-        .ok()??;
-    Some(watch)
+    let watch = match dev.request_watch() {
+        Ok(w) => w?,
+        Err(e) => {
+            tracing::warn!("{}: no device request (VFIO REQ) watch: {e}; an unbind from vfio-pci then waits for airlock to stop", dev.name());
+            return None;
+        }
+    };
+    (!arm || lifecycle::withdraw::arm(dev.name(), &watch)).then_some(watch)
 }
 
 /// What SIGUSR2 starts: the binary at the path the first airlock was
@@ -391,7 +388,7 @@ fn release(
             let name = held.as_ref().map(|d| d.name().to_string());
             drop(held);
             if let (EXIT_WITHDRAWN, Some(name)) = (c, name) {
-                tracing::error!("{name}: released to the host after its device request (quiesced, every fd closed); exiting with status {EXIT_WITHDRAWN} so that nothing restarts airlock for a device that is gone");
+                lifecycle::withdraw::released(&name);
             }
             Ok(code(c))
         }

@@ -12,7 +12,8 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+
+use super::FileId;
 
 /// Unused whole-file mappings kept for the next map into the same file.
 const KEEP_IDLE: usize = 4;
@@ -49,12 +50,19 @@ pub(super) struct HostFiles {
 }
 
 impl HostFiles {
-    /// A host address for [offset, offset + size) of `file` with `prot`,
-    /// counted as one more user of its mapping until `release`.
-    pub fn acquire(&mut self, file: &File, offset: u64, size: u64, prot: i32) -> io::Result<u64> {
+    /// A host address for [id.offset, + size) of `file` (`file_len` bytes
+    /// long, as the caller's fstat found it) with `prot`, counted as one
+    /// more user of its mapping until `release`.
+    pub fn acquire(
+        &mut self,
+        file: &File,
+        id: &FileId,
+        file_len: u64,
+        size: u64,
+        prot: i32,
+    ) -> io::Result<u64> {
         self.clock += 1;
-        let meta = file.metadata()?;
-        let key = (meta.dev(), meta.ino(), prot);
+        let (key, offset) = ((id.dev, id.ino, prot), id.offset);
         let end = offset + size;
         if let Some(m) = self
             .maps
@@ -65,9 +73,9 @@ impl HostFiles {
             m.used = self.clock;
             return Ok(m.ptr as u64 + offset);
         }
-        let whole = meta.len() <= WHOLE_FILE_MAX;
+        let whole = file_len <= WHOLE_FILE_MAX;
         let (start, len, key) = if whole {
-            (0, meta.len(), Some(key))
+            (0, file_len, Some(key))
         } else {
             (offset, size, None)
         };
@@ -165,21 +173,33 @@ mod tests {
 
     const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
 
+    /// acquire as DmaSpace calls it, with the file's fstat.
+    fn acquire(h: &mut HostFiles, f: &File, offset: u64, size: u64, prot: i32) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata()?;
+        let id = FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            offset,
+        };
+        h.acquire(f, &id, m.len(), size, prot)
+    }
+
     #[test]
     fn maps_into_one_file_share_one_mapping_kept_after_the_last_goes() {
         let ram = memfd(1 << 20);
         let mut h = HostFiles::default();
-        let a = h.acquire(&ram, 0x1000, 0x1000, RW).unwrap();
-        let b = h.acquire(&ram, 0x8000, 0x2000, RW).unwrap();
+        let a = acquire(&mut h, &ram, 0x1000, 0x1000, RW).unwrap();
+        let b = acquire(&mut h, &ram, 0x8000, 0x2000, RW).unwrap();
         assert_eq!(b - a, 0x7000, "one mapping of the whole file");
         assert_eq!(h.count(), 1);
-        let ro = h.acquire(&ram, 0x1000, 0x1000, libc::PROT_READ).unwrap();
+        let ro = acquire(&mut h, &ram, 0x1000, 0x1000, libc::PROT_READ).unwrap();
         assert_eq!(h.count(), 2, "another protection is another mapping");
         h.release(a);
         h.release(b);
         h.release(ro);
         assert_eq!(h.count(), 2, "idle mappings are kept for the next map");
-        let again = h.acquire(&ram, 0x1000, 0x1000, RW).unwrap();
+        let again = acquire(&mut h, &ram, 0x1000, 0x1000, RW).unwrap();
         assert_eq!(again, a, "and reused");
         h.release(again);
     }
@@ -189,12 +209,12 @@ mod tests {
         let mut h = HostFiles::default();
         let files: Vec<File> = (0..KEEP_IDLE + 3).map(|_| memfd(1 << 16)).collect();
         for f in &files {
-            let p = h.acquire(f, 0, 0x1000, RW).unwrap();
+            let p = acquire(&mut h, f, 0, 0x1000, RW).unwrap();
             h.release(p);
         }
         assert_eq!(h.count(), KEEP_IDLE, "the least recently used go first");
         let huge = memfd(WHOLE_FILE_MAX + (1 << 20));
-        let p = h.acquire(&huge, WHOLE_FILE_MAX, 0x1000, RW).unwrap();
+        let p = acquire(&mut h, &huge, WHOLE_FILE_MAX, 0x1000, RW).unwrap();
         assert_eq!(h.count(), KEEP_IDLE + 1);
         h.release(p);
         assert_eq!(h.count(), KEEP_IDLE, "a piece goes with its map");

@@ -163,12 +163,12 @@ impl DmaSpace {
         let backing = match fd {
             None => Backing::Messages,
             Some(fd) => {
-                let (file, file_id) = checked_backing(m, fd)?;
+                let (file, file_id, len) = checked_backing(m, fd)?;
                 id = Some(file_id);
                 if self.host_mappings {
                     let host = self
                         .host
-                        .acquire(&file, m.offset, m.size, prot(m.flags))
+                        .acquire(&file, &file_id, len, m.size, prot(m.flags))
                         .map_err(|source| DmaError::Mmap { iova, size, source })?;
                     Backing::Host(host)
                 } else {
@@ -332,8 +332,8 @@ impl DmaSpace {
 
 /// Takes the client's fd for a map if it is a regular file that covers
 /// offset + size now (a later shrink is survived, see the module doc),
-/// with its identity.
-fn checked_backing(m: &DmaMap, fd: OwnedFd) -> Result<(File, FileId), DmaError> {
+/// with its identity and length.
+fn checked_backing(m: &DmaMap, fd: OwnedFd) -> Result<(File, FileId, u64), DmaError> {
     let bad = DmaError::BadBacking {
         iova: m.iova,
         size: m.size,
@@ -354,7 +354,7 @@ fn checked_backing(m: &DmaMap, fd: OwnedFd) -> Result<(File, FileId), DmaError> 
         ino: std::os::unix::fs::MetadataExt::ino(&meta),
         offset: m.offset,
     };
-    Ok((file, id))
+    Ok((file, id, meta.len()))
 }
 
 /// The mmap protection a map's flags ask for.

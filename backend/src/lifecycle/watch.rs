@@ -215,8 +215,8 @@ fn committed(scene: &Scene<'_>, p: &Predecessor) {
         scene.device, scene.socket
     ));
     // The device request is this airlock's to hear from now on.
-    if let Some(Err(e)) = scene.request.map(|r| r.arm()) {
-        warn!("{}: arming the device request (VFIO REQ) failed: {e}; an unbind from vfio-pci then waits for airlock to stop", scene.device);
+    if let Some(r) = scene.request {
+        withdraw::arm(scene.device, r);
     }
 }
 

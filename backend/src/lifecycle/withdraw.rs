@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, warn};
 
-use crate::device::vfio::request::{RequestWatch, RELAY_SIGNAL};
+use crate::device::vfio::request::{RequestWatch, EXIT_WITHDRAWN, RELAY_SIGNAL};
 use crate::systemd;
 
 /// How long the client has to release the device after the request.
@@ -88,6 +88,23 @@ pub(super) fn tick(device: &str, w: &mut Withdrawal, server: i32) -> Duration {
         w.killed = true;
     }
     Duration::from_millis(100)
+}
+
+/// Makes `watch` the kernel's REQ trigger; a failure is logged (the device
+/// is still served, but an unbind from vfio-pci then waits for airlock).
+pub fn arm(device: &str, watch: &RequestWatch) -> bool {
+    match watch.arm() {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("{device}: arming the device request (VFIO REQ) failed: {e}; an unbind from vfio-pci then waits for airlock to stop");
+            false
+        }
+    }
+}
+
+/// The last word once the device went back to the host.
+pub fn released(device: &str) {
+    error!("{device}: released to the host after its device request (quiesced, every fd closed); exiting with status {EXIT_WITHDRAWN} so that nothing restarts airlock for a device that is gone");
 }
 
 fn signal(pid: i32, sig: libc::c_int) {
