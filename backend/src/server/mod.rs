@@ -72,12 +72,12 @@ fn bind_fix(path: &Path, e: &io::Error) -> String {
     }
 }
 
-/// Gives the socket at `at` to --socket-group's group, if any.
-fn give_group(at: &Path, access: &SocketAccess) -> Result<(), ServerError> {
+/// Gives the socket at `at` (staged for `path`) to --socket-group's group.
+fn give_group(at: &Path, path: &Path, access: &SocketAccess) -> Result<(), ServerError> {
     let Some((gid, _)) = &access.group else {
         return Ok(());
     };
-    std::os::unix::fs::lchown(at, None, Some(*gid)).map_err(|e| access_err(e, at, access))
+    std::os::unix::fs::lchown(at, None, Some(*gid)).map_err(|e| access_err(e, path, access))
 }
 
 fn access_err(source: io::Error, path: &Path, access: &SocketAccess) -> ServerError {
@@ -143,7 +143,7 @@ impl Listener {
         let listener = UnixListener::bind(at).map_err(bind_err)?;
         // Group and mode before the socket is in place: nobody connects
         // while it is still root's alone or more open than asked.
-        let placed = give_group(at, access)
+        let placed = give_group(at, path, access)
             .and_then(|_| {
                 std::fs::set_permissions(at, std::fs::Permissions::from_mode(access.mode))
                     .map_err(|e| access_err(e, path, access))
