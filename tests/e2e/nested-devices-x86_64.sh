@@ -20,9 +20,10 @@
 #           interleaved in rounds: frame rate and round-trip time, 0 lost,
 #           0 corrupted; the ivshmem BAR2 mmapped through sysfs: the host's
 #           pattern P0 read, pattern P1 written
-#     L1: REQ: unbinds VF2 while L2 drives it (airlock lets go within 5 s,
-#         the unbind returns once QEMU closed its copy of the device fd; L2 sees it unplugged;
-#         airlock exits 69 naming the device request)
+#     L1: REQ: unbinds VF2 while L2 drives it: the unbind returns within 5 s
+#         (airlock lets go, the patched L2 QEMU gives back its BAR mmaps and
+#         region fds when the request reaches it); L2 sees VF2 unplugged;
+#         airlock exits 69 naming the device request
 #     host: ERR: injects an uncorrectable non-fatal AER error (POISON_TLP)
 #         through its monitor when L1 asks: into the igb PF (pf0) first,
 #         then, when L1 saw nothing, into its root port (rp0): QEMU's igb
@@ -38,7 +39,9 @@
 #
 # Why the patched L2 QEMU by default: REQ makes QEMU unplug VF2, and stock
 # QEMU 11.1 aborts when it unplugs a vfio-user device with MSI-X (the PBA
-# overlay; qemu-patches/ patch 7), which would end L2 before ERR.
+# overlay; qemu-patches/ patch 7), which would end L2 before ERR. Stock QEMU
+# also never arms REQ (patch 16) and keeps the BAR mmaps, its copy of the
+# device, until the device is gone (patch 17): the unbind then waits.
 #
 # Usage: tests/e2e/nested-devices-x86_64.sh
 # Env:   AIRLOCK_LOG_DIR  logs (default logs/e2e-nested-devices-x86_64/):
