@@ -74,9 +74,35 @@ impl Client {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Reply, ProtocolError> {
+        let id = self.send_command(cmd, payload, fds)?;
+        self.reply_to(id, cmd)
+    }
+
+    /// Sends a command that wants a reply without waiting for it, and
+    /// returns its message id for [`Client::reply_to`]. This lets a caller
+    /// keep several requests outstanding, as QEMU does with DMA_MAPs inside
+    /// a memory transaction. The server answers in order, so the replies
+    /// must be collected in the order the commands were sent: each
+    /// `reply_to` takes the next reply off the socket, and one carrying an
+    /// id other than the one asked for is a `BadReply` (and is gone). Keep
+    /// the batch within what the socket buffers hold, since nothing reads
+    /// replies while sending.
+    pub fn send_command(
+        &mut self,
+        cmd: Command,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u16, ProtocolError> {
         let id = self.id();
         let h = Header::command(id, cmd, payload.len(), false);
         self.sock.send(&h, &[payload], fds)?;
+        Ok(id)
+    }
+
+    /// Waits for the reply to `id`, sent as `cmd` by [`Client::send_command`];
+    /// an error reply becomes `ProtocolError::Remote` with the server's errno,
+    /// and the reply is consumed either way, so the next id can be collected.
+    pub fn reply_to(&mut self, id: u16, cmd: Command) -> Result<Reply, ProtocolError> {
         let reply = self.wait_reply(id)?;
         if reply.header.cmd != cmd as u16 {
             return Err(ProtocolError::BadReply {
@@ -97,7 +123,9 @@ impl Client {
         )
     }
 
-    /// Receives until the reply to `id` arrives, serving DMA requests meanwhile.
+    /// Receives until the reply to `id` arrives, serving DMA requests
+    /// meanwhile. The next reply must be the one to `id` (replies come in
+    /// order); [`Client::reply_to`] also checks the reply's command.
     pub fn wait_reply(&mut self, id: u16) -> Result<Reply, ProtocolError> {
         let mut payload = Vec::new();
         loop {

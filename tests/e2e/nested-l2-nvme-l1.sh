@@ -22,15 +22,21 @@ fail() { echo "FAIL $*"; echo "0 passed, 1 failed"; exit 1; }
 say "start at uptime $(up) s; kernel $(uname -r); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
 dmesg | grep -iE 'DMAR: IOMMU enabled|DMAR-IR: Enabled' | while read -r l; do say "dmesg: $l"; done
 
-l2mem=256M extra= l2global= compare=
+l2mem=256M extra= l2global= compare= viommu=
 for w in $(cat /proc/cmdline); do
     case "$w" in
         l2.mem=*) l2mem=${w#l2.mem=} ;;
         airlock.extra=*) extra=$(echo "${w#airlock.extra=}" | tr , ' ') ;;
         l2.global=*) l2global=${w#l2.global=} ;;
         l2.compare=*) compare=${w#l2.compare=} ;;
+        l2.viommu=*) viommu=${w#l2.viommu=} ;;
     esac
 done
+
+# l2.viommu=strict|lazy: a virtio-iommu in L2 (iommu.strict=1 or 0), so every
+# nvme I/O maps its buffers through it (DMA_MAP/DMA_UNMAP to airlock).
+strict=1
+[ "$viommu" = lazy ] && strict=0
 
 nvme=""
 for d in /sys/bus/pci/devices/*; do
@@ -81,9 +87,10 @@ run_l2() {
             -object "memory-backend-memfd,id=mem,size=$l2mem,share=on" -machine memory-backend=mem \
             -nographic -nodefaults -serial stdio -no-reboot \
             "$@" \
+            ${viommu:+-device virtio-iommu-pci} \
             ${l2global:+-global "$l2global"} \
             -kernel /l2/vmlinux -initrd /l2/initrd.cpio \
-            -append "console=ttyS0 quiet panic=-1" </dev/null 2>&1
+            -append "console=ttyS0 quiet panic=-1${viommu:+ iommu.strict=$strict}" </dev/null 2>&1
         echo "AIRLOCK-L2-QEMU-RC $?"
     } | while IFS= read -r l; do
         l=${l%"$cr"}

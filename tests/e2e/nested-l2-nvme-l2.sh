@@ -33,7 +33,7 @@ finish() {
 }
 
 echo   # end SeaBIOS's "Booting from ROM.." line
-A_MIB=4 B_OFF_MIB=8 B_MIB=1 A_SUM="" B_SUM=""
+A_MIB=4 B_OFF_MIB=8 B_MIB=1 A_SUM="" B_SUM="" VIOMMU=""
 . /expect
 say "init at uptime $(up) s; kernel $(uname -r); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
 
@@ -61,6 +61,20 @@ sectors=$(cat /sys/block/nvme0n1/size)
 pass "l2-nvme-probe: nvme0 at $dev ($(echo $(cat "$c/model")) serial $(cat "$c/serial" | tr -d ' ')," \
     "$((sectors / 2048)) MiB) ready $(dt "$t0") s after insmod"
 say "queues: $(dmesg | grep -o 'nvme0: [0-9/]* default/read/poll queues' | tail -n 1)"
+# With VIOMMU (strict|lazy) the nvme must sit behind the virtio-iommu in a
+# translating domain: DMA (strict) or DMA-FQ (lazy).
+if [ -n "$VIOMMU" ]; then
+    want=DMA
+    [ "$VIOMMU" = lazy ] && want=DMA-FQ
+    grp=$(readlink "/sys/bus/pci/devices/$dev/iommu_group")
+    type=$(cat "/sys/bus/pci/devices/$dev/iommu_group/type" 2>/dev/null)
+    if [ "$type" = "$want" ]; then
+        pass "l2-viommu: nvme $dev in IOMMU group ${grp##*/}, domain type $type (virtio-iommu, $VIOMMU)"
+    else
+        fail "l2-viommu: nvme $dev: IOMMU group '${grp##*/}', domain type '$type' (want $want behind virtio-iommu)"
+    fi
+    dmesg | grep -iE 'virtio.iommu|iommu: Default domain' | tail -n 3 | while read -r l; do say "dmesg: $l"; done
+fi
 
 # --- the I/O phase ------------------------------------------------------------
 say "nvme phase start at uptime $(up) s"
@@ -114,5 +128,7 @@ bench() { # bench NAME BS COUNT
 bench read-4k 4k 512
 bench read-128k 128k 64
 say "interrupts: $(grep -E 'nvme' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
+read -r rd _ _ _ wr _ </sys/block/nvme0n1/stat
+say "nvme0n1 I/Os: $rd reads, $wr writes completed (the block layer's count, whole run)"
 dmesg | grep -iE 'nvme.*(error|timeout|abort|reset)|I/O error' | tail -n 6 | while read -r l; do say "dmesg: $l"; done
 finish

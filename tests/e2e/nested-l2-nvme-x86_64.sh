@@ -35,6 +35,15 @@
 #                          figures (4 KiB / 128 KiB O_DIRECT reads) and ratios
 #        NESTED_AIRLOCK_ARGS  airlock arguments, space-separated (default none:
 #                          the mmap fast path; --mediate-bars to route every BAR access)
+#        L2_VIOMMU=strict|lazy  give L2 a virtio-iommu (both L2 runs) with
+#                          iommu.strict=1 (strict) or 0 (lazy): every nvme I/O
+#                          then maps (and, strict, unmaps) its buffers through
+#                          it, i.e. DMA_MAP/DMA_UNMAP messages to airlock, or
+#                          VFIO ioctls in-process. Implies L2_QEMU=patched
+#                          (the guest learns airlock's IOVA windows) unless
+#                          L2_QEMU is set. With L2_COMPARE the table adds
+#                          airlock's maps and unmaps per I/O and its median
+#                          time per map and per unmap (its session line).
 # Output: progress (L1 INFO lines, every L2 console line), L2's PASS/FAIL lines,
 # the host's disk checks, timings, and last "N passed, M failed" (L2's and the
 # host's checks together). Exit 0 iff all passed; 124 on timeout; 77 if it
@@ -51,6 +60,12 @@ LOG_DIR=$(cd "$LOG_DIR" && pwd)
 timeout_s=${GUEST_TIMEOUT:-1500}
 l1_mem=${L1_MEM:-2G}
 l2_mem=${L2_MEM:-256M}
+viommu=${L2_VIOMMU:-}
+case $viommu in
+    "" | strict | lazy) ;;
+    *) die "L2_VIOMMU=$viommu: want strict or lazy" ;;
+esac
+[[ -n $viommu ]] && : "${L2_QEMU:=patched}"
 target=x86_64-unknown-linux-gnu
 work=$(mktemp -d "${TMPDIR:-/tmp}/airlock-l2nvme.XXXXXX")
 qpid=""
@@ -118,7 +133,7 @@ mk_l2_cpio() {
     ln -s bin "$st/sbin"
     mknod -m 0600 "$st/dev/console" c 5 1 2>/dev/null || true
     : >"$st/etc/modules.order"
-    for m in nvme; do
+    for m in ${viommu:+virtio_iommu} nvme; do
         while read -r kind path _; do
             [[ $kind == insmod ]] || continue
             f=${path##*/}
@@ -132,8 +147,8 @@ mk_l2_cpio() {
         done < <(modprobe -d "$g/root" -S "$kver" --show-depends "$m")
     done
     install -m 0755 "$repo/tests/e2e/nested-l2-nvme-l2.sh" "$st/init"
-    printf 'A_MIB=%s B_OFF_MIB=%s B_MIB=%s A_SUM=%s B_SUM=%s\n' \
-        "$a_mib" "$b_off_mib" "$b_mib" "$a_sum" "$b_sum" >"$st/expect"
+    printf 'A_MIB=%s B_OFF_MIB=%s B_MIB=%s A_SUM=%s B_SUM=%s VIOMMU=%s\n' \
+        "$a_mib" "$b_off_mib" "$b_mib" "$a_sum" "$b_sum" "$viommu" >"$st/expect"
     (cd "$st" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$out"
 }
 l2_cpio="$work/l2.cpio"
@@ -174,7 +189,7 @@ setsid "$repo/scripts/qemu" x86_64 -accel tcg \
     -device nvme,serial=airlock-l2,drive=nvm \
     -drive "if=none,id=nvm,file=$disk,format=raw" \
     -kernel "$g/vmlinux" -initrd "$cpio" \
-    -append "console=ttyS0 quiet panic=-1 intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}${L2_GLOBAL:+ l2.global=$L2_GLOBAL}${L2_COMPARE:+ l2.compare=1}" \
+    -append "console=ttyS0 quiet panic=-1 intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}${L2_GLOBAL:+ l2.global=$L2_GLOBAL}${L2_COMPARE:+ l2.compare=1}${viommu:+ l2.viommu=$viommu}" \
     </dev/null >"$console" 2>&1 &
 qpid=$!
 note "L1: q35 + intel-iommu(intremap, caching-mode) + nvme (${disk_mib} MiB), TCG, 2 vCPUs, $l1_mem; console: $console"
@@ -275,6 +290,24 @@ echo "INFO timings (host clock): $(span 'L1 boot to /test' boot l1); $(span 'L1 
     "$(span 'nvme read/write phase' io_start io_end); $(span 'L2 QEMU start to L2 exit' l2start l2gone);" \
     "$(span 'L1 QEMU start to end' boot end); whole script $(elapsed "$t_start") s"
 [[ -n $l2_summary ]] && echo "INFO L2 result: $l2_summary"
+# viommu_figures: airlock's DMA_MAP/DMA_UNMAP per nvme I/O over its session
+# (the I/Os L2's block layer completed, /sys/block/nvme0n1/stat; the
+# driver's admin commands map too) and its median time per map and unmap.
+viommu_figures() {
+    local sess ios maps unmaps
+    sess=$(grep -a -m1 'session ended' "$LOG_DIR/airlock.log" || true)
+    ios=$(printf '%s\n' "${got[@]}" | sed -n 's/^l2| INFO l2: nvme0n1 I\/Os: \([0-9]*\) reads, \([0-9]*\) writes.*/\1 \2/p' | tail -n1)
+    maps=$(sed -nE 's/.* ([0-9]+) DMA maps, ([0-9]+) DMA unmaps.*/\1 \2/p' <<<"$sess")
+    read -r maps unmaps <<<"$maps"
+    read -r r w <<<"$ios"
+    if [[ -z $maps || -z $r ]]; then
+        echo "   vIOMMU ($viommu): (airlock's session line or L2's I/O count missing)"
+        return
+    fi
+    awk -v m="$maps" -v u="$unmaps" -v n=$((r + w)) -v v="$viommu" 'BEGIN {
+        printf "   vIOMMU (%s): airlock got %d DMA_MAP and %d DMA_UNMAP for %d nvme I/Os: %.2f maps and %.2f unmaps per I/O\n", v, m, u, n, m / n, u / n }'
+    sed -nE 's/.*(handled in .*)/   airlock \1/p' <<<"$sess" | sed 's/ device=.*//'
+}
 if [[ -n ${L2_COMPARE:-} ]]; then
     # BENCH NAME OPS SECONDS IRQS from both L2 runs, as airlock/in-process.
     bench() { printf '%s\n' "${got[@]}" | sed -n "s/^$1 BENCH $2 //p" | tail -n1; }
@@ -287,6 +320,9 @@ if [[ -n ${L2_COMPARE:-} ]]; then
             printf "   %-10s %7.1f IOPS %6.1f irq/s   %7.1f IOPS %6.1f irq/s   IOPS %.2f, irq/s %.2f\n", b, ao / as, ai / as, io / is, ii / is, (ao / as) / (io / is), (ii > 0 ? (ai / as) / (ii / is) : 0)
         }'
     done | tee "$LOG_DIR/compare.txt"
+    if [[ -n $viommu ]]; then
+        viommu_figures | tee -a "$LOG_DIR/compare.txt"
+    fi
 fi
 rc=0
 ((f + hf == 0)) || rc=1

@@ -91,7 +91,7 @@ note "QEMU -> airlock -> QEMU -> guest); the in-process edu read is a function c
 # Whose share is what: airlock times each REGION_READ from its arrival to the
 # reply's send; the rest of the guest-measured time is QEMU's (TCG exit, its
 # client's proxy-thread handoff) and the two socket hops between them.
-a_srv=$(sed -nE 's/.*REGION_READ handled in ([0-9]+) ns.*/\1/p' "$LOG_DIR/airlock-a.log" | tail -n1)
+a_srv=$(sed -nE 's/.*REGION_READ ([0-9]+) ns, DMA_MAP.*/\1/p' "$LOG_DIR/airlock-a.log" | tail -n1)
 if [[ -n ${a_ns:-} && -n $a_srv ]]; then
     split=$(awk -v g="$a_ns" -v s="$a_srv" 'BEGIN { printf "guest-measured %d ns per BAR0 read (median) = airlock %d ns (%.1f%%, median) + QEMU and the socket %d ns (%.1f%%)", g, s, 100 * s / g, g - s, 100 * (g - s) / g }')
     note "MMIO split: $split" | tee -a "$LOG_DIR/comparison.txt"

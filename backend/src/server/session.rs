@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use airlock_protocol::device::{DeviceInfo, IrqInfo};
 use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE};
-use airlock_protocol::header::Command;
 use airlock_protocol::irqs::IrqSet;
 use airlock_protocol::request::{command_name, Request};
 use airlock_protocol::version::Version;
@@ -122,19 +121,22 @@ impl<'a> Session<'a> {
         let st = &self.stats;
         info!(
             device = self.device.name(),
-            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), REGION_READ handled in {} ns (median of the last {}; arrival to reply sent)",
+            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} DMA unmaps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), handled in (median of the last {}, arrival to reply sent): REGION_READ {} ns, DMA_MAP {} ns, DMA_UNMAP {} ns",
             started.elapsed().as_secs_f64(),
             st.messages,
             st.errors,
             st.dma_maps,
+            st.dma_unmaps,
             st.set_irqs,
             self.device_dma.started,
             self.device_dma.failed,
             st.reads,
             st.writes,
             st.write_spots(),
-            st.read_median_ns(),
-            st.read_samples()
+            super::stats::SAMPLES,
+            st.read_ns.median_ns(),
+            st.map_ns.median_ns(),
+            st.unmap_ns.median_ns()
         );
     }
 
@@ -185,11 +187,12 @@ impl<'a> Session<'a> {
             if header.is_reply() {
                 self.with_device_dma(|d, link| d.on_reply(link, &header, &payload));
             } else {
-                // Only REGION_READ is timed: no clock read on other paths.
-                let arrived = (header.cmd == Command::RegionRead as u16).then(Instant::now);
+                // Only REGION_READ, DMA_MAP and DMA_UNMAP are timed: no
+                // clock read on other paths.
+                let arrived = self.stats.timed(header.cmd).is_some().then(Instant::now);
                 self.dispatch(&header, &payload, fds);
-                if let Some(arrived) = arrived {
-                    self.stats.timed_read(arrived);
+                if let (Some(arrived), Some(s)) = (arrived, self.stats.timed(header.cmd)) {
+                    s.take(arrived);
                 }
             }
             self.pump_dma();
@@ -343,6 +346,7 @@ impl<'a> Session<'a> {
     /// DMA_UNMAP: one exact map, or all of them with FLAG_ALL; the device
     /// loses a range before airlock's mapping of it goes.
     fn dma_unmap(&mut self, u: DmaUnmap) -> Handled {
+        self.stats.dma_unmaps += 1;
         if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
             if u.iova != 0 || u.size != 0 {
                 return Err((

@@ -3,12 +3,50 @@
 
 use std::time::Instant;
 
-/// REGION_READ handling times kept for the median.
-pub(super) const READ_SAMPLES: usize = 1024;
+/// Handling times kept per command for its median.
+pub(super) const SAMPLES: usize = 1024;
 /// Distinct BAR registers whose writes came by message.
 const WRITE_SPOTS: usize = 8;
 
+/// The last SAMPLES handling times of one command, arrival to reply sent
+/// (ns): a median that preemption cannot skew.
 #[derive(Debug)]
+pub(super) struct Samples {
+    ns: [u32; SAMPLES],
+    taken: usize,
+}
+
+impl Default for Samples {
+    fn default() -> Self {
+        Samples {
+            ns: [0; SAMPLES],
+            taken: 0,
+        }
+    }
+}
+
+impl Samples {
+    pub fn take(&mut self, arrived: Instant) {
+        let ns = arrived.elapsed().as_nanos().min(u32::MAX as u128) as u32;
+        self.ns[self.taken % SAMPLES] = ns;
+        self.taken += 1;
+    }
+
+    /// Median over the kept samples (0: none).
+    pub fn median_ns(&self) -> u32 {
+        let n = self.count();
+        let mut v = self.ns[..n].to_vec();
+        v.sort_unstable();
+        v.get(n / 2).copied().unwrap_or(0)
+    }
+
+    /// How many samples the median is taken over.
+    pub fn count(&self) -> usize {
+        self.taken.min(SAMPLES)
+    }
+}
+
+#[derive(Debug, Default)]
 pub(super) struct Stats {
     pub messages: u64,
     /// REGION_READ / REGION_WRITE (incl. WRITE_MULTI entries) per region
@@ -16,31 +54,18 @@ pub(super) struct Stats {
     pub reads: [u64; 10],
     pub writes: [u64; 10],
     pub dma_maps: u64,
+    pub dma_unmaps: u64,
     pub set_irqs: u64,
     /// Commands answered with an error (or posted ones that failed).
     pub errors: u64,
     /// The first distinct (region, offset) pairs written by message, and
     /// how often: which registers miss the mmap fast path.
     write_spots: [(u32, u64, u64); WRITE_SPOTS],
-    /// Time spent on the last REGION_READs, arrival to reply sent (ns).
-    read_ns: [u32; READ_SAMPLES],
-    read_samples: usize,
-}
-
-impl Default for Stats {
-    fn default() -> Self {
-        Stats {
-            messages: 0,
-            reads: [0; 10],
-            writes: [0; 10],
-            dma_maps: 0,
-            set_irqs: 0,
-            errors: 0,
-            write_spots: [(0, 0, 0); WRITE_SPOTS],
-            read_ns: [0; READ_SAMPLES],
-            read_samples: 0,
-        }
-    }
+    /// airlock's share of a guest's MMIO read, and of a vIOMMU guest's DMA
+    /// map and unmap (one each per I/O in strict mode).
+    pub read_ns: Samples,
+    pub map_ns: Samples,
+    pub unmap_ns: Samples,
 }
 
 impl Stats {
@@ -67,13 +92,15 @@ impl Stats {
         }
     }
 
-    /// airlock's share of a guest's MMIO read: from the request's arrival
-    /// to the reply's send (the last READ_SAMPLES kept, for a median that
-    /// preemption cannot skew).
-    pub fn timed_read(&mut self, arrived: Instant) {
-        let ns = arrived.elapsed().as_nanos().min(u32::MAX as u128) as u32;
-        self.read_ns[self.read_samples % READ_SAMPLES] = ns;
-        self.read_samples += 1;
+    /// The samples a command's handling time goes to, if it is timed.
+    pub fn timed(&mut self, cmd: u16) -> Option<&mut Samples> {
+        use airlock_protocol::header::Command;
+        match cmd {
+            c if c == Command::RegionRead as u16 => Some(&mut self.read_ns),
+            c if c == Command::DmaMap as u16 => Some(&mut self.map_ns),
+            c if c == Command::DmaUnmap as u16 => Some(&mut self.unmap_ns),
+            _ => None,
+        }
     }
 
     /// "region:offset xcount" of the BAR registers written by message.
@@ -85,19 +112,6 @@ impl Stats {
             .map(|(r, o, n)| format!("{r}:{o:#x} x{n}"))
             .collect();
         spots.join(", ")
-    }
-
-    /// Median REGION_READ handling time over the last samples (0: none).
-    pub fn read_median_ns(&self) -> u32 {
-        let n = self.read_samples.min(READ_SAMPLES);
-        let mut v = self.read_ns[..n].to_vec();
-        v.sort_unstable();
-        v.get(n / 2).copied().unwrap_or(0)
-    }
-
-    /// How many REGION_READ times the median is taken over.
-    pub fn read_samples(&self) -> usize {
-        self.read_samples.min(READ_SAMPLES)
     }
 }
 
@@ -138,6 +152,32 @@ mod tests {
     #[test]
     fn no_reads_means_a_zero_median() {
         let s = Stats::default();
-        assert_eq!((s.read_median_ns(), s.read_samples()), (0, 0));
+        assert_eq!((s.read_ns.median_ns(), s.read_ns.count()), (0, 0));
+    }
+
+    #[test]
+    fn reads_maps_and_unmaps_are_timed_apart_and_nothing_else() {
+        use airlock_protocol::header::Command;
+        let mut s = Stats::default();
+        let t = Instant::now();
+        for cmd in [Command::RegionRead, Command::DmaMap, Command::DmaMap] {
+            s.timed(cmd as u16).expect("timed").take(t);
+        }
+        assert!(s.timed(Command::RegionWrite as u16).is_none());
+        assert_eq!(s.read_ns.count(), 1);
+        assert_eq!(s.map_ns.count(), 2);
+        assert_eq!(s.unmap_ns.count(), 0);
+    }
+
+    #[test]
+    fn the_median_is_over_the_last_samples_only() {
+        let mut s = Samples::default();
+        let long_ago = Instant::now() - std::time::Duration::from_secs(1);
+        s.take(long_ago);
+        for _ in 0..SAMPLES {
+            s.take(Instant::now());
+        }
+        assert_eq!(s.count(), SAMPLES);
+        assert!(s.median_ns() < 1_000_000_000);
     }
 }
