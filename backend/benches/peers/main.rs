@@ -4,7 +4,8 @@
 //!
 //! Columns: the floor (an echo thread: one blocking read, one write, same
 //! sizes), the floor reading header and payload apart (two reads: prices
-//! airlock's extra recvmsg), airlock's serve() on a thread, the airlock binary with the
+//! one more recvmsg), the floor in a process of its own (prices the switch
+//! between processes the binaries pay), airlock's serve() on a thread, the airlock binary with the
 //! sandbox off and on (root only), rust-vmm's server on a thread. Every
 //! client uses the same bytes and the same exchange (one sendmsg, one
 //! blocking read). Rounds are interleaved (each round runs every mode,
@@ -96,6 +97,7 @@ fn main() {
     let mut targets = vec![
         servers::floor(&mut keep, &ops, false),
         servers::floor(&mut keep, &ops, true),
+        servers::floor_process(&mut keep, &ops),
         servers::airlock_thread(&mut keep, n),
     ];
     targets.extend(servers::airlock_binary(&mut keep, "off", n));

@@ -40,6 +40,8 @@ pub struct Target {
 pub struct Keep {
     threads: Vec<JoinHandle<()>>,
     children: Vec<Child>,
+    /// Forked echo servers (the floor in a process of its own).
+    forked: Vec<i32>,
     pub dir: PathBuf,
 }
 
@@ -48,6 +50,7 @@ impl Keep {
         Keep {
             threads: Vec::new(),
             children: Vec::new(),
+            forked: Vec::new(),
             dir,
         }
     }
@@ -59,6 +62,13 @@ impl Drop for Keep {
             // SAFETY: kill with the pid of a child we spawned.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let _ = c.wait();
+        }
+        for &pid in &self.forked {
+            // SAFETY: kill and reap a child we forked; status may be null.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -96,8 +106,8 @@ fn connect(path: &Path) -> Option<UnixStream> {
 /// The floor: per operation an echo thread doing one blocking read of the
 /// request (recvmsg, so fds are taken and closed as a server must) and one
 /// write of a reply of the same size a server sends. With `split` it reads
-/// the 16-byte header and the payload with two recvmsg calls (what airlock
-/// does today): the difference prices that extra syscall.
+/// the 16-byte header and the payload with two recvmsg calls: the
+/// difference prices one more syscall per message.
 pub fn floor(keep: &mut Keep, ops: &[Op], split: bool) -> Target {
     let mut t = Target {
         name: if split { "floor 2 reads" } else { "floor" },
@@ -109,46 +119,108 @@ pub fn floor(keep: &mut Keep, ops: &[Op], split: bool) -> Target {
         process: None,
     };
     for op in ops {
-        let (client, mut server) = UnixStream::pair().expect("pair");
-        let sizes: Vec<(usize, usize)> = op
-            .steps
-            .iter()
-            .map(|s| (s.request.len(), s.reply_len))
-            .collect();
-        let (tid, clock) = spawn_tid(keep, move || {
-            let mut buf = vec![0u8; 8192];
-            // A reply header that names its size, as a server's would.
-            let replies: Vec<Vec<u8>> = sizes
-                .iter()
-                .map(|&(_, rep)| {
-                    let mut r = vec![0u8; rep];
-                    r[4..8].copy_from_slice(&(rep as u32).to_le_bytes());
-                    r[8] = 1;
-                    r
-                })
-                .collect();
-            'serve: loop {
-                for (&(req, _), out) in sizes.iter().zip(&replies) {
-                    let mut got = 0;
-                    while got < req {
-                        let upto = if split && got < 16 { 16 } else { req };
-                        match recv_dropping_fds(&server, &mut buf[got..upto]) {
-                            n if n > 0 => got += n as usize,
-                            _ => break 'serve,
-                        }
-                    }
-                    if server.write_all(out).is_err() {
-                        break 'serve;
-                    }
-                }
-            }
-        });
+        let (client, server) = UnixStream::pair().expect("pair");
+        let mut echo = Echo::new(op, split);
+        let (tid, clock) = spawn_tid(keep, move || echo.serve(&server));
         t.socks.push(MessageSocket::new(client));
         t.clocks.push(clock);
         t.tasks.push(tid);
         t.trace.push(tid);
     }
     t
+}
+
+/// The floor in a process of its own (forked, one per operation): beside
+/// the floor's thread, it prices the switch between two processes that
+/// every round trip to the airlock binary pays.
+pub fn floor_process(keep: &mut Keep, ops: &[Op]) -> Target {
+    let mut t = Target {
+        name: "floor process",
+        socks: vec![],
+        clocks: vec![],
+        tasks: vec![],
+        in_process: false,
+        trace: vec![],
+        process: None,
+    };
+    for op in ops {
+        let (client, server) = UnixStream::pair().expect("pair");
+        // Everything the child uses is allocated before the fork: after it,
+        // only this thread exists in the child and the allocator's locks
+        // may be held by threads that are gone.
+        let mut echo = Echo::new(op, false);
+        // SAFETY: the child runs only Echo::serve (recvmsg, write, close on
+        // memory allocated above) and then _exit: nothing that needs the
+        // parent's other threads.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            drop(client);
+            echo.serve(&server);
+            // SAFETY: leave without running the parent's atexit handlers.
+            unsafe { libc::_exit(0) };
+        }
+        keep.forked.push(pid);
+        t.socks.push(MessageSocket::new(client));
+        t.clocks.push(CpuClock::of_process(pid));
+        t.tasks.push(pid);
+        t.trace.push(pid);
+    }
+    t
+}
+
+/// One operation's echo loop, with its buffers made up front.
+struct Echo {
+    /// (request, reply) sizes of each step.
+    sizes: Vec<(usize, usize)>,
+    /// A reply per step whose header names its size, as a server's would.
+    replies: Vec<Vec<u8>>,
+    buf: Vec<u8>,
+    split: bool,
+}
+
+impl Echo {
+    fn new(op: &Op, split: bool) -> Echo {
+        let sizes: Vec<(usize, usize)> = op
+            .steps
+            .iter()
+            .map(|s| (s.request.len(), s.reply_len))
+            .collect();
+        let replies = sizes
+            .iter()
+            .map(|&(_, rep)| {
+                let mut r = vec![0u8; rep];
+                r[4..8].copy_from_slice(&(rep as u32).to_le_bytes());
+                r[8] = 1;
+                r
+            })
+            .collect();
+        Echo {
+            sizes,
+            replies,
+            buf: vec![0u8; 8192],
+            split,
+        }
+    }
+
+    /// Until the client goes: allocates nothing.
+    fn serve(&mut self, mut server: &UnixStream) {
+        loop {
+            for (&(req, _), out) in self.sizes.iter().zip(&self.replies) {
+                let mut got = 0;
+                while got < req {
+                    let upto = if self.split && got < 16 { 16 } else { req };
+                    match recv_dropping_fds(server, &mut self.buf[got..upto]) {
+                        n if n > 0 => got += n as usize,
+                        _ => return,
+                    }
+                }
+                if server.write_all(out).is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// One recvmsg; any fds that came along are closed. Returns recvmsg's result.
