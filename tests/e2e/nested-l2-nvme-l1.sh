@@ -34,7 +34,12 @@ for w in $(cat /proc/cmdline); do
 done
 
 # l2.viommu=strict|lazy: a virtio-iommu in L2 (iommu.strict=1 or 0), so every
-# nvme I/O maps its buffers through it (DMA_MAP/DMA_UNMAP to airlock).
+# nvme I/O maps its buffers through it (DMA_MAP/DMA_UNMAP to airlock). It
+# comes before the device on the command line: a vfio-pci realized before it
+# takes the plain memory address space, so its container never sees the
+# guest's mappings (L2 attached the nvme, QEMU switched its address space,
+# and the device's DMA still went to the boot-time identity map in L1: a
+# DMAR fault on the Identify buffer, the controller never came up).
 strict=1
 [ "$viommu" = lazy ] && strict=0
 
@@ -86,8 +91,8 @@ run_l2() {
             -accel tcg -M q35 -m "$l2mem" \
             -object "memory-backend-memfd,id=mem,size=$l2mem,share=on" -machine memory-backend=mem \
             -nographic -nodefaults -serial stdio -no-reboot \
-            "$@" \
             ${viommu:+-device virtio-iommu-pci} \
+            "$@" \
             ${l2global:+-global "$l2global"} \
             -kernel /l2/vmlinux -initrd /l2/initrd.cpio \
             -append "console=ttyS0 quiet panic=-1${viommu:+ iommu.strict=$strict}" </dev/null 2>&1
