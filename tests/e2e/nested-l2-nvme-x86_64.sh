@@ -37,8 +37,9 @@
 #                          the mmap fast path; --mediate-bars to route every BAR access)
 #        L2_VIOMMU=strict|lazy  give L2 a virtio-iommu (both L2 runs) with
 #                          iommu.strict=1 (strict) or 0 (lazy): every nvme I/O
-#                          then maps (and, strict, unmaps) its buffers through
-#                          it, i.e. DMA_MAP/DMA_UNMAP messages to airlock, or
+#                          then maps and unmaps its buffers through (lazy too:
+#                          virtio-iommu has no deferred unmap), i.e.
+#                          DMA_MAP/DMA_UNMAP messages to airlock, or
 #                          VFIO ioctls in-process. Implies L2_QEMU=patched
 #                          (the guest learns airlock's IOVA windows) unless
 #                          L2_QEMU is set. With L2_COMPARE the table adds
