@@ -36,6 +36,21 @@ pub struct Target {
     pub process: Option<i32>,
 }
 
+impl Target {
+    /// An echo floor's column, its servers added one per operation.
+    fn echo(name: &'static str, in_process: bool) -> Target {
+        Target {
+            name,
+            socks: vec![],
+            clocks: vec![],
+            tasks: vec![],
+            in_process,
+            trace: vec![],
+            process: None,
+        }
+    }
+}
+
 /// Keeps servers alive; kills the spawned binaries on drop.
 pub struct Keep {
     threads: Vec<JoinHandle<()>>,
@@ -109,15 +124,7 @@ fn connect(path: &Path) -> Option<UnixStream> {
 /// the 16-byte header and the payload with two recvmsg calls: the
 /// difference prices one more syscall per message.
 pub fn floor(keep: &mut Keep, ops: &[Op], split: bool) -> Target {
-    let mut t = Target {
-        name: if split { "floor 2 reads" } else { "floor" },
-        socks: vec![],
-        clocks: vec![],
-        tasks: vec![],
-        in_process: true,
-        trace: vec![],
-        process: None,
-    };
+    let mut t = Target::echo(if split { "floor 2 reads" } else { "floor" }, true);
     for op in ops {
         let (client, server) = UnixStream::pair().expect("pair");
         let mut echo = Echo::new(op, split);
@@ -134,15 +141,7 @@ pub fn floor(keep: &mut Keep, ops: &[Op], split: bool) -> Target {
 /// the floor's thread, it prices the switch between two processes that
 /// every round trip to the airlock binary pays.
 pub fn floor_process(keep: &mut Keep, ops: &[Op]) -> Target {
-    let mut t = Target {
-        name: "floor process",
-        socks: vec![],
-        clocks: vec![],
-        tasks: vec![],
-        in_process: false,
-        trace: vec![],
-        process: None,
-    };
+    let mut t = Target::echo("floor process", false);
     for op in ops {
         let (client, server) = UnixStream::pair().expect("pair");
         // Everything the child uses is allocated before the fork: after it,

@@ -23,7 +23,7 @@ use airlock_protocol::{Header, Limits, MessageSocket, RecvError};
 use tracing::{debug, info, warn};
 
 use super::device_dma::{DeviceDma, Link};
-use super::stats::Stats;
+use super::stats::{Stats, Timed, SAMPLES};
 use crate::device::Device;
 use crate::dma::DmaSpace;
 use crate::iova::{DoorbellWindow, IovaRange};
@@ -121,7 +121,7 @@ impl<'a> Session<'a> {
         let st = &self.stats;
         info!(
             device = self.device.name(),
-            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} DMA unmaps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), handled in (median of the last {}, arrival to reply sent): REGION_READ {} ns, DMA_MAP {} ns, DMA_UNMAP {} ns",
+            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} DMA unmaps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), handled in (medians of at most the last {SAMPLES} of each, arrival to reply sent): REGION_READ {} ns, DMA_MAP {} ns, DMA_UNMAP {} ns",
             started.elapsed().as_secs_f64(),
             st.messages,
             st.errors,
@@ -133,7 +133,6 @@ impl<'a> Session<'a> {
             st.reads,
             st.writes,
             st.write_spots(),
-            super::stats::SAMPLES,
             st.read_ns.median_ns(),
             st.map_ns.median_ns(),
             st.unmap_ns.median_ns()
@@ -189,10 +188,10 @@ impl<'a> Session<'a> {
             } else {
                 // Only REGION_READ, DMA_MAP and DMA_UNMAP are timed: no
                 // clock read on other paths.
-                let arrived = self.stats.timed(header.cmd).is_some().then(Instant::now);
+                let timed = Timed::of(header.cmd).map(|t| (t, Instant::now()));
                 self.dispatch(&header, &payload, fds);
-                if let (Some(arrived), Some(s)) = (arrived, self.stats.timed(header.cmd)) {
-                    s.take(arrived);
+                if let Some((t, arrived)) = timed {
+                    self.stats.take(t, arrived);
                 }
             }
             self.pump_dma();

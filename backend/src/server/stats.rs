@@ -46,6 +46,26 @@ impl Samples {
     }
 }
 
+/// The commands whose handling is timed: a clock is read for no other.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Timed {
+    Read,
+    Map,
+    Unmap,
+}
+
+impl Timed {
+    pub fn of(cmd: u16) -> Option<Timed> {
+        use airlock_protocol::header::Command;
+        match cmd {
+            c if c == Command::RegionRead as u16 => Some(Timed::Read),
+            c if c == Command::DmaMap as u16 => Some(Timed::Map),
+            c if c == Command::DmaUnmap as u16 => Some(Timed::Unmap),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Stats {
     pub messages: u64,
@@ -92,15 +112,14 @@ impl Stats {
         }
     }
 
-    /// The samples a command's handling time goes to, if it is timed.
-    pub fn timed(&mut self, cmd: u16) -> Option<&mut Samples> {
-        use airlock_protocol::header::Command;
+    /// Records a timed command's handling time.
+    pub fn take(&mut self, cmd: Timed, arrived: Instant) {
         match cmd {
-            c if c == Command::RegionRead as u16 => Some(&mut self.read_ns),
-            c if c == Command::DmaMap as u16 => Some(&mut self.map_ns),
-            c if c == Command::DmaUnmap as u16 => Some(&mut self.unmap_ns),
-            _ => None,
+            Timed::Read => &mut self.read_ns,
+            Timed::Map => &mut self.map_ns,
+            Timed::Unmap => &mut self.unmap_ns,
         }
+        .take(arrived);
     }
 
     /// "region:offset xcount" of the BAR registers written by message.
@@ -161,9 +180,9 @@ mod tests {
         let mut s = Stats::default();
         let t = Instant::now();
         for cmd in [Command::RegionRead, Command::DmaMap, Command::DmaMap] {
-            s.timed(cmd as u16).expect("timed").take(t);
+            s.take(Timed::of(cmd as u16).expect("timed"), t);
         }
-        assert!(s.timed(Command::RegionWrite as u16).is_none());
+        assert!(Timed::of(Command::RegionWrite as u16).is_none());
         assert_eq!(s.read_ns.count(), 1);
         assert_eq!(s.map_ns.count(), 2);
         assert_eq!(s.unmap_ns.count(), 0);
