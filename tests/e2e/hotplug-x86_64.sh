@@ -46,6 +46,7 @@ while [ $i -le "$cycles" ]; do
     if /bin/guest-test --bdf "$bdf" >/tmp/out 2>&1; then
         echo "HOTPLUG-PASS $i $(grep -E '^[0-9]+ passed' /tmp/out)"
     else
+        sed "s/^/HOTPLUG-OUT $i /" /tmp/out
         echo "HOTPLUG-FAIL $i $(grep -E '^(FAIL|[0-9]+ passed)' /tmp/out | tr '\n' ' ')"
     fi
     t=0
@@ -95,7 +96,12 @@ for ((i = 1; i <= CYCLES; i++)); do
     fds+=("$(ls "/proc/$srv/fd" 2>/dev/null | wc -l)")
     rss+=("$(awk '/^VmRSS/ {print $2}' "/proc/$srv/status" 2>/dev/null || echo 0)")
     note "cycle $i: ${line#HOTPLUG-} (device usable after $t_pass s, gone after $(elapsed "$t0") s); server fds ${fds[-1]}, RSS ${rss[-1]} KiB"
-    [[ $line == "HOTPLUG-PASS $i "*" 0 failed"* ]] && cycle_ok=$((cycle_ok + 1))
+    if [[ $line == "HOTPLUG-PASS $i "*" 0 failed"* ]]; then
+        cycle_ok=$((cycle_ok + 1))
+    else
+        # What the guest program printed in the failed cycle.
+        tr -d '\r' <"$GUEST_LOG" | sed -n "s/^HOTPLUG-OUT $i /      | /p" | tail -n 60
+    fi
 done
 if ((cycle_ok == CYCLES)); then
     ok "$CYCLES plug cycles: the guest program passed after every device_add"

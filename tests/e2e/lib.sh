@@ -250,11 +250,17 @@ count() { local re="([0-9]+) $1"; [[ $2 =~ $re ]] && echo "${BASH_REMATCH[1]}" |
 # mmio_ns RESULTS: guest-measured ns per BAR0 read.
 mmio_ns() { sed -nE 's/^INFO mmio-read-ns ([0-9]+).*/\1/p' "$1" | tail -n1; }
 
-# wait_for FILE REGEX SECONDS: wait until a line of FILE matches REGEX.
+# wait_for FILE REGEX SECONDS: wait until a complete line of FILE matches
+# REGEX. Only lines that end in a newline count: a guest's console line
+# reaches the file a byte at a time, and a match on its first part lets a
+# caller read it half written (a "HOTPLUG-PASS 7 16 passed, 0 fai" counts
+# as a failed cycle: the likely cause of one in CI).
 wait_for() {
-    local i
+    local i n
     for ((i = 0; i < $3 * 20; i++)); do
-        grep -qaE "$2" "$1" 2>/dev/null && return 0
+        n=$(wc -l 2>/dev/null <"$1") || n=0
+        # Not a pipe: under pipefail, grep -q ending early fails head.
+        grep -qaE "$2" < <(head -n "$n" "$1" 2>/dev/null) && return 0
         sleep 0.05
     done
     return 1
