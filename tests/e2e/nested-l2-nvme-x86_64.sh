@@ -29,6 +29,10 @@
 #        NESTED_AIRLOCK    a static airlock binary to use instead of this tree's build
 #        L2_QEMU=patched   run L2 under the patched QEMU (qemu-patches/, built by
 #                          scripts/setup-qemu-patched.sh) instead of the stock 11.1
+#        L2_QEMU_DIR       with L2_QEMU=patched: a bundle that
+#                          scripts/setup-qemu-patched.sh made for another
+#                          series, instead of this tree's (an A/B of a QEMU
+#                          change in one sitting)
 #        L2_GLOBAL         one -global DRIVER.PROP=VALUE for the L2 QEMU
 #        L2_COMPARE=1      then boot the same L2 again with QEMU's in-process
 #                          vfio-pci on the device, and print both sides' BENCH
@@ -157,8 +161,13 @@ mk_l2_cpio "$l2_cpio"
 
 # --- the L2 QEMU bundle: binary, its libraries (by soname), loader, firmware -
 if [[ ${L2_QEMU:-stock} == patched ]]; then
-    pq_dir=$("$repo/scripts/setup-qemu-patched.sh" 2>>"$LOG_DIR/setup.log") ||
-        die "building the patched QEMU failed (see $LOG_DIR/setup.log)"
+    if [[ -n ${L2_QEMU_DIR:-} ]]; then
+        pq_dir=$L2_QEMU_DIR
+        [[ -x $pq_dir/bin/qemu-system-x86_64 ]] || die "L2_QEMU_DIR=$pq_dir has no bin/qemu-system-x86_64"
+    else
+        pq_dir=$("$repo/scripts/setup-qemu-patched.sh" 2>>"$LOG_DIR/setup.log") ||
+            die "building the patched QEMU failed (see $LOG_DIR/setup.log)"
+    fi
     qemu_bundle_x86 "$pq_dir/bin/qemu-system-x86_64" "$pq_dir/lib/ld-linux-x86-64.so.2" "$pq_dir/lib"
     which="patched ($pq_dir)"
 else
