@@ -181,19 +181,28 @@ fi
 
 # What a DMA_MAP+UNMAP pair costs through airlock against the same two VFIO
 # ioctls issued directly (the floor, on the otherwise unused nvme's group):
-# a figure (BENCH line), not a check; x86_64 only (it has the nvme).
-if [ -n "$nvme" ]; then
-    ng=$(basename "$(readlink "/sys/bus/pci/devices/$nvme/iommu_group")")
+# a figure (BENCH line), not a check; x86_64 only (it has the nvme). Run
+# with the sandbox on (the default: the line without a label), then off
+# (labelled), which prices the seccomp filter on each of airlock's syscalls.
+bench_dma() {
+    rm -f /tmp/bench.sock
     # shellcheck disable=SC2086 # $extra is split on purpose
-    AIRLOCK_LOG=warn NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/bench.sock $extra </dev/null >/tmp/airlock-bench.log 2>&1 &
+    AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/bench.sock --sandbox "$1" $extra </dev/null >/tmp/airlock-bench.log 2>&1 &
     bpid=$!
     i=0
     while [ ! -S /tmp/bench.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
     /bin/airlock-probe --socket /tmp/bench.sock --bench-dma "$ng" >/tmp/bench.out 2>&1
-    grep -E '^(BENCH|INFO|FAIL) ' /tmp/bench.out | sed 's/^BENCH /INFO BENCH /'
+    grep -E '^(BENCH|INFO|FAIL) ' /tmp/bench.out | sed "s/^BENCH /INFO BENCH $2/"
     grep -q '^PASS bench-dma-map-unmap' /tmp/bench.out || rc=1
     kill $bpid 2>/dev/null
     wait $bpid
+    # airlock's own time per message (arrival to reply sent, ioctl included).
+    sed -n 's/.*session ended.*handled in ([^)]*): /INFO bench-dma: airlock handled /p' /tmp/airlock-bench.log | sed 's/ device=.*//'
+}
+if [ -n "$nvme" ]; then
+    ng=$(basename "$(readlink "/sys/bus/pci/devices/$nvme/iommu_group")")
+    bench_dma on ""
+    bench_dma off "(sandbox off) "
 fi
 
 # The host takes the device back (vfio-pci's device request, REQ): an unbind

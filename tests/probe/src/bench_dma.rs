@@ -13,10 +13,16 @@
 //! waited for at commit), so that figure is airlock's own cost per pair
 //! with the round-trip latency mostly overlapped.
 //!
+//! The same two loops also run against a forked echo (bench_echo.rs) that
+//! receives with airlock's socket code and answers at once: what the
+//! messages cost by themselves here, so that airlock minus echo is
+//! airlock's own work plus the two ioctls.
+//!
 //! Rounds interleave the loops; the figures are medians. Prints
 //! `BENCH dma-map-unmap airlock_us=A floor_us=F ratio=R pipelined_us=P
-//! pipelined_ratio=Q (...)`, Q being P / F; the pipelined fields come after
-//! the serial ones so that parsers of the older prefix keep working.
+//! pipelined_ratio=Q echo_us=E echo_pipelined_us=EP (...)`, Q being P / F;
+//! later fields come after the earlier ones so that parsers of the older
+//! prefix keep working.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
@@ -28,6 +34,7 @@ use airlock_protocol::dma::{
 };
 use airlock_protocol::Command;
 
+use crate::bench_echo::Echo;
 use crate::os::Memfd;
 use crate::report::{info, Outcome, Report};
 use crate::restart::connect;
@@ -51,6 +58,8 @@ struct Figures {
     airlock: f64,
     floor: f64,
     pipelined: f64,
+    echo: f64,
+    echo_pipelined: f64,
 }
 
 pub fn run(report: &mut Report, socket: &str, group: &str) {
@@ -59,9 +68,11 @@ pub fn run(report: &mut Report, socket: &str, group: &str) {
             airlock: a,
             floor: f,
             pipelined: p,
+            echo: e,
+            echo_pipelined: ep,
         }) => {
             println!(
-                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
+                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} echo_us={e:.1} echo_pipelined_us={ep:.1} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
                 a / f,
                 p / f
             );
@@ -93,9 +104,15 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
     let mut dev = connect(socket)?;
     let c = &mut dev.client;
     let floor = Floor::open(group)?;
+    let mut echo = Echo::spawn()?;
     let vaddr = mem.map.as_ptr() as u64;
     let (mut a, mut f, mut p) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut rtt, mut fresh) = (Vec::new(), Vec::new());
+    let (mut e, mut ep) = (Vec::new(), Vec::new());
+    let (mut rtt, mut fresh, mut cold) = (Vec::new(), Vec::new(), Vec::new());
+    // A second mapping of the memory that this process never touches, as
+    // airlock's own mapping of a client's file (dma/host.rs): the VFIO
+    // pin is then the first access through it.
+    let untouched = crate::os::Mapping::new(mem.fd.as_fd(), 0, SIZE)?;
     for _ in 0..ROUNDS {
         // Where the rest goes: two message round trips (a REGION_READ of
         // the config space each), and the floor with a fresh mmap and
@@ -106,11 +123,21 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         a.push(per_pair(|| serial(c, &mem))?);
         p.push(per_pair(|| pipelined(c, &mem))?);
         f.push(per_pair(|| floor_mapped(&floor, vaddr))?);
+        cold.push(per_pair(|| {
+            floor_mapped(&floor, untouched.as_ptr() as u64)
+        })?);
+        e.push(per_pair(|| serial(&mut echo.client, &mem))?);
+        ep.push(per_pair(|| pipelined(&mut echo.client, &mem))?);
     }
     info(&format!(
-        "bench-dma: per pair, medians: two REGION_READ round trips {:.1} us; the floor with an mmap+munmap around it {:.1} us",
+        "bench-dma: per pair, medians: two REGION_READ round trips {:.1} us; the floor with an mmap+munmap around it {:.1} us; the floor on a kept mapping it never touches {:.1} us",
         median(rtt),
-        median(fresh)
+        median(fresh),
+        median(cold)
+    ));
+    info(&format!(
+        "bench-dma: one clock read (Instant::now, what airlock's timing of DMA_MAP/UNMAP makes twice per message) {:.0} ns",
+        clock_read_ns()
     ));
     info(&format!(
         "bench-dma: per pair, airlock min {:.1} us, pipelined min {:.1} us, floor min {:.1} us",
@@ -122,7 +149,20 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         airlock: median(a),
         floor: median(f),
         pipelined: median(p),
+        echo: median(e),
+        echo_pipelined: median(ep),
     })
+}
+
+/// Nanoseconds per Instant::now(): cheap with a vDSO clock, a system call
+/// and a clock device read where the guest's clocksource has no vDSO.
+fn clock_read_ns() -> f64 {
+    const N: u32 = 10_000;
+    let t = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(Instant::now());
+    }
+    t.elapsed().as_nanos() as f64 / N as f64
 }
 
 fn round_trips(c: &mut Client) -> Result<(), String> {

@@ -5,6 +5,7 @@
 
 mod args;
 mod bench_dma;
+mod bench_echo;
 mod broken_upgrade;
 mod checks;
 mod device;

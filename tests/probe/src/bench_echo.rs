@@ -1,0 +1,80 @@
+//! The transport floor of `--bench-dma`: a forked process that answers
+//! every message with its own payload, after receiving it with airlock's
+//! socket code (the protocol crate's MessageSocket) and, like airlock with
+//! a DMA_MAP's fd, fstat-ing and closing any fd that came with it. The
+//! bench drives it with the same DMA_MAP/DMA_UNMAP loops as airlock, so the
+//! difference between the two is airlock's own work plus the two VFIO
+//! ioctls, and the echo's figure is what the messages cost by themselves
+//! on this machine: sockets, process switches, fd passing.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+use airlock_protocol::client::Client;
+use airlock_protocol::{Limits, MessageSocket};
+
+/// The forked echo and the client connected to it; the echo ends when the
+/// client's socket closes, and is reaped on drop.
+pub struct Echo {
+    pub client: Client,
+    pid: libc::pid_t,
+}
+
+impl Echo {
+    pub fn spawn() -> Result<Echo, String> {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        // SAFETY: the probe is single-threaded in --bench-dma (nothing
+        // else runs then), so the child may run ordinary code; it never
+        // returns into the parent's code (it ends with _exit).
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            drop(ours);
+            serve(MessageSocket::new(theirs));
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        drop(theirs);
+        Ok(Echo {
+            client: Client::from_stream(ours),
+            pid,
+        })
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        // Closing our end ends the echo's loop; then reap it.
+        let _ = self
+            .client
+            .socket()
+            .stream()
+            .shutdown(std::net::Shutdown::Both);
+        let mut status = 0;
+        // SAFETY: waits for our own child; status is a live local.
+        unsafe { libc::waitpid(self.pid, &mut status, 0) };
+    }
+}
+
+/// The child: echo until the socket closes or breaks.
+fn serve(sock: MessageSocket) {
+    let limits = Limits::default();
+    let mut payload = Vec::new();
+    while let Ok((header, fds)) = sock.recv(&limits, &mut payload) {
+        for fd in &fds {
+            // SAFETY: stat is a plain struct fstat fills; fd is open (owned by fds).
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: a live fd and a live stat buffer.
+            unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
+        }
+        drop(fds);
+        if sock
+            .send(&header.reply(payload.len()), &[&payload], &[])
+            .is_err()
+        {
+            return;
+        }
+    }
+}
