@@ -110,7 +110,19 @@ impl Airlock {
             assert!(t.elapsed() < TIMEOUT, "airlock did not create its socket");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Airlock { child, sock, log }
+        let a = Airlock { child, sock, log };
+        // The supervisor binds the socket before it starts the sandboxed
+        // server: without this wait the first connection could see the
+        // server's pid go from 0 (not started yet) to its pid, and count a
+        // death that never happened (seen once in a nested L1).
+        while a.server_pid() == 0 {
+            assert!(
+                t.elapsed() < TIMEOUT,
+                "airlock's supervisor started no server"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        a
     }
 
     /// The sandboxed server (the supervisor's child), 0 if none.
