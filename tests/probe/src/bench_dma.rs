@@ -108,7 +108,7 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
     let vaddr = mem.map.as_ptr() as u64;
     let (mut a, mut f, mut p) = (Vec::new(), Vec::new(), Vec::new());
     let (mut e, mut ep) = (Vec::new(), Vec::new());
-    let (mut rtt, mut fresh, mut cold) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rtt, mut fresh, mut kept) = (Vec::new(), Vec::new(), Vec::new());
     // A second mapping of the memory that this process never touches, as
     // airlock's own mapping of a client's file (dma/host.rs): the VFIO
     // pin is then the first access through it.
@@ -123,7 +123,7 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         a.push(per_pair(|| serial(c, &mem))?);
         p.push(per_pair(|| pipelined(c, &mem))?);
         f.push(per_pair(|| floor_mapped(&floor, vaddr))?);
-        cold.push(per_pair(|| {
+        kept.push(per_pair(|| {
             floor_mapped(&floor, untouched.as_ptr() as u64)
         })?);
         e.push(per_pair(|| serial(&mut echo.client, &mem))?);
@@ -133,7 +133,7 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         "bench-dma: per pair, medians: two REGION_READ round trips {:.1} us; the floor with an mmap+munmap around it {:.1} us; the floor on a kept mapping it never touches {:.1} us",
         median(rtt),
         median(fresh),
-        median(cold)
+        median(kept)
     ));
     info(&format!(
         "bench-dma: one clock read (Instant::now, what airlock's timing of DMA_MAP/UNMAP makes twice per message) {:.0} ns",
