@@ -15,6 +15,8 @@ use crate::error::ProtocolError;
 use crate::header::{Header, HEADER_SIZE};
 use crate::limits::Limits;
 
+mod send;
+
 /// Control-buffer room for this many fds; more in one message is MSG_CTRUNC.
 const CMSG_FDS: usize = 64;
 
@@ -107,6 +109,8 @@ pub struct MessageSocket {
     stream: UnixStream,
     /// Only the receiving side touches it; a RefCell keeps `recv(&self)`.
     ahead: RefCell<ReadAhead>,
+    /// Replies held back while more requests are buffered (send.rs).
+    outbox: RefCell<Vec<u8>>,
 }
 
 impl MessageSocket {
@@ -114,6 +118,7 @@ impl MessageSocket {
         MessageSocket {
             stream,
             ahead: RefCell::default(),
+            outbox: RefCell::default(),
         }
     }
 
@@ -121,8 +126,17 @@ impl MessageSocket {
         &self.stream
     }
 
-    pub fn into_stream(self) -> UnixStream {
-        self.stream
+    /// Whether the read-ahead buffer holds another whole message, which
+    /// `recv` returns without reading the socket.
+    fn holds_message(&self) -> bool {
+        let ra = self.ahead.borrow();
+        let avail = ra.avail();
+        if avail < HEADER_SIZE {
+            return false;
+        }
+        let mut hbuf = [0u8; HEADER_SIZE];
+        hbuf.copy_from_slice(&ra.buf[ra.start..ra.start + HEADER_SIZE]);
+        (Header::decode(&hbuf).size as usize) <= avail
     }
 
     /// Receives one message: the header, then exactly `size - 16` payload
@@ -226,6 +240,8 @@ impl MessageSocket {
     /// keeps its fds with the stream offset of its last byte and advances
     /// the stream offset past it.
     fn recv_tracked(&self, ra: &mut ReadAhead, buf: &mut [u8]) -> Result<usize, ProtocolError> {
+        // The read may block: held replies go first (send.rs).
+        self.flush()?;
         let mut fds = Vec::new();
         let mut ctrunc = false;
         let n = self.recvmsg(buf, &mut fds, &mut ctrunc)?;
@@ -266,6 +282,7 @@ impl MessageSocket {
     /// the sandbox allows recvmsg only.
     pub fn close_gracefully(&self, limit: std::time::Duration) {
         *self.ahead.borrow_mut() = ReadAhead::default();
+        let _ = self.flush();
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
         let _ = self.stream.set_read_timeout(Some(limit));
         let deadline = std::time::Instant::now() + limit;
@@ -336,91 +353,6 @@ impl MessageSocket {
         }
     }
 
-    /// Sends header + payload parts + fds in one sendmsg (more only if the
-    /// kernel takes a partial write). Nothing is allocated on this path.
-    pub fn send(
-        &self,
-        header: &Header,
-        parts: &[&[u8]],
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<(), ProtocolError> {
-        const MAX_PARTS: usize = 8;
-        if parts.len() > MAX_PARTS || fds.len() > CMSG_FDS {
-            return Err(ProtocolError::Io(io::Error::from_raw_os_error(libc::E2BIG)));
-        }
-        let h = header.encode();
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        let mut iovs = [empty; MAX_PARTS + 1];
-        iovs[0] = libc::iovec {
-            iov_base: h.as_ptr() as *mut _,
-            iov_len: h.len(),
-        };
-        let mut n_iov = 1;
-        for p in parts.iter().filter(|p| !p.is_empty()) {
-            iovs[n_iov] = libc::iovec {
-                iov_base: p.as_ptr() as *mut _,
-                iov_len: p.len(),
-            };
-            n_iov += 1;
-        }
-        let total: usize = iovs[..n_iov].iter().map(|v| v.iov_len).sum();
-        // u64 elements keep the control buffer aligned for cmsghdr.
-        let mut cbuf = [0u64; (CMSG_FDS * 4 + 64) / 8];
-        let mut sent = 0usize;
-        let mut start = 0usize;
-        while sent < total {
-            // SAFETY: plain data; zeroed is an empty msghdr.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = iovs[start..].as_mut_ptr();
-            msg.msg_iovlen = n_iov - start;
-            if sent == 0 && !fds.is_empty() {
-                let bytes = std::mem::size_of_val(fds) as u32;
-                // SAFETY: CMSG_SPACE only computes a size.
-                msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
-                msg.msg_control = cbuf.as_mut_ptr().cast();
-                // SAFETY: cbuf holds CMSG_SPACE(CMSG_FDS * 4) bytes and is
-                // aligned for cmsghdr; we write one header and the fds.
-                unsafe {
-                    let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                    (*cmsg).cmsg_level = libc::SOL_SOCKET;
-                    (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                    (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as _;
-                    let data = libc::CMSG_DATA(cmsg) as *mut RawFd;
-                    for (i, fd) in fds.iter().enumerate() {
-                        std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
-                    }
-                }
-            }
-            // SAFETY: every iovec points into a buffer alive for this call;
-            // msg_control (if set) is cbuf.
-            let n = unsafe { libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(ProtocolError::Io(e));
-            }
-            sent += n as usize;
-            // Step past what a partial write took.
-            let mut took = n as usize;
-            while start < n_iov && took >= iovs[start].iov_len {
-                took -= iovs[start].iov_len;
-                start += 1;
-            }
-            if took > 0 {
-                // SAFETY: took < iovs[start].iov_len, so this stays inside the buffer.
-                iovs[start].iov_base =
-                    unsafe { (iovs[start].iov_base as *mut u8).add(took) }.cast();
-                iovs[start].iov_len -= took;
-            }
-        }
-        Ok(())
-    }
-
     /// Sends raw bytes (tests use it to build malformed messages).
     pub fn send_raw(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ProtocolError> {
         // A raw send is one message-shaped blob; reuse the iovec path with a
@@ -441,5 +373,12 @@ impl MessageSocket {
             });
         }
         self.send(&Header::decode(&hb), &[rest], fds)
+    }
+}
+
+impl Drop for MessageSocket {
+    /// Replies still held go out before the socket closes.
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }

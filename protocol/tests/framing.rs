@@ -96,3 +96,101 @@ fn an_oversized_message_is_drained_and_the_next_one_is_framed() {
     assert_eq!((h.id, fds.len(), p.as_slice()), (2, 0, &[2u8; 4][..]));
     writer.join().unwrap();
 }
+
+/// The bytes of one message, as a client writes it.
+fn message(id: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = Header::command(id, Command::RegionWrite, payload.len(), false)
+        .encode()
+        .to_vec();
+    m.extend_from_slice(payload);
+    m
+}
+
+/// Whatever `s` can read without blocking.
+fn readable(s: &UnixStream) -> Vec<u8> {
+    use std::io::Read;
+    s.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = (&*s).read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    s.set_nonblocking(false).unwrap();
+    got
+}
+
+#[test]
+fn replies_wait_while_a_whole_request_is_buffered_and_go_together_after_the_last() {
+    let (client, server) = UnixStream::pair().unwrap();
+    let rx = MessageSocket::new(server);
+    let mut burst = Vec::new();
+    for id in 1..=3 {
+        burst.extend(message(id, &[id as u8; 8]));
+    }
+    (&client).write_all(&burst).unwrap();
+    let limits = Limits::new(1 << 20, 16);
+    let mut p = Vec::new();
+    for id in 1..=3u16 {
+        let (h, _) = rx.recv(&limits, &mut p).unwrap();
+        assert_eq!(h.id, id);
+        rx.send_reply(&h.reply(1), &[&[id as u8]]).unwrap();
+        let out = readable(&client);
+        if id < 3 {
+            assert!(out.is_empty(), "reply {id} was held: request 3 is buffered");
+        } else {
+            let replies: Vec<(u16, u8)> = out
+                .chunks(17)
+                .map(|r| (u16::from_le_bytes([r[0], r[1]]), r[16]))
+                .collect();
+            assert_eq!(replies, [(1, 1), (2, 2), (3, 3)], "all three, in order");
+        }
+    }
+}
+
+#[test]
+fn a_held_reply_goes_before_a_read_that_blocks_and_when_the_socket_closes() {
+    let (client, server) = UnixStream::pair().unwrap();
+    let rx = MessageSocket::new(server);
+    // Request 2 is posted (no reply wanted): nothing sends reply 1 along.
+    let mut burst = message(1, &[1; 4]);
+    let mut posted = Header::command(2, Command::RegionWrite, 4, true)
+        .encode()
+        .to_vec();
+    posted.extend_from_slice(&[2; 4]);
+    burst.extend(posted);
+    (&client).write_all(&burst).unwrap();
+    let limits = Limits::new(1 << 20, 16);
+    let mut p = Vec::new();
+    let (h, _) = rx.recv(&limits, &mut p).unwrap();
+    rx.send_reply(&h.reply(0), &[]).unwrap();
+    assert!(readable(&client).is_empty(), "held: request 2 is buffered");
+    let (h2, _) = rx.recv(&limits, &mut p).unwrap();
+    assert!(h2.no_reply());
+    let reader = std::thread::spawn(move || {
+        let mut p = Vec::new();
+        rx.recv(&limits, &mut p).map(|(h, _)| h.id).map_err(|_| ())
+    });
+    let mut reply = [0u8; 16];
+    {
+        use std::io::Read;
+        (&client).read_exact(&mut reply).unwrap();
+    }
+    assert_eq!(u16::from_le_bytes([reply[0], reply[1]]), 1);
+    (&client).write_all(&message(3, &[3; 4])).unwrap();
+    assert_eq!(reader.join().unwrap(), Ok(3));
+
+    // Dropping the socket sends what it holds.
+    let (client, server) = UnixStream::pair().unwrap();
+    let rx = MessageSocket::new(server);
+    let mut burst = message(7, &[]);
+    burst.extend(message(8, &[]));
+    (&client).write_all(&burst).unwrap();
+    let (h, _) = rx.recv(&limits, &mut p).unwrap();
+    rx.send_reply(&h.reply(0), &[]).unwrap();
+    drop(rx);
+    let out = readable(&client);
+    assert_eq!((out.len(), out[0]), (16, 7));
+}

@@ -253,8 +253,8 @@ impl<'a> Session<'a> {
             return;
         }
         let sent = match answer {
-            Ok(Answer::Fixed(b, n)) => self.sock.send(&h.reply(n), &[&b[..n]], &[]),
-            Ok(Answer::Payload(p)) => self.sock.send(&h.reply(p.len()), &[&p], &[]),
+            Ok(Answer::Fixed(b, n)) => self.sock.send_reply(&h.reply(n), &[&b[..n]]),
+            Ok(Answer::Payload(p)) => self.sock.send_reply(&h.reply(p.len()), &[&p]),
             Ok(Answer::Sent) => Ok(()),
             Err((errno, why)) => return self.reply_error(h, errno, &why),
         };
@@ -431,7 +431,7 @@ impl<'a> Session<'a> {
             );
             return;
         }
-        if let Err(e) = self.sock.send(&h.error_reply(errno), &[], &[]) {
+        if let Err(e) = self.sock.send_reply(&h.error_reply(errno), &[]) {
             debug!("error reply failed: {e}");
         }
     }

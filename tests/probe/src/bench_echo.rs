@@ -1,6 +1,7 @@
 //! The transport floor of `--bench-dma`: a forked process that answers
-//! every message with its own payload, after receiving it with airlock's
-//! socket code (the protocol crate's MessageSocket) and, like airlock with
+//! every message with its own payload, receiving and replying with
+//! airlock's socket code (the protocol crate's MessageSocket, which holds
+//! replies while more requests are buffered) and, like airlock with
 //! a DMA_MAP's fd, fstat-ing and closing any fd that came with it. The
 //! bench drives it with the same DMA_MAP/DMA_UNMAP loops as airlock, so the
 //! difference between the two is airlock's own work plus the two VFIO
@@ -68,7 +69,7 @@ fn serve(sock: MessageSocket) {
             let _ = std::fs::File::from(fd).metadata();
         }
         if sock
-            .send(&header.reply(payload.len()), &[&payload], &[])
+            .send_reply(&header.reply(payload.len()), &[&payload])
             .is_err()
         {
             return;

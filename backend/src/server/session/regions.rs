@@ -60,8 +60,9 @@ impl Session<'_> {
         ))
     }
 
-    /// REGION_READ: the reply's header and data go in one sendmsg, from a
-    /// buffer kept for the connection (no allocation per read).
+    /// REGION_READ: the reply's header and data go in one sendmsg (with
+    /// other held replies, see protocol socket/send.rs), from a buffer kept
+    /// for the connection (no allocation per read).
     pub(super) fn region_read(&mut self, h: &Header, a: &RegionAccess) -> Handled {
         self.stats.count_read(a.region);
         self.check_access(a, REGION_INFO_FLAG_READ)?;
@@ -74,11 +75,10 @@ impl Session<'_> {
         if !h.no_reply() {
             let fixed = a.encode_fixed();
             let buf = &self.read_buf;
-            if let Err(e) = self.sock.send(
-                &h.reply(REGION_ACCESS_SIZE + buf.len()),
-                &[&fixed, buf],
-                &[],
-            ) {
+            if let Err(e) = self
+                .sock
+                .send_reply(&h.reply(REGION_ACCESS_SIZE + buf.len()), &[&fixed, buf])
+            {
                 debug!("reply failed: {e}");
             }
         }

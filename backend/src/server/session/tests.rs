@@ -181,6 +181,54 @@ fn dma_unmap_takes_one_exact_map_away_from_the_device_first() {
     assert!(dev.called("dma_unmapped 0x10000 0x2000"));
 }
 
+/// A client that pipelines (QEMU's DMA_MAPs in one transaction) leaves
+/// several requests in one read; the server holds their replies and sends
+/// them together. Every reply still comes, in order, with its own outcome.
+#[test]
+fn pipelined_requests_in_one_write_get_every_reply_in_order() {
+    use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_MAP_SIZE, DMA_UNMAP_SIZE};
+    use airlock_protocol::header::Header;
+    let mut dev = MockDevice::new();
+    negotiated(&mut dev, |c| {
+        let map = |iova| DmaMap {
+            argsz: DMA_MAP_SIZE as u32,
+            flags: RW,
+            offset: 0,
+            iova,
+            size: 0x1000,
+        };
+        let unmap = |iova| DmaUnmap {
+            argsz: DMA_UNMAP_SIZE as u32,
+            flags: 0,
+            iova,
+            size: 0x1000,
+        };
+        // (id, command, payload, expected errno)
+        let mut plan = Vec::new();
+        for i in 0..8u16 {
+            let iova = 0x10000 * (u64::from(i) + 1);
+            plan.push((100 + 3 * i, Command::DmaMap, map(iova).encode(), 0));
+            plan.push((101 + 3 * i, Command::DmaUnmap, unmap(iova).encode(), 0));
+            // Unmapped just before: no such map.
+            let gone = unmap(iova).encode();
+            plan.push((102 + 3 * i, Command::DmaUnmap, gone, libc::ENOENT));
+        }
+        let mut burst = Vec::new();
+        for (id, cmd, payload, _) in &plan {
+            burst.extend(Header::command(*id, *cmd, payload.len(), false).encode());
+            burst.extend(payload);
+        }
+        c.socket().send_raw(&burst, &[]).expect("one write");
+        for (id, cmd, _, want) in plan {
+            match c.reply_to(id, cmd) {
+                Ok(_) => assert_eq!(want, 0, "reply {id}"),
+                Err(e) => assert_eq!(errno::<()>(Err(e)), want, "reply {id}"),
+            }
+        }
+    });
+    assert!(dev.called("dma_unmapped 0x80000 0x1000"));
+}
+
 #[test]
 fn dma_unmap_of_part_of_a_map_is_refused() {
     let mut dev = MockDevice::new();
