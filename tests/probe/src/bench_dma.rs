@@ -18,6 +18,11 @@
 //! messages cost by themselves here, so that airlock minus echo is
 //! airlock's own work plus the two ioctls.
 //!
+//! The floor is a tight loop; a server's ioctls come right after the
+//! request woke it. So the floor also runs with an empty round trip to the
+//! echo before each ioctl, and the round trips alone, which prices the two
+//! ioctls when they follow a process switch (an INFO line).
+//!
 //! Rounds interleave the loops; the figures are medians. Prints
 //! `BENCH dma-map-unmap airlock_us=A floor_us=F ratio=R pipelined_us=P
 //! pipelined_ratio=Q echo_us=E echo_pipelined_us=EP (...)`, Q being P / F;
@@ -109,6 +114,7 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
     let (mut a, mut f, mut p) = (Vec::new(), Vec::new(), Vec::new());
     let (mut e, mut ep) = (Vec::new(), Vec::new());
     let (mut rtt, mut fresh, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pings, mut switched) = (Vec::new(), Vec::new());
     // A second mapping of the memory that this process never touches, as
     // airlock's own mapping of a client's file (dma/host.rs): the VFIO
     // pin is then the first access through it.
@@ -126,6 +132,13 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         kept.push(per_pair(|| {
             floor_mapped(&floor, untouched.as_ptr() as u64)
         })?);
+        // The floor with a round trip to the echo before each ioctl: the
+        // ioctls then run right after a process switch, as airlock's do
+        // when it serves one message at a time.
+        pings.push(per_pair(|| echo_pings(&mut echo.client, None))?);
+        switched.push(per_pair(|| {
+            echo_pings(&mut echo.client, Some((&floor, vaddr)))
+        })?);
         e.push(per_pair(|| serial(&mut echo.client, &mem))?);
         ep.push(per_pair(|| pipelined(&mut echo.client, &mem))?);
     }
@@ -134,6 +147,12 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         median(rtt),
         median(fresh),
         median(kept)
+    ));
+    info(&format!(
+        "bench-dma: per pair, medians: the floor with a process switch (an echo round trip) before each ioctl {:.1} us, the two round trips alone {:.1} us: the ioctls after a switch {:.1} us",
+        median(switched.clone()),
+        median(pings.clone()),
+        median(switched) - median(pings)
     ));
     info(&format!(
         "bench-dma: one clock read (Instant::now, what airlock's timing of DMA_MAP/UNMAP makes twice per message) {:.0} ns",
@@ -169,6 +188,30 @@ fn round_trips(c: &mut Client) -> Result<(), String> {
     for _ in 0..PAIRS * 2 {
         c.read32(PCI_CONFIG_REGION_INDEX, 0)
             .map_err(|e| format!("REGION_READ: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Two empty round trips to the echo per pair; with `floor`, each is
+/// followed by one of the pair's ioctls.
+fn echo_pings(echo: &mut Client, floor: Option<(&Floor, u64)>) -> Result<(), String> {
+    let ping = |c: &mut Client| {
+        let id = c
+            .send_command(Command::DeviceGetInfo, &[], &[])
+            .map_err(|e| format!("echo ping: {e}"))?;
+        c.reply_to(id, Command::DeviceGetInfo)
+            .map(drop)
+            .map_err(|e| format!("echo ping: {e}"))
+    };
+    for _ in 0..PAIRS {
+        ping(echo)?;
+        if let Some((f, vaddr)) = floor {
+            f.map(vaddr, IOVA, SIZE as u64)?;
+        }
+        ping(echo)?;
+        if let Some((f, _)) = floor {
+            f.unmap(IOVA, SIZE as u64)?;
+        }
     }
     Ok(())
 }
