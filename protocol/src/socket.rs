@@ -3,7 +3,8 @@
 //!
 //! Reads are blocking (one thread per connection): an epoll_wait before each
 //! read costs ~30% per round trip on these machines. Each send is one
-//! sendmsg carrying header, payload and fds together.
+//! sendmsg carrying header, payload and fds together; replies to requests
+//! that arrived in one read go out together (send.rs).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
