@@ -39,6 +39,7 @@ pub fn run(
         access,
         device: kind,
         max_data_xfer,
+        poll_us,
         sandbox: sandbox_config,
         windows,
     } = config
@@ -58,7 +59,8 @@ pub fn run(
         let restored = restored_device(&kind, handed.as_ref(), stored);
         let (listener, handed_vfio) =
             upgrade::claim_handed(handed.as_ref(), restored, &listen, &access)?;
-        let limits = server_limits(&kind, max_data_xfer, windows);
+        let mut limits = server_limits(&kind, max_data_xfer, windows);
+        limits.poll = std::time::Duration::from_micros(poll_us.into());
         match sandbox_config {
             None => serve_unconfined(&listener, kind, limits),
             Some(sc) => {

@@ -24,6 +24,7 @@ pub fn server_limits(max_data_xfer: u64) -> negotiate::ServerLimits {
         max_data_xfer,
         max_dma_maps: 65535,
         windows: Vec::new(),
+        poll: std::time::Duration::ZERO,
     }
 }
 

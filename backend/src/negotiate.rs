@@ -22,6 +22,9 @@ pub struct ServerLimits {
     pub max_dma_maps: u64,
     /// --reserve-iova windows (the device adds its own host windows).
     pub windows: Vec<DoorbellWindow>,
+    /// --poll-us: how long a session polls its socket for the next message
+    /// before it sleeps in the read (zero: it never polls).
+    pub poll: std::time::Duration,
 }
 
 /// The IOVA space the client may use, for the iova_ranges capability.

@@ -194,3 +194,48 @@ fn a_held_reply_goes_before_a_read_that_blocks_and_when_the_socket_closes() {
     let out = readable(&client);
     assert_eq!((out.len(), out[0]), (16, 7));
 }
+
+#[test]
+fn poll_sends_held_replies_then_sees_the_next_message_or_gives_up_at_its_limit() {
+    use std::time::{Duration, Instant};
+    let (client, server) = UnixStream::pair().unwrap();
+    let rx = MessageSocket::new(server);
+    let limits = Limits::new(1 << 20, 16);
+    let mut p = Vec::new();
+    // Nothing comes: poll gives up after its limit, having read nothing.
+    let t = Instant::now();
+    assert!(!rx.poll(Duration::from_millis(20)).unwrap());
+    assert!(t.elapsed() >= Duration::from_millis(20));
+    // A buffered message: at once.
+    let mut burst = message(1, &[1; 4]);
+    burst.extend(message(2, &[2; 4]));
+    (&client).write_all(&burst).unwrap();
+    let (h, _) = rx.recv(&limits, &mut p).unwrap();
+    rx.send_reply(&h.reply(0), &[]).unwrap();
+    assert!(rx.poll(Duration::ZERO).unwrap(), "message 2 is buffered");
+    let (h, _) = rx.recv(&limits, &mut p).unwrap();
+    assert_eq!(h.id, 2);
+    rx.send_reply(&h.reply(0), &[]).unwrap();
+    // A message that comes while polling, after reply 1 and 2 went out
+    // (the client answers only once it has them).
+    let answerer = std::thread::spawn(move || {
+        let mut got = [0u8; 32];
+        std::io::Read::read_exact(&mut &client, &mut got).unwrap();
+        (&client).write_all(&message(3, &[3; 4])).unwrap();
+        client
+    });
+    assert!(rx.poll(Duration::from_secs(10)).unwrap());
+    let (h, _) = rx.recv(&limits, &mut p).unwrap();
+    assert_eq!(h.id, 3);
+    // Peeking at a message that carries fds leaves them to recv.
+    let client = answerer.join().unwrap();
+    let tx = MessageSocket::new(client);
+    send(&tx, 4, &[4; 4], &[&eventfd()]);
+    assert!(rx.poll(Duration::from_secs(10)).unwrap());
+    let (h, fds) = rx.recv(&limits, &mut p).unwrap();
+    assert_eq!((h.id, fds.len()), (4, 1));
+    // The peer's end: poll sees it, recv reports it.
+    drop(tx);
+    assert!(rx.poll(Duration::from_secs(10)).unwrap());
+    assert!(matches!(rx.recv(&limits, &mut p), Err(RecvError::Closed)));
+}

@@ -110,6 +110,8 @@ pub enum Config {
         access: SocketAccess,
         device: DeviceKind,
         max_data_xfer: u64,
+        /// --poll-us.
+        poll_us: u32,
         /// None: --sandbox off.
         sandbox: Option<SandboxConfig>,
         /// --reserve-iova windows.
@@ -230,6 +232,7 @@ impl TryFrom<Args> for Config {
             access,
             device,
             max_data_xfer: a.max_data_xfer,
+            poll_us: a.poll_us,
             sandbox,
             windows,
         })

@@ -18,6 +18,7 @@ fn socket_path_and_edu_make_a_serve_config() {
             access: SocketAccess::default(),
             device: DeviceKind::Emulated(EmulatedKind::Edu),
             max_data_xfer: 1 << 20,
+            poll_us: 0,
             sandbox: Some(SandboxConfig {
                 user: None,
                 memlock: None,
@@ -38,6 +39,23 @@ fn device_names_edu_or_a_pci_address() {
     assert_eq!(dev("edu"), Ok(DeviceKind::Emulated(EmulatedKind::Edu)));
     assert!(matches!(dev("03:00.0"), Ok(DeviceKind::Vfio { bdf, .. }) if bdf == "0000:03:00.0"));
     assert!(matches!(dev("nic0"), Err(ConfigError::BadAddress(_))));
+}
+
+#[test]
+fn poll_us_is_off_by_default_and_bounded_to_a_second() {
+    let poll = |extra: &[&str]| {
+        let args = [&["--fd", "3", "--emulate", "edu"], extra].concat();
+        Args::try_parse_from(std::iter::once("airlock").chain(args)).map(
+            |a| match Config::try_from(a) {
+                Ok(Config::Serve { poll_us, .. }) => poll_us,
+                other => panic!("{other:?}"),
+            },
+        )
+    };
+    assert_eq!(poll(&[]).unwrap(), 0);
+    assert_eq!(poll(&["--poll-us", "50"]).unwrap(), 50);
+    assert!(poll(&["--poll-us", "1000001"]).is_err());
+    assert!(poll(&["--poll-us", "-1"]).is_err());
 }
 
 #[test]
@@ -75,6 +93,7 @@ fn vfio_takes_a_pci_address_with_or_without_domain() {
                 allow_unsafe_interrupts: false,
             },
             max_data_xfer: 1 << 20,
+            poll_us: 0,
             sandbox: Some(SandboxConfig {
                 user: None,
                 memlock: None,

@@ -152,6 +152,10 @@ impl<'a> Session<'a> {
                 negotiating = false;
                 let _ = self.sock.stream().set_read_timeout(None);
             }
+            if !negotiating && !self.server.poll.is_zero() {
+                // An error here is the read's to report.
+                let _ = self.sock.poll(self.server.poll);
+            }
             let (header, fds) = match self.sock.recv(&self.limits, &mut payload) {
                 Ok(m) => m,
                 Err(RecvError::Closed) => return,

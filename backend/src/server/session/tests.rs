@@ -229,6 +229,32 @@ fn pipelined_requests_in_one_write_get_every_reply_in_order() {
     assert!(dev.called("dma_unmapped 0x80000 0x1000"));
 }
 
+/// --poll-us: the session polls before each read; requests that come
+/// within the poll and long after it are served alike.
+#[test]
+fn a_polling_session_serves_requests_that_come_soon_and_late() {
+    let mut dev = MockDevice::new();
+    let (server_end, client_end) = UnixStream::pair().expect("socketpair");
+    let mut limits = crate::server_limits(1 << 20);
+    limits.poll = std::time::Duration::from_millis(2);
+    std::thread::scope(|s| {
+        let dev = &mut dev;
+        let server = s.spawn(move || Session::new(server_end, dev, limits).run());
+        let mut c = Client::from_stream(client_end);
+        c.negotiate(Client::qemu_capabilities()).expect("VERSION");
+        for i in 0..6u64 {
+            if i % 2 == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            c.dma_map(0x10000 * (i + 1), 0x1000, 0, RW, None)
+                .expect("DMA_MAP");
+        }
+        drop(c);
+        server.join().expect("the session panicked");
+    });
+    assert!(dev.called("dma_mapped 0x60000 0x1000 nofd"));
+}
+
 #[test]
 fn dma_unmap_of_part_of_a_map_is_refused() {
     let mut dev = MockDevice::new();
