@@ -463,8 +463,10 @@ fn a_socket_activated_airlock_upgrades_on_the_socket_systemd_passed() {
         log,
         _dir: dir,
     };
-    wait_for("the activation socket", || s.path.exists());
-    assert_eq!(ident(&s.path), IDENT);
+    // The path appears at bind(), before listen(): wait for an answer.
+    wait_for("airlock on the activation socket", || {
+        try_ident(&s.path) == Some(IDENT)
+    });
     let pid = s.child.id();
     sigusr2(pid);
     wait_log(&s, "took over");
