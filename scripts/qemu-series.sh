@@ -47,10 +47,27 @@ qemu_git() {
         -c advice.detachedHead=false "$@"
 }
 
+# qemu_sibling_tree SRC: the other architecture's source tree of the same
+# base in this cache (<key>/src for <key>-arm64/src and back), if it is a
+# finished one (tagged airlock-base); prints nothing otherwise.
+qemu_sibling_tree() {
+    local dir key top t
+    dir=$(dirname "$1")
+    key=$(basename "$dir")
+    top=$(dirname "$dir")
+    for t in "$top/${key%-arm64}/src" "$top/${key%-arm64}-arm64/src"; do
+        [[ $t != "$1" ]] && qemu_git "$t" rev-parse -q --verify airlock-base >/dev/null 2>&1 &&
+            echo "$t" && return 0
+    done
+    return 0
+}
+
 # qemu_source SRC BUILD STATE REPO: make SRC a git tree of QEMU at $base
 # (tag airlock-base) unless it is one; a new tree drops BUILD. Source, first
-# match: $AIRLOCK_QEMU_SRC (a tree or tarball), REPO/../shared/qemu/qemu-*.tar.xz,
-# else a clone of $AIRLOCK_QEMU_GIT (or upstream). Sets download to the
+# match: $AIRLOCK_QEMU_SRC (a tree or tarball), REPO/../shared/qemu/qemu-*.tar.xz
+# (or the same beside the local repository REPO was cloned from), the other
+# architecture's tree in this cache, else a clone of $AIRLOCK_QEMU_GIT (or
+# upstream). Sets download to the
 # configure flag: a clone lacks the subprojects, so meson may download them.
 # STATE keeps that flag between runs.
 qemu_source() {
@@ -70,7 +87,12 @@ qemu_source() {
                 die "AIRLOCK_QEMU_SRC=$AIRLOCK_QEMU_SRC is neither a directory nor a file"
             fi
         else
-            for t in "$repo"/../shared/qemu/qemu-*.tar.xz; do
+            # Vendored beside this repository, or beside the one it was
+            # cloned from (a CI clone made elsewhere).
+            local origin
+            origin=$(git -C "$repo" remote get-url origin 2>/dev/null || true)
+            [[ -d $origin ]] || origin=$repo
+            for t in "$repo"/../shared/qemu/qemu-*.tar.xz "$origin"/../shared/qemu/qemu-*.tar.xz; do
                 [[ -f $t ]] && tarball=$t && break
             done
         fi
@@ -85,13 +107,19 @@ qemu_source() {
             qemu_git "$src" add -A -f .
             GIT_AUTHOR_DATE=2000-01-01T00:00:00Z GIT_COMMITTER_DATE=2000-01-01T00:00:00Z \
                 qemu_git "$src" commit -q -m "QEMU $base (unpacked source)"
+        elif [[ -z ${AIRLOCK_QEMU_SRC:-} ]] && t=$(qemu_sibling_tree "$src") && [[ -n $t ]]; then
+            # The other architecture's tree of the same base, in this cache.
+            log "QEMU source: the cached tree $t"
+            git clone -q --no-checkout "$t" "$src"
+            qemu_git "$src" checkout -q --detach airlock-base
+            [[ -f $(dirname "$t")/download ]] && download=$(cat "$(dirname "$t")/download")
         else
             log "QEMU source: git clone $upstream at $base"
             git clone -q --no-checkout "$upstream" "$src"
             qemu_git "$src" checkout -q --detach "$base"
             download=--enable-download
         fi
-        qemu_git "$src" tag airlock-base
+        qemu_git "$src" tag -f airlock-base >/dev/null
         mkdir -p "$(dirname "$state")"
         echo "$download" >"$state"
     fi

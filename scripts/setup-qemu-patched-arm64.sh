@@ -26,7 +26,11 @@
 #
 # QEMU source, first match wins (as setup-qemu-patched.sh):
 #   $AIRLOCK_QEMU_SRC      a QEMU tree or tarball at the base commit
-#   <repo>/../shared/qemu/qemu-*.tar.xz   a vendored tarball (with subprojects)
+#   <repo>/../shared/qemu/qemu-*.tar.xz   a vendored tarball (with subprojects);
+#                          also looked for beside the local repository <repo>
+#                          was cloned from (a CI clone made elsewhere)
+#   the other arch's tree  this cache's source tree of the same base for the
+#                          other build (x86_64 host or arm64 cross)
 #   otherwise              git clone of upstream QEMU at the base commit
 # The compiler, ninja and the rest run chrooted in the build root
 # (scripts/setup-build-root.sh: bookworm with Debian's aarch64 cross gcc), with

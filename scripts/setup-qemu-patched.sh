@@ -28,7 +28,11 @@
 #                          to move the series to (built in its own cache
 #                          directory, src-<hash>; a patch that does not apply
 #                          is named)
-#   <repo>/../shared/qemu/qemu-*.tar.xz   a vendored tarball (with subprojects)
+#   <repo>/../shared/qemu/qemu-*.tar.xz   a vendored tarball (with subprojects);
+#                          also looked for beside the local repository <repo>
+#                          was cloned from (a CI clone made elsewhere)
+#   the other arch's tree  this cache's source tree of the same base for the
+#                          other build (x86_64 host or arm64 cross)
 #   otherwise              git clone of upstream QEMU at the base commit
 #                          (meson then downloads its subprojects)
 # The binaries are built without firmware: run them with -L pointing at the
