@@ -141,9 +141,9 @@ impl MessageSocket {
     }
 
     /// Waits up to `limit` for the next message without sleeping: true at
-    /// once if one is buffered, else (after sending held replies) peeks at
-    /// the socket without blocking until bytes arrive (true) or `limit`
-    /// passes (false). `recv` then reads as usual. A server that sleeps in
+    /// once if bytes of one are buffered, else (after sending held replies)
+    /// peeks at the socket without blocking until bytes arrive (true) or
+    /// `limit` passes (false). `recv` then reads as usual. A server that sleeps in
     /// its read pays a wake-up per message; polling a little first saves it
     /// when the next message follows closely, for the CPU time spent.
     pub fn poll(&self, limit: std::time::Duration) -> Result<bool, ProtocolError> {
