@@ -132,12 +132,10 @@ impl MessageSocket {
     fn holds_message(&self) -> bool {
         let ra = self.ahead.borrow();
         let avail = ra.avail();
-        if avail < HEADER_SIZE {
-            return false;
+        match ra.buf[ra.start..ra.end].first_chunk::<HEADER_SIZE>() {
+            Some(h) => Header::decode(h).size as usize <= avail,
+            None => false,
         }
-        let mut hbuf = [0u8; HEADER_SIZE];
-        hbuf.copy_from_slice(&ra.buf[ra.start..ra.start + HEADER_SIZE]);
-        (Header::decode(&hbuf).size as usize) <= avail
     }
 
     /// Waits up to `limit` for the next message without sleeping: true at

@@ -73,7 +73,7 @@ impl MessageSocket {
     }
 
     /// Sends the replies held in the outbox, if any.
-    pub fn flush(&self) -> Result<(), ProtocolError> {
+    pub(super) fn flush(&self) -> Result<(), ProtocolError> {
         let mut outbox = self.outbox.borrow_mut();
         if outbox.is_empty() {
             return Ok(());

@@ -205,33 +205,17 @@ fn round_trips(c: &mut Client) -> Result<(), String> {
 
 /// Two empty round trips to the echo per pair; with `floor`, each is
 /// followed by one of the pair's ioctls. With `poll`, each answer is
-/// awaited by polling the socket (MSG_PEEK | MSG_DONTWAIT) rather than by
-/// sleeping in recvmsg.
+/// awaited by polling the socket (MessageSocket::poll, as airlock's
+/// --poll-us) rather than by sleeping in recvmsg.
 fn echo_pings(echo: &mut Client, floor: Option<(&Floor, u64)>, poll: bool) -> Result<(), String> {
     let ping = |c: &mut Client| {
         let id = c
             .send_command(Command::DeviceGetInfo, &[], &[])
             .map_err(|e| format!("echo ping: {e}"))?;
         if poll {
-            let fd = c.socket().stream().as_raw_fd();
-            let mut b = 0u8;
-            loop {
-                // SAFETY: a 1-byte peek into a local; the fd is the
-                // client's socket, alive for the call.
-                let n = unsafe {
-                    libc::recv(
-                        fd,
-                        (&mut b as *mut u8).cast(),
-                        1,
-                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                    )
-                };
-                // Data, EOF or a real error: recvmsg below reports it.
-                if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
-                    break;
-                }
-                std::hint::spin_loop();
-            }
+            // What `airlock --poll-us` does before its read; a timeout or
+            // an error is left to reply_to below to report.
+            let _ = c.socket().poll(std::time::Duration::from_secs(10));
         }
         c.reply_to(id, Command::DeviceGetInfo)
             .map(drop)
