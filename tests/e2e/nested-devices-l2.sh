@@ -9,7 +9,8 @@
 # Phases:
 #   1. traffic: igbvf on A and B; airlock-wire sends checksummed raw
 #      Ethernet frames (EtherType 0x88b5) to L1's reflector (wire.peer=MAC)
-#      through both VFs, interleaved in rounds (wire.rounds/frames/window/rtt)
+#      through both VFs, interleaved in rounds (wire.rounds/frames/window/rtt; no round starts
+#      after wire.budget seconds once two are done)
 #   2. BAR: mmap C's resource2, check the host's pattern P0 at
 #      bar.p0=OFF:OFF:..., write P1 at bar.p1=OFF:OFF:...
 #   3. REQ: frames trickle through D; "INFO l2: req-ready"; L1 unbinds VF2
@@ -44,7 +45,7 @@ idle() {
 }
 
 echo # end SeaBIOS's "Booting from ROM.." line
-slots=10,11,12,13 peer="" rounds=4 frames=500 window=16 rtt=100 p0="" p1=""
+slots=10,11,12,13 peer="" rounds=4 frames=500 window=16 rtt=100 budget=0 p0="" p1=""
 for w in $(cat /proc/cmdline); do
     case "$w" in
         devs.slots=*) slots=${w#devs.slots=} ;;
@@ -53,6 +54,7 @@ for w in $(cat /proc/cmdline); do
         wire.frames=*) frames=${w#wire.frames=} ;;
         wire.window=*) window=${w#wire.window=} ;;
         wire.rtt=*) rtt=${w#wire.rtt=} ;;
+        wire.budget=*) budget=${w#wire.budget=} ;;
         bar.p0=*) p0=$(echo "${w#bar.p0=}" | tr : ,) ;;
         bar.p1=*) p1=$(echo "${w#bar.p1=}" | tr : ,) ;;
     esac
@@ -126,7 +128,10 @@ irqs() { grep -E "$1" /proc/interrupts | awk '{ for (i = 2; i <= NF; i++) if ($i
 say "traffic phase start at uptime $(up) s: $rounds rounds x ($frames frames, window $window + $rtt one at a time) per VF, peer $peer"
 t=$(up)
 q0=$(irqs "$if0") q1=$(irqs "$if1")
-/airlock-wire traffic --peer "$peer" --rounds "$rounds" --frames "$frames" --window "$window" --rtt "$rtt" \
+budget_arg=""
+[ "$budget" -gt 0 ] && budget_arg="--budget-s $budget"
+# shellcheck disable=SC2086 # budget_arg is empty or two words
+/airlock-wire traffic --peer "$peer" --rounds "$rounds" --frames "$frames" --window "$window" --rtt "$rtt" $budget_arg \
     "vf-airlock=$if0" "vf-inproc=$if1" >/tmp/traffic.out 2>&1 &
 wp=$!
 # Stream its lines as they come (the console is L1's progress view).

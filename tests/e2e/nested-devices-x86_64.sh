@@ -55,6 +55,10 @@
 #        WIRE_ROUNDS, WIRE_FRAMES, WIRE_WINDOW, WIRE_RTT
 #                         traffic: rounds (8), frames per rate phase (400),
 #                         frames in flight (16), one-at-a-time frames (40)
+#        WIRE_BUDGET      seconds after which no round starts once two are
+#                         done (150; 0: every round): a slower machine
+#                         (L2 traffic at ~10 frames/s against ~120) gets
+#                         fewer rounds, not a timeout
 #        L2_QEMU          patched (default) or stock
 #        L2_APPEND        extra words for L2's kernel command line
 #        NESTED_AIRLOCK   a static airlock binary to use instead of this tree's build
@@ -73,6 +77,7 @@ timeout_s=${GUEST_TIMEOUT:-1500}
 l1_mem=${L1_MEM:-3G} l2_mem=${L2_MEM:-256M}
 shm_mib=${SHM_MIB:-256}
 rounds=${WIRE_ROUNDS:-8} frames=${WIRE_FRAMES:-400} window=${WIRE_WINDOW:-16} rtt=${WIRE_RTT:-40}
+budget=${WIRE_BUDGET:-150}
 l2_qemu=${L2_QEMU:-patched}
 target=x86_64-unknown-linux-gnu
 shm="$LOG_DIR/ivshmem.bin"
@@ -167,7 +172,7 @@ for off in "${p0[@]}"; do page P0 "$off" | dd of="$shm" bs=4096 seek=$((off / 40
 note "ivshmem: $shm_mib MiB sparse file $shm; P0 at $(printf '%#x ' "${p0[@]}")(L2 writes P1 at $(printf '%#x ' "${p1[@]}"))"
 
 # cryptomgr.notests: the crypto self-tests are a third of a boot under TCG.
-l2_append="cryptomgr.notests wire.rounds=$rounds wire.frames=$frames wire.window=$window wire.rtt=$rtt"
+l2_append="cryptomgr.notests wire.rounds=$rounds wire.frames=$frames wire.window=$window wire.rtt=$rtt wire.budget=$budget"
 l2_append+=" bar.p0=$(IFS=:; echo "${p0[*]}") bar.p1=$(IFS=:; echo "${p1[*]}") ${L2_APPEND:-}"
 l2_append=$(echo $l2_append | tr ' ' ,)
 extra=$(echo ${NESTED_AIRLOCK_ARGS:-} | tr ' ' ,)
@@ -193,7 +198,7 @@ spawn qpid "$E2E_REPO/scripts/qemu" x86_64 -accel tcg \
     -append "console=ttyS0 quiet panic=-1 intel_iommu=on pcie_ports=native cryptomgr.notests l2.mem=$l2_mem l2.append=$l2_append${extra:+ airlock.extra=$extra}" \
     </dev/null >"$console" 2>&1
 note "L1: q35 + intel-iommu + igb (rp0, hotplug=off) + e1000e on hub 0 + ivshmem ${shm_mib} MiB, TCG, 2 vCPUs, $l1_mem; console: $console"
-note "traffic: $rounds rounds x ($frames frames, window $window; $rtt one at a time) per VF; timeout $timeout_s s"
+note "traffic: $rounds rounds x ($frames frames, window $window; $rtt one at a time) per VF, none started after ${budget} s once two are done; timeout $timeout_s s"
 
 declare -A seen_at=()
 milestone() { [[ -n ${seen_at[$1]:-} ]] || seen_at[$1]=$(now); }

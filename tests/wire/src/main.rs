@@ -5,9 +5,11 @@
 //!       the far end: answers every test frame to its source MAC; counts per
 //!       source MAC in STATS ("REFLECT <mac> frames=N bad=M")
 //!   airlock-wire traffic --peer MAC [--rounds 4] [--frames 500] [--window 16]
-//!                        [--rtt 100] [--timeout-ms 2000] NAME=IFACE...
+//!                        [--rtt 100] [--timeout-ms 2000] [--budget-s N] NAME=IFACE...
 //!       rounds of a frame-rate phase and a round-trip phase per interface,
-//!       interleaved; prints ROUND, BENCH and PASS/FAIL traffic-NAME lines
+//!       interleaved; prints ROUND, BENCH and PASS/FAIL traffic-NAME lines.
+//!       With --budget-s, no round starts after N s once two are done. A
+//!       reply that comes after its frame's timeout is late, not lost.
 //!   airlock-wire trickle --peer MAC [--interval-ms 50] [--max-s 600] IFACE
 //!       a frame every interval until IFACE goes away; one INFO line
 //!   airlock-wire bar PATH TAG OFF[,OFF...] TAG2 OFF[,OFF...]
@@ -25,7 +27,7 @@ mod traffic;
 use std::time::Duration;
 
 const USAGE: &str = "usage: airlock-wire reflect IFACE STATS
-       airlock-wire traffic --peer MAC [--rounds N] [--frames N] [--window N] [--rtt N] [--timeout-ms N] NAME=IFACE...
+       airlock-wire traffic --peer MAC [--rounds N] [--frames N] [--window N] [--rtt N] [--timeout-ms N] [--budget-s N] NAME=IFACE...
        airlock-wire trickle --peer MAC [--interval-ms N] [--max-s N] IFACE
        airlock-wire bar PATH TAG OFF[,OFF...] TAG2 OFF[,OFF...]";
 
@@ -109,6 +111,10 @@ fn main() {
                 window: num(&opts, "window", 16u32).max(1),
                 rtt: num(&opts, "rtt", 100),
                 timeout: Duration::from_millis(num(&opts, "timeout-ms", 2000)),
+                budget: opts
+                    .iter()
+                    .any(|(k, _)| k == "budget-s")
+                    .then(|| Duration::from_secs(num(&opts, "budget-s", 0))),
             };
             let devs: Vec<(String, String)> = words
                 .iter()

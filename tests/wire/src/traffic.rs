@@ -22,8 +22,12 @@ pub struct Plan {
     pub window: u32,
     /// Frames per round-trip phase.
     pub rtt: u32,
-    /// A frame not back after this long is lost.
+    /// A frame not back after this long leaves its phase (it counts as
+    /// lost unless its reply still comes in a later phase: late).
     pub timeout: Duration,
+    /// No round starts after this long once two rounds are done (a slow
+    /// machine gets fewer rounds instead of a harness timeout).
+    pub budget: Option<Duration>,
 }
 
 /// What went wrong with frames, over any span.
@@ -36,7 +40,8 @@ struct Tally {
     bad: u64,
     bad_there: u64,
     dup: u64,
-    /// Replies to frames of an earlier phase (arrived after their timeout).
+    /// Replies to frames of an earlier phase (arrived after their timeout):
+    /// late, not lost.
     stale: u64,
 }
 
@@ -49,8 +54,10 @@ impl Tally {
         self.dup += o.dup;
         self.stale += o.stale;
     }
+    /// Frames never seen back: a late reply (stale) counts in the phase
+    /// it arrives in, so over a whole run this is exact.
     fn lost(&self) -> u64 {
-        self.sent.saturating_sub(self.received)
+        self.sent.saturating_sub(self.received + self.stale)
     }
     fn line(&self) -> String {
         format!(
@@ -285,7 +292,18 @@ pub fn run(plan: &Plan, devs: &[(String, String)]) -> Result<bool, String> {
         s.total.add(&t);
     }
     let t_all = Instant::now();
+    let mut done = 0;
     for r in 1..=plan.rounds {
+        if let Some(b) = plan.budget.filter(|&b| r > 2 && t_all.elapsed() >= b) {
+            println!(
+                "INFO traffic: the {} s budget is spent after {} of {} rounds",
+                b.as_secs(),
+                r - 1,
+                plan.rounds
+            );
+            break;
+        }
+        done = r;
         let mut order: Vec<usize> = (0..streams.len()).collect();
         if r % 2 == 0 {
             order.reverse();
@@ -307,8 +325,7 @@ pub fn run(plan: &Plan, devs: &[(String, String)]) -> Result<bool, String> {
         }
     }
     println!(
-        "INFO traffic: {} rounds in {:.1} s",
-        plan.rounds,
+        "INFO traffic: {done} rounds in {:.1} s",
         t_all.elapsed().as_secs_f64()
     );
     let mut ok = true;
@@ -403,4 +420,34 @@ pub fn trickle(iface: &str, peer: Mac, interval: Duration, max: Duration) -> Res
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn a_late_reply_is_not_a_lost_frame_but_a_missing_one_is() {
+        let mut run = Tally::default();
+        // Round 1: 10 out, 8 back in time; round 2: 10 out, 10 back, and
+        // the 2 late ones of round 1 arrive during it.
+        run.add(&Tally {
+            sent: 10,
+            received: 8,
+            ..Tally::default()
+        });
+        run.add(&Tally {
+            sent: 10,
+            received: 10,
+            stale: 2,
+            ..Tally::default()
+        });
+        assert_eq!(run.lost(), 0);
+        run.add(&Tally {
+            sent: 10,
+            received: 9,
+            ..Tally::default()
+        });
+        assert_eq!(run.lost(), 1, "one never came back");
+    }
 }
