@@ -9,8 +9,8 @@
 # Phases:
 #   1. traffic: igbvf on A and B; airlock-wire sends checksummed raw
 #      Ethernet frames (EtherType 0x88b5) to L1's reflector (wire.peer=MAC)
-#      through both VFs, interleaved in rounds (wire.rounds/frames/window/rtt; no round starts
-#      after wire.budget seconds once two are done)
+#      through both VFs, interleaved in rounds (wire.rounds/frames/window/rtt;
+#      no round starts after wire.budget seconds once two are done; 0: none)
 #   2. BAR: mmap C's resource2, check the host's pattern P0 at
 #      bar.p0=OFF:OFF:..., write P1 at bar.p1=OFF:OFF:...
 #   3. REQ: frames trickle through D; "INFO l2: req-ready"; L1 unbinds VF2
@@ -128,10 +128,7 @@ irqs() { grep -E "$1" /proc/interrupts | awk '{ for (i = 2; i <= NF; i++) if ($i
 say "traffic phase start at uptime $(up) s: $rounds rounds x ($frames frames, window $window + $rtt one at a time) per VF, peer $peer"
 t=$(up)
 q0=$(irqs "$if0") q1=$(irqs "$if1")
-budget_arg=""
-[ "$budget" -gt 0 ] && budget_arg="--budget-s $budget"
-# shellcheck disable=SC2086 # budget_arg is empty or two words
-/airlock-wire traffic --peer "$peer" --rounds "$rounds" --frames "$frames" --window "$window" --rtt "$rtt" $budget_arg \
+/airlock-wire traffic --peer "$peer" --rounds "$rounds" --frames "$frames" --window "$window" --rtt "$rtt" --budget-s "$budget" \
     "vf-airlock=$if0" "vf-inproc=$if1" >/tmp/traffic.out 2>&1 &
 wp=$!
 # Stream its lines as they come (the console is L1's progress view).

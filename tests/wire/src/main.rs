@@ -8,7 +8,8 @@
 //!                        [--rtt 100] [--timeout-ms 2000] [--budget-s N] NAME=IFACE...
 //!       rounds of a frame-rate phase and a round-trip phase per interface,
 //!       interleaved; prints ROUND, BENCH and PASS/FAIL traffic-NAME lines.
-//!       With --budget-s, no round starts after N s once two are done. A
+//!       With --budget-s N (0: none), no round starts after N s once two
+//!       are done. A
 //!       reply that comes after its frame's timeout is late, not lost.
 //!   airlock-wire trickle --peer MAC [--interval-ms 50] [--max-s 600] IFACE
 //!       a frame every interval until IFACE goes away; one INFO line
@@ -111,10 +112,9 @@ fn main() {
                 window: num(&opts, "window", 16u32).max(1),
                 rtt: num(&opts, "rtt", 100),
                 timeout: Duration::from_millis(num(&opts, "timeout-ms", 2000)),
-                budget: opts
-                    .iter()
-                    .any(|(k, _)| k == "budget-s")
-                    .then(|| Duration::from_secs(num(&opts, "budget-s", 0))),
+                budget: Some(num(&opts, "budget-s", 0u64))
+                    .filter(|&s| s > 0)
+                    .map(Duration::from_secs),
             };
             let devs: Vec<(String, String)> = words
                 .iter()
