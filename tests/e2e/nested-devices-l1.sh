@@ -26,6 +26,7 @@
 # lines (the reflector's counts per source MAC), airlock logs prefixed
 # "airlock-vf0| ", "airlock-vf2| ", "airlock-bar| ". Exit 1 if any L1 check failed.
 
+. /l2-boot-args.sh
 up() { read -r u _ </proc/uptime; echo "$u"; }
 secs() { read -r u _ </proc/uptime; echo "${u%.*}"; }
 dt() { awk -v a="$1" -v b="${2:-$(up)}" 'BEGIN { printf "%.2f", b - a }'; }
@@ -162,7 +163,7 @@ t_l2=$(up)
         -device "$(user bar rp3 /tmp/bar.sock)" \
         -device "$(user vf2 rp4 /tmp/vf2.sock)" \
         -kernel /l2/vmlinux -initrd /l2/initrd.cpio \
-        -append "console=ttyS0 quiet panic=-1 devs.slots=10,11,12,13 wire.peer=$peer $l2append" </dev/null 2>&1
+        -append "console=ttyS0 quiet panic=-1 $L2_BOOT_ARGS devs.slots=10,11,12,13 wire.peer=$peer $l2append" </dev/null 2>&1
     echo "AIRLOCK-L2-QEMU-RC $?"
 } | while IFS= read -r l; do
     l=${l%"$cr"}

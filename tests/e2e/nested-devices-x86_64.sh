@@ -155,7 +155,7 @@ cpio="$work/l1.cpio"
 t0=$(now)
 AIRLOCK_UNSAFE_INTERRUPTS=0 AIRLOCK_MODULES="igb e1000e" "$E2E_REPO/scripts/mkinitramfs" x86_64 "$cpio" \
     "$airlock_bin:/bin/airlock" "$bin/airlock-wire:/bin/airlock-wire" \
-    "$E2E_REPO/tests/e2e/nested-devices-l1.sh:/test" \
+    "$E2E_REPO/tests/e2e/nested-devices-l1.sh:/test" "$E2E_REPO/tests/e2e/l2-boot-args.sh:/l2-boot-args.sh" \
     "$g/vmlinux:/l2/vmlinux" "$l2_cpio:/l2/initrd.cpio" "${bundle[@]}" >>"$LOG_DIR/build.log" 2>&1 ||
     die "mkinitramfs failed (see $LOG_DIR/build.log)"
 note "L1 initramfs $(($(stat -c %s "$cpio") / 1048576)) MiB in $(elapsed "$t0") s (uncompressed; holds L2's vmlinux, initramfs and QEMU)"
@@ -171,8 +171,8 @@ truncate -s "$size" "$shm"
 for off in "${p0[@]}"; do page P0 "$off" | dd of="$shm" bs=4096 seek=$((off / 4096)) conv=notrunc status=none; done
 note "ivshmem: $shm_mib MiB sparse file $shm; P0 at $(printf '%#x ' "${p0[@]}")(L2 writes P1 at $(printf '%#x ' "${p1[@]}"))"
 
-# cryptomgr.notests: the crypto self-tests are a third of a boot under TCG.
-l2_append="cryptomgr.notests wire.rounds=$rounds wire.frames=$frames wire.window=$window wire.rtt=$rtt wire.budget=$budget"
+# (L2's boot arguments come from tests/e2e/l2-boot-args.sh, in L1.)
+l2_append="wire.rounds=$rounds wire.frames=$frames wire.window=$window wire.rtt=$rtt wire.budget=$budget"
 l2_append+=" bar.p0=$(IFS=:; echo "${p0[*]}") bar.p1=$(IFS=:; echo "${p1[*]}") ${L2_APPEND:-}"
 l2_append=$(echo $l2_append | tr ' ' ,)
 extra=$(echo ${NESTED_AIRLOCK_ARGS:-} | tr ' ' ,)

@@ -14,6 +14,7 @@
 # airlock's log prefixed "airlock| ". Exit: L2's AIRLOCK-L2-EXIT status
 # (1 on a setup failure or if L2 printed none).
 
+. /l2-boot-args.sh
 up() { read -r u _ </proc/uptime; echo "$u"; }
 dt() { awk -v a="$1" -v b="${2:-$(up)}" 'BEGIN { printf "%.1f", b - a }'; }
 say() { echo "INFO l1: $*"; }
@@ -95,7 +96,7 @@ run_l2() {
             "$@" \
             ${l2global:+-global "$l2global"} \
             -kernel /l2/vmlinux -initrd /l2/initrd.cpio \
-            -append "console=ttyS0 quiet panic=-1${viommu:+ iommu.strict=$strict}" </dev/null 2>&1
+            -append "console=ttyS0 quiet panic=-1 $L2_BOOT_ARGS${viommu:+ iommu.strict=$strict}" </dev/null 2>&1
         echo "AIRLOCK-L2-QEMU-RC $?"
     } | while IFS= read -r l; do
         l=${l%"$cr"}

@@ -180,7 +180,7 @@ note "L2 QEMU bundle ($which): ${#bundle[@]} files, $((bundle_bytes / 1048576)) 
 
 cpio="$work/l1.cpio"
 AIRLOCK_UNSAFE_INTERRUPTS=0 "$repo/scripts/mkinitramfs" x86_64 "$cpio" \
-    "$airlock_bin:/bin/airlock" "$repo/tests/e2e/nested-l2-nvme-l1.sh:/test" \
+    "$airlock_bin:/bin/airlock" "$repo/tests/e2e/nested-l2-nvme-l1.sh:/test" "$repo/tests/e2e/l2-boot-args.sh:/l2-boot-args.sh" \
     "$g/vmlinux:/l2/vmlinux" "$l2_cpio:/l2/initrd.cpio" "${bundle[@]}" >>"$LOG_DIR/build.log" 2>&1 ||
     die "mkinitramfs failed (see $LOG_DIR/build.log)"
 note "L1 initramfs $(($(stat -c %s "$cpio") / 1048576)) MiB (uncompressed; holds L2's vmlinux, initramfs and QEMU)"
@@ -199,7 +199,7 @@ setsid "$repo/scripts/qemu" x86_64 -accel tcg \
     -device nvme,serial=airlock-l2,drive=nvm \
     -drive "if=none,id=nvm,file=$disk,format=raw" \
     -kernel "$g/vmlinux" -initrd "$cpio" \
-    -append "console=ttyS0 quiet panic=-1 intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}${L2_GLOBAL:+ l2.global=$L2_GLOBAL}${L2_COMPARE:+ l2.compare=1}${viommu:+ l2.viommu=$viommu}" \
+    -append "console=ttyS0 quiet panic=-1 cryptomgr.notests intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}${L2_GLOBAL:+ l2.global=$L2_GLOBAL}${L2_COMPARE:+ l2.compare=1}${viommu:+ l2.viommu=$viommu}" \
     </dev/null >"$console" 2>&1 &
 qpid=$!
 note "L1: q35 + intel-iommu(intremap, caching-mode) + nvme (${disk_mib} MiB), TCG, 2 vCPUs, $l1_mem; console: $console"

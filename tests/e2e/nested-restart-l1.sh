@@ -38,6 +38,7 @@
 say() { echo "INFO l1: $*"; }
 fail() { echo "FAIL $*"; show_journal; exit 1; }
 . /l1-vfio.sh
+. /l2-boot-args.sh
 
 svc() { echo "airlock@$edu.service"; }
 show_journal() {
@@ -95,7 +96,7 @@ say "starting the patched L2 QEMU at uptime $(up) s: TCG, q35, $l2mem memfd shar
         -chardev "socket,id=c0,path=$sock,reconnect-ms=$reconnect" \
         -device vfio-user-pci,chardev=c0 \
         -kernel /l2/vmlinux -initrd /l2/initrd.cpio \
-        -append "console=ttyS0 quiet panic=-1${l2append:+ $l2append}" </dev/null 2>&1
+        -append "console=ttyS0 quiet panic=-1 $L2_BOOT_ARGS${l2append:+ $l2append}" </dev/null 2>&1
     echo "AIRLOCK-L2-QEMU-RC $?"
 } | while IFS= read -r l; do
     l=${l%"$cr"}

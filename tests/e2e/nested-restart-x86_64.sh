@@ -138,6 +138,7 @@ t0=$(now)
     "$E2E_REPO/backend/systemd/airlock@.service:/etc/systemd/system/airlock@.service" \
     "$E2E_REPO/backend/systemd/airlock@.socket:/etc/systemd/system/airlock@.socket" \
     "$E2E_REPO/tests/e2e/nested-restart-l1.sh:/test" "$E2E_REPO/tests/e2e/l1-vfio.sh:/l1-vfio.sh" \
+    "$E2E_REPO/tests/e2e/l2-boot-args.sh:/l2-boot-args.sh" \
     "$g/vmlinux:/l2/vmlinux" "$l2_cpio:/l2/initrd.cpio" "${bundle[@]}" >>"$LOG_DIR/build.log" 2>&1 ||
     die "mk-systemd-initramfs (L1) failed (see $LOG_DIR/build.log)"
 note "L1 initramfs $(($(stat -c %s "$cpio") / 1048576)) MiB in $(elapsed "$t0") s (uncompressed; a Debian trixie root with systemd, airlock and its units, L2's vmlinux, initramfs and the patched QEMU)"
@@ -154,7 +155,7 @@ spawn qpid "$E2E_REPO/scripts/qemu" x86_64 -accel tcg \
     -device intel-iommu,intremap=on,caching-mode=on \
     -device edu \
     -kernel "$g/vmlinux" -initrd "$cpio" \
-    -append "console=ttyS0 quiet panic=-1 intel_iommu=on l2.mem=$l2_mem restart.reconnect=$RECONNECT_MS${extra:+ airlock.extra=$extra}${l2_append:+ l2.append=$l2_append}" \
+    -append "console=ttyS0 quiet panic=-1 cryptomgr.notests intel_iommu=on l2.mem=$l2_mem restart.reconnect=$RECONNECT_MS${extra:+ airlock.extra=$extra}${l2_append:+ l2.append=$l2_append}" \
     </dev/null >"$console" 2>&1
 note "L1: q35 + intel-iommu(intremap, caching-mode) + edu, TCG, 2 vCPUs, $l1_mem; console: $console"
 note "L2: soak $SOAK_S s, sentinel $SENTINEL (at:hold s), reconnect-ms=$RECONNECT_MS; timeout $timeout_s s"

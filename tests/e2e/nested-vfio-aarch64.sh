@@ -100,7 +100,7 @@ setsid "$repo/scripts/qemu" aarch64 -accel tcg \
     -nographic -nodefaults -serial stdio -no-reboot \
     -device edu \
     -kernel "$AIRLOCK_CACHE/guest/arm64/Image" -initrd "$cpio" \
-    -append "console=ttyAMA0 quiet panic=-1${args:+ airlock.args=$args}${extra:+ airlock.extra=$extra}" \
+    -append "console=ttyAMA0 quiet panic=-1 cryptomgr.notests${args:+ airlock.args=$args}${extra:+ airlock.extra=$extra}" \
     </dev/null >"$console" 2>&1 &
 qpid=$!
 note "L1: virt + GICv3 ITS + SMMUv3 + edu, TCG (-cpu max,pauth-impdef=on), $smp vCPUs, 1 GiB; console: $console"

@@ -96,7 +96,7 @@ setsid "$repo/scripts/qemu" x86_64 -accel tcg \
     -device nvme,serial=airlock0,drive=nvm \
     -drive "if=none,id=nvm,file=$disk,format=raw" \
     -kernel "$AIRLOCK_CACHE/guest/amd64/vmlinux" -initrd "$cpio" \
-    -append "console=ttyS0 quiet panic=-1 intel_iommu=on${args:+ airlock.args=$args}${extra:+ airlock.extra=$extra}" \
+    -append "console=ttyS0 quiet panic=-1 cryptomgr.notests intel_iommu=on${args:+ airlock.args=$args}${extra:+ airlock.extra=$extra}" \
     </dev/null >"$console" 2>&1 &
 qpid=$!
 note "L1: q35 + intel-iommu(intremap) + edu + nvme, TCG, $smp vCPUs, 1 GiB; console: $console"
