@@ -25,6 +25,17 @@ bind_edu() {
     say "edu $edu: vfio-pci, iommu group $g"
 }
 
+# wait_socket PATH PID: wait up to 30 s for PID to listen on the unix socket
+# PATH; false if it did not (or died first).
+wait_socket() {
+    i=0
+    while [ ! -S "$1" ] && kill -0 "$2" 2>/dev/null && [ $i -lt 300 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -S "$1" ]
+}
+
 # start_airlock [ARG...]: `airlock --vfio $edu --socket-path /tmp/edu.sock ARG...`
 # in the background (sandbox on, its defaults), log in /tmp/airlock.log; sets
 # apid (the supervisor) once the socket listens, fails after 30 s.
@@ -32,12 +43,7 @@ start_airlock() {
     AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$edu" --socket-path /tmp/edu.sock "$@" \
         </dev/null >/tmp/airlock.log 2>&1 &
     apid=$!
-    i=0
-    while [ ! -S /tmp/edu.sock ] && kill -0 $apid 2>/dev/null && [ $i -lt 300 ]; do
-        sleep 0.1
-        i=$((i + 1))
-    done
-    [ -S /tmp/edu.sock ] || { kill $apid 2>/dev/null; fail "l1-setup: airlock --vfio $edu did not listen within 30 s"; }
+    wait_socket /tmp/edu.sock $apid || { kill $apid 2>/dev/null; fail "l1-setup: airlock --vfio $edu did not listen within 30 s"; }
 }
 
 # end_l1 RC DMESG_RE N: stop airlock (SIGTERM) and say how it exited, show

@@ -60,11 +60,7 @@ say "L2 QEMU: $(qemu -version | head -n 1)"
 AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --emulate edu --socket-path /tmp/refuse.sock \
     --reserve-iova 0x40000000:0x100000 </dev/null >/tmp/refuse-airlock.log 2>&1 &
 rpid=$!
-i=0
-while [ ! -S /tmp/refuse.sock ] && kill -0 $rpid 2>/dev/null && [ $i -lt 300 ]; do
-    sleep 0.1
-    i=$((i + 1))
-done
+wait_socket /tmp/refuse.sock $rpid || say "refuse-map: airlock --emulate edu did not listen within 30 s"
 # (timeout runs programs, not shell functions: the loader, as qemu() does)
 timeout 120 /opt/qemu/lib/ld-linux-aarch64.so.1 --library-path /opt/qemu/lib --argv0 qemu-system-aarch64 \
     /opt/qemu/bin/qemu-system-aarch64 -accel tcg -M virt,gic-version=3,its=on -cpu "$l2cpu" -S -nodefaults -display none -m 128M \
