@@ -97,6 +97,55 @@ fn min(v: &[f64]) -> f64 {
     v.iter().cloned().fold(f64::MAX, f64::min)
 }
 
+/// Context switches per pair on the whole machine (/proc/stat's ctxt), one
+/// entry per round: whether a server sleeps and wakes per message even
+/// when the next messages are already queued (pipelined).
+#[derive(Default)]
+struct Switches {
+    airlock: Vec<f64>,
+    pipelined: Vec<f64>,
+    echo: Vec<f64>,
+    echo_pipelined: Vec<f64>,
+    floor: Vec<f64>,
+}
+
+impl Switches {
+    fn report(self) {
+        info(&format!(
+            "bench-dma: context switches per pair on the whole machine (/proc/stat ctxt, medians): airlock serial {:.1}, pipelined {:.1}; echo serial {:.1}, pipelined {:.1}; the floor's ioctls {:.1}",
+            median(self.airlock),
+            median(self.pipelined),
+            median(self.echo),
+            median(self.echo_pipelined),
+            median(self.floor)
+        ));
+    }
+}
+
+/// /proc/stat's ctxt: context switches since boot on every CPU (0 if it
+/// cannot be read).
+fn ctxt() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("ctxt ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// per_pair, also pushing the context switches per pair into `sw` (read
+/// outside the timed loop).
+fn per_pair_counted(
+    sw: &mut Vec<f64>,
+    body: impl FnOnce() -> Result<(), String>,
+) -> Result<f64, String> {
+    let before = ctxt();
+    let us = per_pair(body)?;
+    sw.push(ctxt().saturating_sub(before) as f64 / PAIRS as f64);
+    Ok(us)
+}
+
 /// Runs one timed loop over PAIRS pairs; returns microseconds per pair.
 fn per_pair(body: impl FnOnce() -> Result<(), String>) -> Result<f64, String> {
     let t = Instant::now();
@@ -119,6 +168,7 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
     // airlock's own mapping of a client's file (dma/host.rs): the VFIO
     // pin is then the first access through it.
     let untouched = crate::os::Mapping::new(mem.fd.as_fd(), 0, SIZE)?;
+    let mut sw = Switches::default();
     for _ in 0..ROUNDS {
         // Where the rest goes: two message round trips (a REGION_READ of
         // the config space each), and the floor with a fresh mmap and
@@ -126,9 +176,11 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         // before it kept one mapping per client file, dma/host.rs).
         rtt.push(per_pair(|| round_trips(c))?);
         fresh.push(per_pair(|| floor_fresh(&floor, &mem))?);
-        a.push(per_pair(|| serial(c, &mem))?);
-        p.push(per_pair(|| pipelined(c, &mem))?);
-        f.push(per_pair(|| floor_mapped(&floor, vaddr))?);
+        a.push(per_pair_counted(&mut sw.airlock, || serial(c, &mem))?);
+        p.push(per_pair_counted(&mut sw.pipelined, || pipelined(c, &mem))?);
+        f.push(per_pair_counted(&mut sw.floor, || {
+            floor_mapped(&floor, vaddr)
+        })?);
         kept.push(per_pair(|| {
             floor_mapped(&floor, untouched.as_ptr() as u64)
         })?);
@@ -145,8 +197,12 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         spun.push(per_pair(|| {
             echo_pings(&mut echo.client, Some((&floor, vaddr)), true)
         })?);
-        e.push(per_pair(|| serial(&mut echo.client, &mem))?);
-        ep.push(per_pair(|| pipelined(&mut echo.client, &mem))?);
+        e.push(per_pair_counted(&mut sw.echo, || {
+            serial(&mut echo.client, &mem)
+        })?);
+        ep.push(per_pair_counted(&mut sw.echo_pipelined, || {
+            pipelined(&mut echo.client, &mem)
+        })?);
     }
     info(&format!(
         "bench-dma: per pair, medians: two REGION_READ round trips {:.1} us; the floor with an mmap+munmap around it {:.1} us; the floor on a kept mapping it never touches {:.1} us",
@@ -154,17 +210,7 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         median(fresh),
         median(kept)
     ));
-    info(&format!(
-        "bench-dma: per pair, medians: the floor with a process switch (an echo round trip) before each ioctl {:.1} us, the two round trips alone {:.1} us: the ioctls after a switch {:.1} us",
-        median(switched.clone()),
-        median(pings.clone()),
-        median(switched) - median(pings.clone())
-    ));
-    info(&format!(
-        "bench-dma: per pair, medians: the same floor, each answer awaited by polling the socket instead of sleeping {:.1} us: the ioctls after a poll {:.1} us",
-        median(spun.clone()),
-        median(spun) - median(pings)
-    ));
+    report_switch_cost(pings, switched, spun);
     info(&format!(
         "bench-dma: one clock read (Instant::now, what airlock's timing of DMA_MAP/UNMAP makes twice per message) {:.0} ns",
         clock_read_ns()
@@ -175,6 +221,7 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         min(&p),
         min(&f)
     ));
+    sw.report();
     Ok(Figures {
         airlock: median(a),
         floor: median(f),
@@ -182,6 +229,22 @@ fn bench(socket: &str, group: &str) -> Result<Figures, String> {
         echo: median(e),
         echo_pipelined: median(ep),
     })
+}
+
+/// What the floor's ioctls cost right after a process switch (`switched`:
+/// an echo round trip before each) and after a polled answer (`spun`),
+/// against the round trips alone (`pings`); medians per pair.
+fn report_switch_cost(pings: Vec<f64>, switched: Vec<f64>, spun: Vec<f64>) {
+    let pings = median(pings);
+    let (switched, spun) = (median(switched), median(spun));
+    info(&format!(
+        "bench-dma: per pair, medians: the floor with a process switch (an echo round trip) before each ioctl {switched:.1} us, the two round trips alone {pings:.1} us: the ioctls after a switch {:.1} us",
+        switched - pings
+    ));
+    info(&format!(
+        "bench-dma: per pair, medians: the same floor, each answer awaited by polling the socket instead of sleeping {spun:.1} us: the ioctls after a poll {:.1} us",
+        spun - pings
+    ));
 }
 
 /// Nanoseconds per Instant::now(): cheap with a vDSO clock, a system call
