@@ -47,10 +47,11 @@ say "airlock cmdline: $(tr '\0' ' ' </proc/$apid/cmdline)"
 say "airlock (pid $apid) listening at uptime $(up) s"
 
 cr=$(printf '\r')
-qemu() {
-    /opt/qemu/lib/ld-linux-aarch64.so.1 --library-path /opt/qemu/lib --argv0 qemu-system-aarch64 \
-        /opt/qemu/bin/qemu-system-aarch64 "$@"
-}
+# The bundled QEMU through its own loader, as words (timeout runs programs,
+# not shell functions; the paths hold no spaces).
+QEMU="/opt/qemu/lib/ld-linux-aarch64.so.1 --library-path /opt/qemu/lib --argv0 qemu-system-aarch64 /opt/qemu/bin/qemu-system-aarch64"
+# shellcheck disable=SC2086 # $QEMU is split into words on purpose
+qemu() { $QEMU "$@"; }
 say "L2 QEMU: $(qemu -version | head -n 1)"
 
 # refuse-map: with no vIOMMU, guest RAM (0x40000000 on virt) is the IOVA
@@ -61,9 +62,8 @@ AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --emulate edu --socket-path /tmp/refuse
     --reserve-iova 0x40000000:0x100000 </dev/null >/tmp/refuse-airlock.log 2>&1 &
 rpid=$!
 wait_socket /tmp/refuse.sock $rpid || say "refuse-map: airlock --emulate edu did not listen within 30 s"
-# (timeout runs programs, not shell functions: the loader, as qemu() does)
-timeout 120 /opt/qemu/lib/ld-linux-aarch64.so.1 --library-path /opt/qemu/lib --argv0 qemu-system-aarch64 \
-    /opt/qemu/bin/qemu-system-aarch64 -accel tcg -M virt,gic-version=3,its=on -cpu "$l2cpu" -S -nodefaults -display none -m 128M \
+# shellcheck disable=SC2086 # $QEMU is split into words on purpose
+timeout 120 $QEMU -accel tcg -M virt,gic-version=3,its=on -cpu "$l2cpu" -S -nodefaults -display none -m 128M \
     -object memory-backend-memfd,id=mem,size=128M,share=on -machine memory-backend=mem \
     -chardev socket,id=refuse0,path=/tmp/refuse.sock -device vfio-user-pci,chardev=refuse0 \
     </dev/null >/tmp/refuse.log 2>&1
