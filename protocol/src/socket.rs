@@ -4,9 +4,9 @@
 //! Reads are blocking (one thread per connection): an epoll_wait before each
 //! read costs ~30% per round trip on these machines. Each send is one
 //! sendmsg carrying header, payload and fds together; replies to requests
-//! that arrived in one read go out together (send.rs).
+//! that are already queued go out together (send.rs).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -17,6 +17,7 @@ use crate::header::{Header, HEADER_SIZE};
 use crate::limits::Limits;
 
 mod send;
+mod wait;
 
 /// Control-buffer room for this many fds; more in one message is MSG_CTRUNC.
 const CMSG_FDS: usize = 64;
@@ -112,6 +113,10 @@ pub struct MessageSocket {
     ahead: RefCell<ReadAhead>,
     /// Replies held back while more requests are buffered (send.rs).
     outbox: RefCell<Vec<u8>>,
+    /// The last read ended with a message's fds. The kernel ends a read
+    /// there even when more is queued (a client that pipelines DMA_MAPs
+    /// gets one per read), so more requests may be waiting.
+    more_queued: Cell<bool>,
 }
 
 impl MessageSocket {
@@ -120,6 +125,7 @@ impl MessageSocket {
             stream,
             ahead: RefCell::default(),
             outbox: RefCell::default(),
+            more_queued: Cell::new(false),
         }
     }
 
@@ -135,54 +141,6 @@ impl MessageSocket {
         match ra.buf[ra.start..ra.end].first_chunk::<HEADER_SIZE>() {
             Some(h) => Header::decode(h).size as usize <= avail,
             None => false,
-        }
-    }
-
-    /// Waits up to `limit` for the next message without sleeping: true at
-    /// once if bytes of one are buffered, else (after sending held replies)
-    /// peeks at the socket without blocking until bytes arrive (true) or
-    /// `limit` passes (false). `recv` then reads as usual. A server that sleeps in
-    /// its read pays a wake-up per message; polling a little first saves it
-    /// when the next message follows closely, for the CPU time spent.
-    pub fn poll(&self, limit: std::time::Duration) -> Result<bool, ProtocolError> {
-        if self.ahead.borrow().avail() > 0 {
-            return Ok(true);
-        }
-        self.flush()?;
-        let deadline = std::time::Instant::now() + limit;
-        let mut byte = 0u8;
-        loop {
-            let mut iov = libc::iovec {
-                iov_base: (&mut byte as *mut u8).cast(),
-                iov_len: 1,
-            };
-            // SAFETY: msghdr is plain data; zeroed is a valid empty value.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            // SAFETY: msg points at a live iovec over one local byte and at
-            // no control buffer (a peeked message's fds are not taken: the
-            // kernel drops its duplicates and sets MSG_CTRUNC).
-            let n = unsafe {
-                libc::recvmsg(
-                    self.stream.as_raw_fd(),
-                    &mut msg,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                // Bytes, or the end of the stream: recv sees either.
-                return Ok(true);
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => {}
-                _ => return Err(ProtocolError::Io(e)),
-            }
-            if std::time::Instant::now() >= deadline {
-                return Ok(false);
-            }
-            std::hint::spin_loop();
         }
     }
 
@@ -287,11 +245,10 @@ impl MessageSocket {
     /// keeps its fds with the stream offset of its last byte and advances
     /// the stream offset past it.
     fn recv_tracked(&self, ra: &mut ReadAhead, buf: &mut [u8]) -> Result<usize, ProtocolError> {
-        // The read may block: held replies go first (send.rs).
-        self.flush()?;
         let mut fds = Vec::new();
         let mut ctrunc = false;
-        let n = self.recvmsg(buf, &mut fds, &mut ctrunc)?;
+        let n = self.recv_after_replies(buf, &mut fds, &mut ctrunc)?;
+        self.more_queued.set(!fds.is_empty());
         let first = ra.at + ra.avail() as u64;
         let last = first + (n as u64).saturating_sub(1);
         ra.fds.extend(fds.into_iter().map(|fd| (last, fd)));
@@ -300,6 +257,25 @@ impl MessageSocket {
         }
         ra.at += n as u64;
         Ok(n)
+    }
+
+    /// One recvmsg that never blocks while replies are held: with some
+    /// held, it first reads without waiting, and only when nothing is
+    /// queued sends them and then waits (send.rs).
+    fn recv_after_replies(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        ctrunc: &mut bool,
+    ) -> Result<usize, ProtocolError> {
+        if !self.outbox.borrow().is_empty() {
+            match self.recvmsg(buf, fds, ctrunc, libc::MSG_DONTWAIT) {
+                Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+        }
+        self.flush()?;
+        self.recvmsg(buf, fds, ctrunc, 0)
     }
 
     /// Consumes and discards `len` bytes (an oversized payload).
@@ -337,19 +313,21 @@ impl MessageSocket {
         let mut fds = Vec::new();
         let mut ctrunc = false;
         while std::time::Instant::now() < deadline {
-            match self.recvmsg(&mut scratch, &mut fds, &mut ctrunc) {
+            match self.recvmsg(&mut scratch, &mut fds, &mut ctrunc, 0) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => fds.clear(),
             }
         }
     }
 
-    /// One recvmsg; received fds are owned at once so none can leak.
+    /// One recvmsg with `flags` (MSG_CMSG_CLOEXEC is added); received fds
+    /// are owned at once so none can leak.
     fn recvmsg(
         &self,
         buf: &mut [u8],
         fds: &mut Vec<OwnedFd>,
         ctrunc: &mut bool,
+        flags: libc::c_int,
     ) -> Result<usize, ProtocolError> {
         // u64 elements keep the control buffer aligned for cmsghdr.
         let mut cbuf = [0u64; (CMSG_FDS * 4 + 64) / 8];
@@ -366,8 +344,13 @@ impl MessageSocket {
             msg.msg_controllen = std::mem::size_of_val(&cbuf);
             // SAFETY: msg points at a live iovec over `buf` and at `cbuf`,
             // both valid for their stated lengths for the whole call.
-            let n =
-                unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            let n = unsafe {
+                libc::recvmsg(
+                    self.stream.as_raw_fd(),
+                    &mut msg,
+                    flags | libc::MSG_CMSG_CLOEXEC,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {

@@ -196,6 +196,40 @@ fn a_held_reply_goes_before_a_read_that_blocks_and_when_the_socket_closes() {
 }
 
 #[test]
+fn replies_to_requests_with_fds_wait_while_more_are_queued_and_go_before_a_read_that_would_block() {
+    // Each request carries an fd, so each read brings one: the replies are
+    // held all the same while the next requests are queued in the socket.
+    let (client, server) = UnixStream::pair().unwrap();
+    let rx = MessageSocket::new(server);
+    let tx = MessageSocket::new(client.try_clone().unwrap());
+    for id in 1..=3 {
+        send(&tx, id, &[id as u8; 8], &[&eventfd()]);
+    }
+    let limits = Limits::new(1 << 20, 16);
+    let mut p = Vec::new();
+    for id in 1..=3u16 {
+        let (h, fds) = rx.recv(&limits, &mut p).unwrap();
+        assert_eq!((h.id, fds.len()), (id, 1));
+        rx.send_reply(&h.reply(1), &[&[id as u8]]).unwrap();
+        assert!(readable(&client).is_empty(), "reply {id} was held");
+    }
+    // The next read finds nothing queued: it sends the three, then waits.
+    let reader = std::thread::spawn(move || {
+        let mut p = Vec::new();
+        rx.recv(&limits, &mut p).map(|(h, _)| h.id).map_err(|_| ())
+    });
+    let mut out = [0u8; 3 * 17];
+    std::io::Read::read_exact(&mut &client, &mut out).unwrap();
+    let replies: Vec<(u16, u8)> = out
+        .chunks(17)
+        .map(|r| (u16::from_le_bytes([r[0], r[1]]), r[16]))
+        .collect();
+    assert_eq!(replies, [(1, 1), (2, 2), (3, 3)], "all three, in order");
+    send(&tx, 4, &[4; 8], &[]);
+    assert_eq!(reader.join().unwrap(), Ok(4));
+}
+
+#[test]
 fn poll_sends_held_replies_then_sees_the_next_message_or_gives_up_at_its_limit() {
     use std::time::{Duration, Instant};
     let (client, server) = UnixStream::pair().unwrap();
@@ -237,5 +271,44 @@ fn poll_sends_held_replies_then_sees_the_next_message_or_gives_up_at_its_limit()
     // The peer's end: poll sees it, recv reports it.
     drop(tx);
     assert!(rx.poll(Duration::from_secs(10)).unwrap());
+    assert!(matches!(rx.recv(&limits, &mut p), Err(RecvError::Closed)));
+}
+
+#[test]
+fn wait_readable_sleeps_until_input_or_its_limit_and_sends_held_replies_first() {
+    use std::time::{Duration, Instant};
+    let (client, server) = UnixStream::pair().unwrap();
+    let rx = MessageSocket::new(server);
+    let tx = MessageSocket::new(client.try_clone().unwrap());
+    let limits = Limits::new(1 << 20, 16);
+    let mut p = Vec::new();
+    let t = Instant::now();
+    assert!(!rx.wait_readable(Duration::from_millis(20)).unwrap());
+    assert!(t.elapsed() >= Duration::from_millis(20));
+    // Buffered input: at once.
+    (&client).write_all(&message(1, &[1; 4])).unwrap();
+    assert!(rx.wait_readable(Duration::ZERO).unwrap());
+    let (h, _) = rx.recv(&limits, &mut p).unwrap();
+    rx.send_reply(&h.reply(0), &[]).unwrap();
+    // A request with an fd: its reply is held (more may be queued), and
+    // goes out before the wait sleeps; the peer sends request 3 only once
+    // it has replies 1 and 2.
+    send(&tx, 2, &[2; 4], &[&eventfd()]);
+    let (h, fds) = rx.recv(&limits, &mut p).unwrap();
+    assert_eq!((h.id, fds.len()), (2, 1));
+    rx.send_reply(&h.reply(0), &[]).unwrap();
+    let answerer = std::thread::spawn(move || {
+        let mut got = [0u8; 32];
+        std::io::Read::read_exact(&mut &client, &mut got).unwrap();
+        (&client).write_all(&message(3, &[3; 4])).unwrap();
+        client
+    });
+    assert!(rx.wait_readable(Duration::from_secs(10)).unwrap());
+    let (h, _) = rx.recv(&limits, &mut p).unwrap();
+    assert_eq!(h.id, 3);
+    // The end of the stream is readable too.
+    drop(answerer.join().unwrap());
+    drop(tx);
+    assert!(rx.wait_readable(Duration::from_secs(10)).unwrap());
     assert!(matches!(rx.recv(&limits, &mut p), Err(RecvError::Closed)));
 }

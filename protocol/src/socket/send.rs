@@ -3,12 +3,17 @@
 //!
 //! A client that pipelines (QEMU sends the DMA_MAPs of one memory
 //! transaction without waiting, a guest behind a vIOMMU unmaps and maps
-//! back to back) leaves several requests in one read. Answering each with
-//! its own sendmsg costs a system call per reply; holding the replies until
-//! the buffered requests are handled sends them all in one. A reply only
-//! ever goes later than its work, never earlier, and nothing waits in the
-//! outbox while the server blocks: every read that can block sends it
-//! first (socket.rs, `recv_tracked`).
+//! back to back) leaves several requests queued. Answering each with its
+//! own sendmsg costs a system call per reply, and the client a wake-up per
+//! reply while it waits; holding the replies until the queued requests are
+//! handled sends them all in one. A reply is held while the read-ahead
+//! buffer holds another whole request, or while the last read ended with
+//! a message's fds: the kernel ends a read there, so with DMA_MAPs (each
+//! carries an fd) one read brings one map even when a hundred are queued.
+//! A reply only ever goes later than its work, never earlier, and nothing
+//! waits in the outbox while the server blocks: with replies held, a read
+//! first looks without waiting, and sends them before it waits
+//! (socket.rs, `recv_after_replies`).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -55,13 +60,14 @@ impl MessageSocket {
         r
     }
 
-    /// Sends a reply, or holds it in the outbox while the read-ahead buffer
-    /// holds another whole request: it then goes with the next reply, or
-    /// before the next read that can block.
+    /// Sends a reply, or holds it in the outbox while more requests are
+    /// buffered or may be queued: it then goes with a later reply, or
+    /// before the next read that would block.
     pub fn send_reply(&self, header: &Header, parts: &[&[u8]]) -> Result<(), ProtocolError> {
         let len = HEADER_SIZE + parts.iter().map(|p| p.len()).sum::<usize>();
         let mut outbox = self.outbox.borrow_mut();
-        if parts.len() <= MAX_PARTS && outbox.len() + len <= OUTBOX_MAX && self.holds_message() {
+        let more = self.more_queued.get() || self.holds_message();
+        if parts.len() <= MAX_PARTS && outbox.len() + len <= OUTBOX_MAX && more {
             outbox.extend_from_slice(&header.encode());
             for p in parts {
                 outbox.extend_from_slice(p);
