@@ -13,7 +13,15 @@
 //! waited for at commit), so that figure is airlock's own cost per pair
 //! with the round-trip latency mostly overlapped.
 //!
-//! The same two loops also run against a forked echo (bench_echo.rs) that
+//! Pipelined, the replies are awaited two ways: in recvmsg, and in
+//! poll(2) for input before each read that has nothing buffered
+//! (`evloop`), as QEMU's event loop waits. A reader asleep in recvmsg is
+//! woken each time the server consumes one of its requests (the socket's
+//! write-space wake-up; protocol socket/wait.rs), so while a slower server
+//! works through the batch, the client wakes about once per pair for
+//! nothing, and the server pays for every wake-up it causes.
+//!
+//! The same loops also run against a forked echo (bench_echo.rs) that
 //! receives with airlock's socket code and answers at once: what the
 //! messages cost by themselves here, so that airlock minus echo is
 //! airlock's own work plus the two ioctls.
@@ -23,40 +31,37 @@
 //! echo before each ioctl, and the round trips alone, which prices the two
 //! ioctls when they follow a process switch (an INFO line).
 //!
+//! With `--airlock-pid`, each loop also reports whose time it was: the
+//! CPU time and switches per pair of the server and of the probe
+//! (bench_spent.rs).
+//!
 //! Rounds interleave the loops; the figures are medians. Prints
 //! `BENCH dma-map-unmap airlock_us=A floor_us=F ratio=R pipelined_us=P
-//! pipelined_ratio=Q echo_us=E echo_pipelined_us=EP (...)`, Q being P / F;
+//! pipelined_ratio=Q echo_us=E echo_pipelined_us=EP evloop_us=V
+//! evloop_ratio=W echo_evloop_us=EV (...)`, Q being P / F and W V / F;
 //! later fields come after the earlier ones so that parsers of the older
 //! prefix keep working.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use airlock_protocol::client::Client;
-use airlock_protocol::device::PCI_CONFIG_REGION_INDEX;
-use airlock_protocol::dma::{
-    DmaMap, DmaUnmap, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, DMA_MAP_SIZE, DMA_UNMAP_SIZE,
-};
-use airlock_protocol::Command;
+use airlock_protocol::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 
 use crate::bench_echo::Echo;
+use crate::bench_loops::{
+    echo_pings, floor_fresh, floor_mapped, pipelined, round_trips, serial, Await, Floor,
+};
+use crate::bench_spent::Account;
 use crate::os::Memfd;
 use crate::report::{info, Outcome, Report};
 use crate::restart::connect;
 
 const ROUNDS: usize = 21;
-const PAIRS: usize = 50;
-const SIZE: usize = 4096;
-const IOVA: u64 = 0x10_0000;
-const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
-
-// <linux/vfio.h>: _IO(';', 100 + n).
-const VFIO_GET_API_VERSION: libc::c_ulong = 0x3b64;
-const VFIO_SET_IOMMU: libc::c_ulong = 0x3b66;
-const VFIO_GROUP_SET_CONTAINER: libc::c_ulong = 0x3b68;
-const VFIO_IOMMU_MAP_DMA: libc::c_ulong = 0x3b71;
-const VFIO_IOMMU_UNMAP_DMA: libc::c_ulong = 0x3b72;
-const VFIO_TYPE1V2_IOMMU: libc::c_ulong = 3;
+pub(crate) const PAIRS: usize = 50;
+pub(crate) const SIZE: usize = 4096;
+pub(crate) const IOVA: u64 = 0x10_0000;
+pub(crate) const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
 
 /// Median microseconds per pair.
 struct Figures {
@@ -65,21 +70,26 @@ struct Figures {
     pipelined: f64,
     echo: f64,
     echo_pipelined: f64,
+    evloop: f64,
+    echo_evloop: f64,
 }
 
-pub fn run(report: &mut Report, socket: &str, group: &str) {
-    let outcome = match bench(socket, group) {
+pub fn run(report: &mut Report, socket: &str, group: &str, airlock: Option<u32>) {
+    let outcome = match bench(socket, group, airlock) {
         Ok(Figures {
             airlock: a,
             floor: f,
             pipelined: p,
             echo: e,
             echo_pipelined: ep,
+            evloop: v,
+            echo_evloop: ev,
         }) => {
             println!(
-                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} echo_us={e:.1} echo_pipelined_us={ep:.1} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
+                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} echo_us={e:.1} echo_pipelined_us={ep:.1} evloop_us={v:.1} evloop_ratio={:.2} echo_evloop_us={ev:.1} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
                 a / f,
-                p / f
+                p / f,
+                v / f
             );
             Outcome::Pass
         }
@@ -97,53 +107,40 @@ fn min(v: &[f64]) -> f64 {
     v.iter().cloned().fold(f64::MAX, f64::min)
 }
 
-/// Context switches per pair on the whole machine (/proc/stat's ctxt), one
-/// entry per round: whether a server sleeps and wakes per message even
-/// when the next messages are already queued (pipelined).
+/// What each loop cost per pair, and whose it was (bench_spent.rs).
 #[derive(Default)]
-struct Switches {
-    airlock: Vec<f64>,
-    pipelined: Vec<f64>,
-    echo: Vec<f64>,
-    echo_pipelined: Vec<f64>,
-    floor: Vec<f64>,
+struct Accounts {
+    airlock: Account,
+    pipelined: Account,
+    echo: Account,
+    echo_pipelined: Account,
+    evloop: Account,
+    echo_evloop: Account,
+    floor: Account,
 }
 
-impl Switches {
+impl Accounts {
     fn report(self) {
-        info(&format!(
-            "bench-dma: context switches per pair on the whole machine (/proc/stat ctxt, medians): airlock serial {:.1}, pipelined {:.1}; echo serial {:.1}, pipelined {:.1}; the floor's ioctls {:.1}",
-            median(self.airlock),
-            median(self.pipelined),
-            median(self.echo),
-            median(self.echo_pipelined),
-            median(self.floor)
-        ));
+        self.airlock.report("airlock serially");
+        self.pipelined.report("airlock pipelined");
+        self.echo.report("echo serially");
+        self.echo_pipelined.report("echo pipelined");
+        self.evloop
+            .report("airlock pipelined, replies awaited in poll(2)");
+        self.echo_evloop
+            .report("echo pipelined, replies awaited in poll(2)");
+        self.floor.report("the floor's ioctls");
     }
 }
 
-/// /proc/stat's ctxt: context switches since boot on every CPU (0 if it
-/// cannot be read).
-fn ctxt() -> u64 {
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("ctxt ")?.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// per_pair, also pushing the context switches per pair into `sw` (read
-/// outside the timed loop).
-fn per_pair_counted(
-    sw: &mut Vec<f64>,
+/// per_pair, with whose time it was recorded in `acct` (outside the
+/// timed span); `server`: the pid serving the loop.
+fn counted(
+    acct: &mut Account,
+    server: Option<u32>,
     body: impl FnOnce() -> Result<(), String>,
 ) -> Result<f64, String> {
-    let before = ctxt();
-    let us = per_pair(body)?;
-    sw.push(ctxt().saturating_sub(before) as f64 / PAIRS as f64);
-    Ok(us)
+    acct.measure(server, PAIRS, || per_pair(body))
 }
 
 /// Runs one timed loop over PAIRS pairs; returns microseconds per pair.
@@ -153,82 +150,132 @@ fn per_pair(body: impl FnOnce() -> Result<(), String>) -> Result<f64, String> {
     Ok(t.elapsed().as_secs_f64() * 1e6 / PAIRS as f64)
 }
 
-fn bench(socket: &str, group: &str) -> Result<Figures, String> {
+/// Per-pair times of every loop, one entry per round.
+#[derive(Default)]
+struct Loops {
+    airlock: Vec<f64>,
+    floor: Vec<f64>,
+    pipelined: Vec<f64>,
+    evloop: Vec<f64>,
+    echo: Vec<f64>,
+    echo_pipelined: Vec<f64>,
+    echo_evloop: Vec<f64>,
+    rtt: Vec<f64>,
+    fresh: Vec<f64>,
+    kept: Vec<f64>,
+    pings: Vec<f64>,
+    switched: Vec<f64>,
+    spun: Vec<f64>,
+}
+
+/// What one round runs against.
+struct Peers<'a> {
+    c: &'a mut Client,
+    echo: &'a mut Echo,
+    floor: &'a Floor,
+    mem: &'a Memfd,
+    /// A second mapping of the memory that this process never touches, as
+    /// airlock's own mapping of a client's file (dma/host.rs): the VFIO
+    /// pin is then the first access through it.
+    untouched: crate::os::Mapping,
+    /// Whose CPU time and switches count as the server's.
+    airlock: Option<u32>,
+    echo_pid: Option<u32>,
+}
+
+/// `airlock`: the pid of airlock's supervisor (or server), whose CPU time
+/// and switches are then counted.
+fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, String> {
     let mem = Memfd::new(c"probe-bench-dma", SIZE)?;
     let mut dev = connect(socket)?;
-    let c = &mut dev.client;
-    let floor = Floor::open(group)?;
     let mut echo = Echo::spawn()?;
-    let vaddr = mem.map.as_ptr() as u64;
-    let (mut a, mut f, mut p) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut e, mut ep) = (Vec::new(), Vec::new());
-    let (mut rtt, mut fresh, mut kept) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut pings, mut switched, mut spun) = (Vec::new(), Vec::new(), Vec::new());
-    // A second mapping of the memory that this process never touches, as
-    // airlock's own mapping of a client's file (dma/host.rs): the VFIO
-    // pin is then the first access through it.
-    let untouched = crate::os::Mapping::new(mem.fd.as_fd(), 0, SIZE)?;
-    let mut sw = Switches::default();
+    let mut peers = Peers {
+        c: &mut dev.client,
+        echo_pid: Some(echo.pid()),
+        echo: &mut echo,
+        floor: &Floor::open(group)?,
+        mem: &mem,
+        untouched: crate::os::Mapping::new(mem.fd.as_fd(), 0, SIZE)?,
+        airlock,
+    };
+    let (mut l, mut acct) = (Loops::default(), Accounts::default());
     for _ in 0..ROUNDS {
-        // Where the rest goes: two message round trips (a REGION_READ of
-        // the config space each), and the floor with a fresh mmap and
-        // munmap of the memory around each pair (what airlock did per map
-        // before it kept one mapping per client file, dma/host.rs).
-        rtt.push(per_pair(|| round_trips(c))?);
-        fresh.push(per_pair(|| floor_fresh(&floor, &mem))?);
-        a.push(per_pair_counted(&mut sw.airlock, || serial(c, &mem))?);
-        p.push(per_pair_counted(&mut sw.pipelined, || pipelined(c, &mem))?);
-        f.push(per_pair_counted(&mut sw.floor, || {
-            floor_mapped(&floor, vaddr)
-        })?);
-        kept.push(per_pair(|| {
-            floor_mapped(&floor, untouched.as_ptr() as u64)
-        })?);
-        // The floor with a round trip to the echo before each ioctl: the
-        // ioctls then run right after a process switch, as airlock's do
-        // when it serves one message at a time.
-        pings.push(per_pair(|| echo_pings(&mut echo.client, None, false))?);
-        switched.push(per_pair(|| {
-            echo_pings(&mut echo.client, Some((&floor, vaddr)), false)
-        })?);
-        // The same, waiting for each answer by polling the socket instead
-        // of sleeping in recvmsg: what a server that polls before it sleeps
-        // would pay for the ioctls.
-        spun.push(per_pair(|| {
-            echo_pings(&mut echo.client, Some((&floor, vaddr)), true)
-        })?);
-        e.push(per_pair_counted(&mut sw.echo, || {
-            serial(&mut echo.client, &mem)
-        })?);
-        ep.push(per_pair_counted(&mut sw.echo_pipelined, || {
-            pipelined(&mut echo.client, &mem)
-        })?);
+        round(&mut peers, &mut l, &mut acct)?;
     }
     info(&format!(
         "bench-dma: per pair, medians: two REGION_READ round trips {:.1} us; the floor with an mmap+munmap around it {:.1} us; the floor on a kept mapping it never touches {:.1} us",
-        median(rtt),
-        median(fresh),
-        median(kept)
+        median(l.rtt),
+        median(l.fresh),
+        median(l.kept)
     ));
-    report_switch_cost(pings, switched, spun);
+    report_switch_cost(l.pings, l.switched, l.spun);
     info(&format!(
         "bench-dma: one clock read (Instant::now, what airlock's timing of DMA_MAP/UNMAP makes twice per message) {:.0} ns",
         clock_read_ns()
     ));
     info(&format!(
         "bench-dma: per pair, airlock min {:.1} us, pipelined min {:.1} us, floor min {:.1} us",
-        min(&a),
-        min(&p),
-        min(&f)
+        min(&l.airlock),
+        min(&l.pipelined),
+        min(&l.floor)
     ));
-    sw.report();
+    acct.report();
     Ok(Figures {
-        airlock: median(a),
-        floor: median(f),
-        pipelined: median(p),
-        echo: median(e),
-        echo_pipelined: median(ep),
+        airlock: median(l.airlock),
+        floor: median(l.floor),
+        pipelined: median(l.pipelined),
+        echo: median(l.echo),
+        echo_pipelined: median(l.echo_pipelined),
+        evloop: median(l.evloop),
+        echo_evloop: median(l.echo_evloop),
     })
+}
+
+/// One round of every loop, interleaved.
+fn round(p: &mut Peers<'_>, l: &mut Loops, acct: &mut Accounts) -> Result<(), String> {
+    let (mem, floor, vaddr) = (p.mem, p.floor, p.mem.map.as_ptr() as u64);
+    // Where the rest goes: two message round trips (a REGION_READ of the
+    // config space each), and the floor with a fresh mmap and munmap of the
+    // memory around each pair (what airlock did per map before it kept one
+    // mapping per client file, dma/host.rs).
+    l.rtt.push(per_pair(|| round_trips(p.c))?);
+    l.fresh.push(per_pair(|| floor_fresh(floor, mem))?);
+    let srv = p.airlock;
+    l.airlock
+        .push(counted(&mut acct.airlock, srv, || serial(p.c, mem))?);
+    l.pipelined.push(counted(&mut acct.pipelined, srv, || {
+        pipelined(p.c, mem, Await::InRecv)
+    })?);
+    l.evloop.push(counted(&mut acct.evloop, srv, || {
+        pipelined(p.c, mem, Await::InPoll)
+    })?);
+    l.floor.push(counted(&mut acct.floor, None, || {
+        floor_mapped(floor, vaddr)
+    })?);
+    let untouched = p.untouched.as_ptr() as u64;
+    l.kept.push(per_pair(|| floor_mapped(floor, untouched))?);
+    // The floor with a round trip to the echo before each ioctl: the
+    // ioctls then run right after a process switch, as airlock's do when
+    // it serves one message at a time. Then the same, waiting for each
+    // answer by polling the socket instead of sleeping in recvmsg: what a
+    // server that polls before it sleeps would pay for the ioctls.
+    let echo = &mut p.echo.client;
+    l.pings.push(per_pair(|| echo_pings(echo, None, false))?);
+    l.switched
+        .push(per_pair(|| echo_pings(echo, Some((floor, vaddr)), false))?);
+    l.spun
+        .push(per_pair(|| echo_pings(echo, Some((floor, vaddr)), true))?);
+    let srv = p.echo_pid;
+    l.echo
+        .push(counted(&mut acct.echo, srv, || serial(echo, mem))?);
+    l.echo_pipelined
+        .push(counted(&mut acct.echo_pipelined, srv, || {
+            pipelined(echo, mem, Await::InRecv)
+        })?);
+    l.echo_evloop.push(counted(&mut acct.echo_evloop, srv, || {
+        pipelined(echo, mem, Await::InPoll)
+    })?);
+    Ok(())
 }
 
 /// What the floor's ioctls cost right after a process switch (`switched`:
@@ -256,199 +303,4 @@ fn clock_read_ns() -> f64 {
         std::hint::black_box(Instant::now());
     }
     t.elapsed().as_nanos() as f64 / N as f64
-}
-
-fn round_trips(c: &mut Client) -> Result<(), String> {
-    for _ in 0..PAIRS * 2 {
-        c.read32(PCI_CONFIG_REGION_INDEX, 0)
-            .map_err(|e| format!("REGION_READ: {e}"))?;
-    }
-    Ok(())
-}
-
-/// Two empty round trips to the echo per pair; with `floor`, each is
-/// followed by one of the pair's ioctls. With `poll`, each answer is
-/// awaited by polling the socket (MessageSocket::poll, as airlock's
-/// --poll-us) rather than by sleeping in recvmsg.
-fn echo_pings(echo: &mut Client, floor: Option<(&Floor, u64)>, poll: bool) -> Result<(), String> {
-    let ping = |c: &mut Client| {
-        let id = c
-            .send_command(Command::DeviceGetInfo, &[], &[])
-            .map_err(|e| format!("echo ping: {e}"))?;
-        if poll {
-            // What `airlock --poll-us` does before its read; a timeout or
-            // an error is left to reply_to below to report.
-            let _ = c.socket().poll(std::time::Duration::from_secs(10));
-        }
-        c.reply_to(id, Command::DeviceGetInfo)
-            .map(drop)
-            .map_err(|e| format!("echo ping: {e}"))
-    };
-    for _ in 0..PAIRS {
-        ping(echo)?;
-        if let Some((f, vaddr)) = floor {
-            f.map(vaddr, IOVA, SIZE as u64)?;
-        }
-        ping(echo)?;
-        if let Some((f, _)) = floor {
-            f.unmap(IOVA, SIZE as u64)?;
-        }
-    }
-    Ok(())
-}
-
-fn floor_fresh(floor: &Floor, mem: &Memfd) -> Result<(), String> {
-    for _ in 0..PAIRS {
-        let m = crate::os::Mapping::new(mem.fd.as_fd(), 0, SIZE)?;
-        floor.map(m.as_ptr() as u64, IOVA, SIZE as u64)?;
-        floor.unmap(IOVA, SIZE as u64)?;
-        drop(m);
-    }
-    Ok(())
-}
-
-fn floor_mapped(floor: &Floor, vaddr: u64) -> Result<(), String> {
-    for _ in 0..PAIRS {
-        floor.map(vaddr, IOVA, SIZE as u64)?;
-        floor.unmap(IOVA, SIZE as u64)?;
-    }
-    Ok(())
-}
-
-/// Each message waits for its reply: two round trips per pair.
-fn serial(c: &mut Client, mem: &Memfd) -> Result<(), String> {
-    for _ in 0..PAIRS {
-        c.dma_map(IOVA, SIZE as u64, 0, RW, Some(mem.fd.as_fd()))
-            .map_err(|e| format!("DMA_MAP: {e}"))?;
-        c.dma_unmap(IOVA, SIZE as u64, 0)
-            .map_err(|e| format!("DMA_UNMAP: {e}"))?;
-    }
-    Ok(())
-}
-
-/// All PAIRS pairs sent before any reply is read, then the replies
-/// collected in order. Every pair uses the same IOVA: the server handles
-/// messages in order, so MAP, UNMAP, MAP, ... there is valid. 100 small
-/// messages fit in the socket buffers, so sending cannot block on replies
-/// nobody is reading yet.
-fn pipelined(c: &mut Client, mem: &Memfd) -> Result<(), String> {
-    let map = DmaMap {
-        argsz: DMA_MAP_SIZE as u32,
-        flags: RW,
-        offset: 0,
-        iova: IOVA,
-        size: SIZE as u64,
-    }
-    .encode();
-    let unmap = DmaUnmap {
-        argsz: DMA_UNMAP_SIZE as u32,
-        flags: 0,
-        iova: IOVA,
-        size: SIZE as u64,
-    }
-    .encode();
-    let mut ids = [(0u16, 0u16); PAIRS];
-    for (i, id) in ids.iter_mut().enumerate() {
-        let err = |what: &str, e| format!("{what} {i} (pipelined, sending): {e}");
-        id.0 = c
-            .send_command(Command::DmaMap, &map, &[mem.fd.as_fd()])
-            .map_err(|e| err("DMA_MAP", e))?;
-        id.1 = c
-            .send_command(Command::DmaUnmap, &unmap, &[])
-            .map_err(|e| err("DMA_UNMAP", e))?;
-    }
-    for (i, &(m, u)) in ids.iter().enumerate() {
-        // An error reply arrives as ProtocolError::Remote, which names
-        // the errno; a reply to another id or command is a BadReply.
-        let err = |what: &str, e| format!("{what} {i} (pipelined): {e}");
-        c.reply_to(m, Command::DmaMap)
-            .map_err(|e| err("DMA_MAP", e))?;
-        let r = c
-            .reply_to(u, Command::DmaUnmap)
-            .map_err(|e| err("DMA_UNMAP", e))?;
-        // What dma_unmap() checks in the serial loop, so both do the same.
-        DmaUnmap::decode(&r.payload).map_err(|e| err("DMA_UNMAP", e))?;
-    }
-    Ok(())
-}
-
-/// A type1v2 container with GROUP attached: the direct-ioctl floor.
-struct Floor {
-    container: OwnedFd,
-    _group: OwnedFd,
-}
-
-fn open(path: &str) -> Result<OwnedFd, String> {
-    let c = std::ffi::CString::new(path).map_err(|e| e.to_string())?;
-    // SAFETY: a NUL-terminated path; the result is checked.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(format!("open {path}: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a new fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn ioctl(fd: &OwnedFd, req: libc::c_ulong, arg: libc::c_ulong, what: &str) -> Result<(), String> {
-    // SAFETY: these VFIO ioctls take an integer or a pointer to a live,
-    // correctly sized struct (the callers').
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg) };
-    if r < 0 {
-        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-impl Floor {
-    fn open(group: &str) -> Result<Floor, String> {
-        let container = open("/dev/vfio/vfio")?;
-        ioctl(&container, VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION")?;
-        let g = open(&format!("/dev/vfio/{group}"))?;
-        let cfd = container.as_raw_fd();
-        ioctl(
-            &g,
-            VFIO_GROUP_SET_CONTAINER,
-            &cfd as *const i32 as libc::c_ulong,
-            "VFIO_GROUP_SET_CONTAINER",
-        )?;
-        ioctl(
-            &container,
-            VFIO_SET_IOMMU,
-            VFIO_TYPE1V2_IOMMU,
-            "VFIO_SET_IOMMU",
-        )?;
-        Ok(Floor {
-            container,
-            _group: g,
-        })
-    }
-
-    fn map(&self, vaddr: u64, iova: u64, size: u64) -> Result<(), String> {
-        // struct vfio_iommu_type1_dma_map: argsz, flags, vaddr, iova, size.
-        let mut b = [0u64; 4];
-        b[0] = 32 | (3u64 << 32); // argsz 32, flags READ | WRITE
-        b[1] = vaddr;
-        b[2] = iova;
-        b[3] = size;
-        ioctl(
-            &self.container,
-            VFIO_IOMMU_MAP_DMA,
-            b.as_mut_ptr() as libc::c_ulong,
-            "VFIO_IOMMU_MAP_DMA",
-        )
-    }
-
-    fn unmap(&self, iova: u64, size: u64) -> Result<(), String> {
-        // struct vfio_iommu_type1_dma_unmap: argsz, flags, iova, size.
-        let mut b = [0u64; 3];
-        b[0] = 24;
-        b[1] = iova;
-        b[2] = size;
-        ioctl(
-            &self.container,
-            VFIO_IOMMU_UNMAP_DMA,
-            b.as_mut_ptr() as libc::c_ulong,
-            "VFIO_IOMMU_UNMAP_DMA",
-        )
-    }
 }

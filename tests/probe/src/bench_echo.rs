@@ -42,6 +42,10 @@ impl Echo {
             pid,
         })
     }
+
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
 }
 
 impl Drop for Echo {

@@ -6,6 +6,8 @@
 mod args;
 mod bench_dma;
 mod bench_echo;
+mod bench_loops;
+mod bench_spent;
 mod broken_upgrade;
 mod checks;
 mod device;
@@ -13,6 +15,7 @@ mod hold_request;
 mod os;
 mod report;
 mod restart;
+mod spent;
 
 fn main() {
     let args = match args::parse(std::env::args().skip(1)) {
@@ -28,7 +31,7 @@ fn main() {
     let mut report = report::Report::new(args.skip.clone());
     match (args.hold_request, &args.bench_dma) {
         (Some(s), _) => hold_request::run(&mut report, &args.socket, s),
-        (None, Some(group)) => bench_dma::run(&mut report, &args.socket, group),
+        (None, Some(group)) => bench_dma::run(&mut report, &args.socket, group, args.airlock_pid),
         (None, None) => checks::run(&mut report, &args),
     }
     std::process::exit(report.finish());

@@ -1,5 +1,5 @@
 //! Small OS wrappers: memfd-backed shared memory, eventfds, shared mappings
-//! of a region fd, and a process's context-switch count.
+//! of a region fd.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -175,38 +175,6 @@ impl EventFd {
             }
         }
     }
-}
-
-/// voluntary + nonvoluntary context switches summed over every thread of
-/// `pid` and of its descendants.
-pub fn context_switches(pid: u32) -> Result<u64, String> {
-    let dir = format!("/proc/{pid}/task");
-    let mut total = 0;
-    let mut children = Vec::new();
-    for e in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
-        let task = e.map_err(|e| format!("{dir}: {e}"))?.path();
-        // A thread may exit between readdir and open: skip it.
-        if let Ok(k) = std::fs::read_to_string(task.join("children")) {
-            children.extend(k.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-        let Ok(s) = std::fs::read_to_string(task.join("status")) else {
-            continue;
-        };
-        for line in s.lines() {
-            if let Some(v) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                total += v.trim().parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    // airlock's supervisor serves nothing: its sandboxed server (a child)
-    // is what must not wake, so descendants count too.
-    for c in children {
-        total += context_switches(c).unwrap_or(0);
-    }
-    Ok(total)
 }
 
 /// How a forked child ended.
