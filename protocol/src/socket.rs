@@ -116,7 +116,13 @@ pub struct MessageSocket {
     /// The last read ended with a message's fds. The kernel ends a read
     /// there even when more is queued (a client that pipelines DMA_MAPs
     /// gets one per read), so more requests may be waiting.
-    more_queued: Cell<bool>,
+    ended_at_fds: Cell<bool>,
+    /// The client is ahead of us: a message was already whole in the
+    /// read-ahead buffer when asked for, or a look found the next one
+    /// queued, and no look since found the socket empty (send.rs).
+    client_ahead: Cell<bool>,
+    /// Reads that ended at fds since a look found the socket empty.
+    since_empty: Cell<u32>,
 }
 
 impl MessageSocket {
@@ -125,7 +131,10 @@ impl MessageSocket {
             stream,
             ahead: RefCell::default(),
             outbox: RefCell::default(),
-            more_queued: Cell::new(false),
+            ended_at_fds: Cell::new(false),
+            client_ahead: Cell::new(false),
+            // The first fd-carrying request is looked past.
+            since_empty: Cell::new(send::LOOK_EVERY),
         }
     }
 
@@ -152,6 +161,9 @@ impl MessageSocket {
         limits: &Limits,
         payload: &mut Vec<u8>,
     ) -> Result<(Header, Vec<OwnedFd>), RecvError> {
+        if self.holds_message() {
+            self.client_ahead.set(true);
+        }
         let mut ra = self.ahead.borrow_mut();
         while ra.avail() < HEADER_SIZE {
             let had = ra.avail();
@@ -248,7 +260,11 @@ impl MessageSocket {
         let mut fds = Vec::new();
         let mut ctrunc = false;
         let n = self.recv_after_replies(buf, &mut fds, &mut ctrunc)?;
-        self.more_queued.set(!fds.is_empty());
+        self.ended_at_fds.set(!fds.is_empty());
+        if !fds.is_empty() {
+            self.since_empty
+                .set(self.since_empty.get().saturating_add(1));
+        }
         let first = ra.at + ra.avail() as u64;
         let last = first + (n as u64).saturating_sub(1);
         ra.fds.extend(fds.into_iter().map(|fd| (last, fd)));
@@ -270,8 +286,14 @@ impl MessageSocket {
     ) -> Result<usize, ProtocolError> {
         if !self.outbox.borrow().is_empty() {
             match self.recvmsg(buf, fds, ctrunc, libc::MSG_DONTWAIT) {
-                Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return r,
+                Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.client_ahead.set(false);
+                    self.since_empty.set(0);
+                }
+                r => {
+                    self.client_ahead.set(true);
+                    return r;
+                }
             }
         }
         self.flush()?;

@@ -230,6 +230,74 @@ fn replies_to_requests_with_fds_wait_while_more_are_queued_and_go_before_a_read_
 }
 
 #[test]
+fn a_client_that_waits_for_each_reply_gets_it_at_once_but_for_one_look_in_eight() {
+    // Each request carries an fd and is sent only once the previous reply
+    // came: a look past a reply finds nothing, so replies are not held
+    // again until eight more such requests passed.
+    let (client, server) = UnixStream::pair().unwrap();
+    let rx = MessageSocket::new(server);
+    let tx = MessageSocket::new(client.try_clone().unwrap());
+    let limits = Limits::new(1 << 20, 16);
+    let mut p = Vec::new();
+    let mut held = Vec::new();
+    for id in 1..=17u16 {
+        send(&tx, id, &[1; 4], &[&eventfd()]);
+        let (h, _) = rx.recv(&limits, &mut p).unwrap();
+        assert_eq!(h.id, id);
+        rx.send_reply(&h.reply(0), &[]).unwrap();
+        if readable(&client).len() == 16 {
+            continue;
+        }
+        held.push(id);
+        // The look: nothing is queued, so the reply goes before the read
+        // waits; the next request then ends that wait.
+        let reader = std::thread::spawn(move || {
+            let mut p = Vec::new();
+            rx.recv(&limits, &mut p).map(|(h, _)| (h.id, rx))
+        });
+        let mut reply = [0u8; 16];
+        std::io::Read::read_exact(&mut &client, &mut reply).unwrap();
+        assert_eq!(u16::from_le_bytes([reply[0], reply[1]]), id);
+        send(&tx, 100 + id, &[], &[]);
+        let Ok((got, back)) = reader.join().unwrap() else {
+            panic!("recv after the look failed");
+        };
+        assert_eq!(got, 100 + id);
+        back.send_reply(
+            &Header::command(100 + id, Command::RegionWrite, 0, false).reply(0),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(readable(&client).len(), 16);
+        return check_looks(held, back, client, tx, id);
+    }
+    panic!("no reply was ever held: {held:?}");
+}
+
+/// The rest of the test above: after the look at request `first`, the next
+/// LOOK_EVERY - 1 fd-carrying requests get their replies at once, and the
+/// one after is held again.
+fn check_looks(
+    mut held: Vec<u16>,
+    rx: MessageSocket,
+    client: UnixStream,
+    tx: MessageSocket,
+    first: u16,
+) {
+    let limits = Limits::new(1 << 20, 16);
+    let mut p = Vec::new();
+    for id in first + 1..=first + 8 {
+        send(&tx, id, &[1; 4], &[&eventfd()]);
+        let (h, _) = rx.recv(&limits, &mut p).unwrap();
+        rx.send_reply(&h.reply(0), &[]).unwrap();
+        if readable(&client).len() != 16 {
+            held.push(id);
+        }
+    }
+    assert_eq!(held, [first, first + 8], "one look in eight");
+}
+
+#[test]
 fn poll_sends_held_replies_then_sees_the_next_message_or_gives_up_at_its_limit() {
     use std::time::{Duration, Instant};
     let (client, server) = UnixStream::pair().unwrap();

@@ -2,17 +2,22 @@
 //! outbox while more requests are already buffered.
 //!
 //! A client that pipelines (QEMU sends the DMA_MAPs of one memory
-//! transaction without waiting, a guest behind a vIOMMU unmaps and maps
-//! back to back) leaves several requests queued. Answering each with its
-//! own sendmsg costs a system call per reply, and the client a wake-up per
-//! reply while it waits; holding the replies until the queued requests are
-//! handled sends them all in one. A reply is held while the read-ahead
-//! buffer holds another whole request, or while the last read ended with
-//! a message's fds: the kernel ends a read there, so with DMA_MAPs (each
-//! carries an fd) one read brings one map even when a hundred are queued.
-//! A reply only ever goes later than its work, never earlier, and nothing
-//! waits in the outbox while the server blocks: with replies held, a read
-//! first looks without waiting, and sends them before it waits
+//! transaction without waiting) leaves several requests queued. Answering
+//! each with its own sendmsg costs a system call per reply, and the client
+//! a wake-up per reply while it waits; holding the replies until the
+//! queued requests are handled sends them all in one. A reply is held
+//! while the read-ahead buffer holds another whole request, or while the
+//! last read ended with a message's fds and the client is ahead of us: the
+//! kernel ends a read at fds, so with DMA_MAPs (each carries an fd) one
+//! read brings one map even when a hundred are queued. Whether the client
+//! is ahead is seen when a message was already buffered, or by a look (a
+//! read that does not wait) that found the next one. A client that waits
+//! for each reply (QEMU's vIOMMU maps, SET_IRQS) never is, and its replies
+//! go at once, but for one in LOOK_EVERY that is held to look again: a
+//! look that finds nothing costs a system call. A reply only ever goes
+//! later than its work, never earlier, and
+//! nothing waits in the outbox while the server blocks: with replies held,
+//! a read first looks without waiting, and sends them before it waits
 //! (socket.rs, `recv_after_replies`).
 
 use std::io;
@@ -25,6 +30,10 @@ use crate::header::{Header, HEADER_SIZE};
 /// Most bytes of replies held back; a reply that would go past it sends
 /// the outbox and itself at once.
 const OUTBOX_MAX: usize = 64 << 10;
+
+/// After a look found the socket empty, the replies to this many
+/// requests that ended a read with fds go at once before the next look.
+pub(super) const LOOK_EVERY: u32 = 8;
 
 /// Payload parts per message (header excluded).
 const MAX_PARTS: usize = 8;
@@ -66,7 +75,8 @@ impl MessageSocket {
     pub fn send_reply(&self, header: &Header, parts: &[&[u8]]) -> Result<(), ProtocolError> {
         let len = HEADER_SIZE + parts.iter().map(|p| p.len()).sum::<usize>();
         let mut outbox = self.outbox.borrow_mut();
-        let more = self.more_queued.get() || self.holds_message();
+        let look = self.client_ahead.get() || self.since_empty.get() >= LOOK_EVERY;
+        let more = self.holds_message() || (self.ended_at_fds.get() && look);
         if parts.len() <= MAX_PARTS && outbox.len() + len <= OUTBOX_MAX && more {
             outbox.extend_from_slice(&header.encode());
             for p in parts {

@@ -4,6 +4,11 @@
 //! probe), from the kernel's own accounting (spent.rs). Read before and
 //! after each loop, outside its timed span.
 //!
+//! A process clock counts a thread that is running on another CPU when it
+//! is read only up to that thread's last tick or switch: a server that
+//! still spins when the loop ends (`--poll-us`) is undercounted, one that
+//! sleeps in its read is exact.
+//!
 //! The whole-machine count alone cannot tell a server that sleeps between
 //! queued messages from a client that sleeps waiting for each flush of
 //! replies; the split can, and the CPU times say whether a slower pair is
