@@ -195,17 +195,43 @@ fn a_held_reply_goes_before_a_read_that_blocks_and_when_the_socket_closes() {
     assert_eq!((out.len(), out[0]), (16, 7));
 }
 
+/// A peer that reads `replies` bytes, then sends message `id`: it answers
+/// only once it has them. Returns its socket when done.
+fn answer_after(
+    client: UnixStream,
+    replies: usize,
+    id: u16,
+) -> std::thread::JoinHandle<UnixStream> {
+    std::thread::spawn(move || {
+        let mut got = vec![0u8; replies];
+        std::io::Read::read_exact(&mut &client, &mut got).unwrap();
+        (&client).write_all(&message(id, &[id as u8; 4])).unwrap();
+        client
+    })
+}
+
+/// A server's socket, and the client's end both raw (to see what it can
+/// read) and as a MessageSocket (to send with fds); the limits to receive
+/// with.
+fn server_and_client() -> (UnixStream, MessageSocket, MessageSocket, Limits) {
+    let (client, server) = UnixStream::pair().unwrap();
+    let tx = MessageSocket::new(client.try_clone().unwrap());
+    (
+        client,
+        MessageSocket::new(server),
+        tx,
+        Limits::new(1 << 20, 16),
+    )
+}
+
 #[test]
 fn replies_to_requests_with_fds_wait_while_more_are_queued_and_go_before_a_read_that_would_block() {
     // Each request carries an fd, so each read brings one: the replies are
     // held all the same while the next requests are queued in the socket.
-    let (client, server) = UnixStream::pair().unwrap();
-    let rx = MessageSocket::new(server);
-    let tx = MessageSocket::new(client.try_clone().unwrap());
+    let (client, rx, tx, limits) = server_and_client();
     for id in 1..=3 {
         send(&tx, id, &[id as u8; 8], &[&eventfd()]);
     }
-    let limits = Limits::new(1 << 20, 16);
     let mut p = Vec::new();
     for id in 1..=3u16 {
         let (h, fds) = rx.recv(&limits, &mut p).unwrap();
@@ -234,10 +260,7 @@ fn a_client_that_waits_for_each_reply_gets_it_at_once_but_for_one_look_in_eight(
     // Each request carries an fd and is sent only once the previous reply
     // came: a look past a reply finds nothing, so replies are not held
     // again until eight more such requests passed.
-    let (client, server) = UnixStream::pair().unwrap();
-    let rx = MessageSocket::new(server);
-    let tx = MessageSocket::new(client.try_clone().unwrap());
-    let limits = Limits::new(1 << 20, 16);
+    let (client, rx, tx, limits) = server_and_client();
     let mut p = Vec::new();
     let mut held = Vec::new();
     for id in 1..=17u16 {
@@ -320,12 +343,7 @@ fn poll_sends_held_replies_then_sees_the_next_message_or_gives_up_at_its_limit()
     rx.send_reply(&h.reply(0), &[]).unwrap();
     // A message that comes while polling, after reply 1 and 2 went out
     // (the client answers only once it has them).
-    let answerer = std::thread::spawn(move || {
-        let mut got = [0u8; 32];
-        std::io::Read::read_exact(&mut &client, &mut got).unwrap();
-        (&client).write_all(&message(3, &[3; 4])).unwrap();
-        client
-    });
+    let answerer = answer_after(client, 32, 3);
     assert!(rx.poll(Duration::from_secs(10)).unwrap());
     let (h, _) = rx.recv(&limits, &mut p).unwrap();
     assert_eq!(h.id, 3);
@@ -345,10 +363,7 @@ fn poll_sends_held_replies_then_sees_the_next_message_or_gives_up_at_its_limit()
 #[test]
 fn wait_readable_sleeps_until_input_or_its_limit_and_sends_held_replies_first() {
     use std::time::{Duration, Instant};
-    let (client, server) = UnixStream::pair().unwrap();
-    let rx = MessageSocket::new(server);
-    let tx = MessageSocket::new(client.try_clone().unwrap());
-    let limits = Limits::new(1 << 20, 16);
+    let (client, rx, tx, limits) = server_and_client();
     let mut p = Vec::new();
     let t = Instant::now();
     assert!(!rx.wait_readable(Duration::from_millis(20)).unwrap());
@@ -365,12 +380,7 @@ fn wait_readable_sleeps_until_input_or_its_limit_and_sends_held_replies_first() 
     let (h, fds) = rx.recv(&limits, &mut p).unwrap();
     assert_eq!((h.id, fds.len()), (2, 1));
     rx.send_reply(&h.reply(0), &[]).unwrap();
-    let answerer = std::thread::spawn(move || {
-        let mut got = [0u8; 32];
-        std::io::Read::read_exact(&mut &client, &mut got).unwrap();
-        (&client).write_all(&message(3, &[3; 4])).unwrap();
-        client
-    });
+    let answerer = answer_after(client, 32, 3);
     assert!(rx.wait_readable(Duration::from_secs(10)).unwrap());
     let (h, _) = rx.recv(&limits, &mut p).unwrap();
     assert_eq!(h.id, 3);
