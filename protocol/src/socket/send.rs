@@ -15,10 +15,10 @@
 //! for each reply (QEMU's vIOMMU maps, SET_IRQS) never is, and its replies
 //! go at once, but for one in LOOK_EVERY that is held to look again: a
 //! look that finds nothing costs a system call. A reply only ever goes
-//! later than its work, never earlier, and
-//! nothing waits in the outbox while the server blocks: with replies held,
-//! a read first looks without waiting, and sends them before it waits
-//! (socket.rs, `recv_after_replies`).
+//! later than its work, never earlier, and nothing waits in the outbox
+//! while the server blocks: with replies held, a read first looks without
+//! waiting, and sends them before it waits (socket.rs,
+//! `recv_after_replies`).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
