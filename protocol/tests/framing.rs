@@ -331,6 +331,14 @@ fn poll_sends_held_replies_then_sees_the_next_message_or_gives_up_at_its_limit()
     let t = Instant::now();
     assert!(!rx.poll(Duration::from_millis(20)).unwrap());
     assert!(t.elapsed() >= Duration::from_millis(20));
+    // That found the client not ahead: the reply to its next request with
+    // an fd goes at once, not held for a look.
+    let tx = MessageSocket::new(client.try_clone().unwrap());
+    send(&tx, 9, &[9; 4], &[&eventfd()]);
+    let (h, _) = rx.recv(&limits, &mut p).unwrap();
+    rx.send_reply(&h.reply(0), &[]).unwrap();
+    assert_eq!(readable(&client).len(), 16, "reply 9 went at once");
+    drop(tx);
     // A buffered message: at once.
     let mut burst = message(1, &[1; 4]);
     burst.extend(message(2, &[2; 4]));

@@ -61,7 +61,10 @@ impl MessageSocket {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => {}
                 _ => return Err(ProtocolError::Io(e)),
             }
-            // Nothing is queued: the client may be waiting for these.
+            // Nothing is queued: the client is not ahead of us, and may be
+            // waiting for these.
+            self.client_ahead.set(false);
+            self.since_empty.set(0);
             self.flush()?;
             if std::time::Instant::now() >= deadline {
                 return Ok(false);
