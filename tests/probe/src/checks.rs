@@ -19,7 +19,7 @@ use crate::args::Args;
 use crate::device::*;
 use crate::os::{in_child, pread, ChildEnd, EventFd, Mapping, Memfd};
 use crate::report::{info, Outcome, Report};
-use crate::spent::Spent;
+use crate::spent::context_switches;
 
 const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
 const IOVA: u64 = 0x100000;
@@ -160,10 +160,6 @@ fn factorial(d: &mut Dev) -> Result<(), String> {
 
 fn ctx(pid: Option<u32>) -> Result<Option<u64>, String> {
     pid.map(context_switches).transpose()
-}
-
-fn context_switches(pid: u32) -> Result<u64, String> {
-    Spent::of(pid).map(|s| s.switches())
 }
 
 fn bar0_fast_path(p: &mut Probe) -> Outcome {
