@@ -14,7 +14,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::MessageSocket;
 use crate::error::ProtocolError;
@@ -27,11 +27,11 @@ impl MessageSocket {
     /// reads as usual. A server that sleeps in its read pays a wake-up per
     /// message; polling a little first saves it when the next message
     /// follows closely, for the CPU time spent.
-    pub fn poll(&self, limit: std::time::Duration) -> Result<bool, ProtocolError> {
+    pub fn poll(&self, limit: Duration) -> Result<bool, ProtocolError> {
         if self.ahead.borrow().avail() > 0 {
             return Ok(true);
         }
-        let deadline = std::time::Instant::now() + limit;
+        let deadline = Instant::now() + limit;
         let mut byte = 0u8;
         loop {
             let mut iov = libc::iovec {
@@ -66,7 +66,7 @@ impl MessageSocket {
             self.client_ahead.set(false);
             self.since_empty.set(0);
             self.flush()?;
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return Ok(false);
             }
             std::hint::spin_loop();

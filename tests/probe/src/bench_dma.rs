@@ -98,7 +98,8 @@ pub fn run(report: &mut Report, socket: &str, group: &str, airlock: Option<u32>)
     report.record("bench-dma-map-unmap", outcome);
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of one or more figures.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }

@@ -14,6 +14,7 @@
 //! replies; the split can, and the CPU times say whether a slower pair is
 //! work (the server's CPU time per pair grows) or waiting (it does not).
 
+use crate::bench_dma::median;
 use crate::report::info;
 use crate::spent::{Spent, Tree};
 
@@ -90,14 +91,6 @@ impl Account {
             side("client", self.client)
         ));
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// /proc/stat's ctxt: context switches since boot on every CPU (0 if it
