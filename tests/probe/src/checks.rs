@@ -4,35 +4,30 @@
 //! upgrade-broken (broken_upgrade.rs, only with --broken-upgrades),
 //! restart-replay and upgrade-replay (restart.rs: kill airlock's sandboxed
 //! server, or SIGUSR2 its supervisor for a live upgrade, so only with
-//! --airlock-pid naming the supervisor). Each returns an Outcome; state that later checks
-//! reuse (the connection, BAR0's mappings, the first DMA map) lives in Probe.
+//! --airlock-pid naming the supervisor). The DMA checks live in
+//! checks_dma.rs, the MSI ones in checks_msi.rs. Each returns an Outcome;
+//! state that later checks reuse (the connection, BAR0's mappings, the first
+//! DMA map) lives in Probe.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use airlock_protocol::client::Client;
 use airlock_protocol::device::*;
-use airlock_protocol::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
-use airlock_protocol::irqs::{IrqAction, IrqData};
 
 use crate::args::Args;
+use crate::checks_dma::{dma, dma_map_msi_window_refused, dma_unmapped_blocked};
+use crate::checks_msi::msi;
 use crate::device::*;
-use crate::os::{in_child, pread, ChildEnd, EventFd, Mapping, Memfd};
+use crate::os::{in_child, pread, ChildEnd, Mapping, Memfd};
 use crate::report::{info, Outcome, Report};
 use crate::spent::context_switches;
 
-const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
-const IOVA: u64 = 0x100000;
-const IOVA_SIZE: usize = 2 << 20;
-const IOVA_BACK: u64 = IOVA + 0x10000;
-const IOVA_GONE: u64 = 0x400000;
-const GONE_SIZE: usize = 64 << 10;
-
-struct Probe<'a> {
-    args: &'a Args,
-    dev: Dev,
+pub(crate) struct Probe<'a> {
+    pub(crate) args: &'a Args,
+    pub(crate) dev: Dev,
     /// The 2 MiB map at IOVA, once the dma check (or a later one) made it.
-    mem: Option<Memfd>,
+    pub(crate) mem: Option<Memfd>,
 }
 
 pub fn run(report: &mut Report, args: &Args) {
@@ -158,10 +153,6 @@ fn factorial(d: &mut Dev) -> Result<(), String> {
     }
 }
 
-fn ctx(pid: Option<u32>) -> Result<Option<u64>, String> {
-    pid.map(context_switches).transpose()
-}
-
 fn bar0_fast_path(p: &mut Probe) -> Outcome {
     match bar0_map(p) {
         Ok(None) => {}
@@ -273,233 +264,6 @@ fn bar0_map(p: &mut Probe) -> Result<Option<String>, String> {
         ));
     }
     Ok(None)
-}
-
-/// The 2 MiB memfd mapped at IOVA with bus mastering on (made once).
-fn first_map(p: &mut Probe) -> Result<(), String> {
-    if p.mem.is_some() {
-        return Ok(());
-    }
-    let mem = Memfd::new(c"airlock-probe-dma", IOVA_SIZE)?;
-    p.dev
-        .client
-        .dma_map(IOVA, IOVA_SIZE as u64, 0, RW, Some(mem.fd.as_fd()))
-        .map_err(|e| format!("DMA_MAP {IOVA:#x}+{IOVA_SIZE:#x}: {e}"))?;
-    p.mem = Some(mem);
-    p.dev.enable_bus_master()
-}
-
-/// Reads 0xa0: all-ones on QEMU's edu (no such register); on airlock's
-/// emulated edu a DMA error register. Returns it if it is airlock's.
-fn dma_error(d: &mut Dev) -> Result<Option<u32>, String> {
-    let v = d.read32(REG_DMA_ERROR)?;
-    Ok((v != u32::MAX).then_some(v))
-}
-
-fn dma(p: &mut Probe) -> Result<(), String> {
-    first_map(p)?;
-    let mem = p.mem.as_ref().expect("first_map made it");
-    let pattern = |i: usize| (i * 7 + 3) as u8 ^ (i >> 8) as u8;
-    mem.map.fill(0, 4096, pattern);
-    mem.map.fill(0x10000, 4096, |_| 0);
-    let t = Instant::now();
-    p.dev.dma(IOVA, DMA_BUFFER, 4096, 1)?;
-    p.dev.dma(DMA_BUFFER, IOVA_BACK, 4096, 3)?;
-    info(&format!(
-        "dma: 2 x 4096 bytes in {} ms ({})",
-        t.elapsed().as_millis(),
-        if p.dev.mapped() {
-            "registers via mmap"
-        } else {
-            "registers via messages"
-        }
-    ));
-    if let Some(e) = dma_error(&mut p.dev)? {
-        if e != 0 {
-            return Err(format!("DMA error register {e:#x}"));
-        }
-    }
-    let back = mem.map.bytes(0x10000, 4096);
-    let want: Vec<u8> = (0..4096).map(pattern).collect();
-    match back.iter().zip(&want).position(|(a, b)| a != b) {
-        None => Ok(()),
-        Some(i) => Err(format!(
-            "byte {i} came back {:#04x}, sent {:#04x}",
-            back[i], want[i]
-        )),
-    }
-}
-
-fn msi(report: &mut Report, p: &mut Probe) {
-    let n = (p.args.iterations / 10).max(20);
-    let mut grew = None;
-    report.check("msi", || msi_loop(p, n, &mut grew).into());
-    let why_not = if !p.dev.mapped() {
-        Some("BAR0 is not mmap'd: raise/ack go through airlock")
-    } else if p.args.airlock_pid.is_none() {
-        Some("no --airlock-pid")
-    } else if grew.is_none() {
-        Some("msi did not complete")
-    } else {
-        None
-    };
-    report.check("msi-no-wakeups", || match (why_not, grew) {
-        (Some(why), _) => Outcome::Skip(why.into()),
-        (None, Some(g)) if g < (n / 4) as u64 => Outcome::Pass,
-        (None, g) => Outcome::Fail(format!(
-            "airlock switched context {} times for {n} interrupts (limit < {})",
-            g.unwrap_or(0),
-            n / 4
-        )),
-    });
-}
-
-fn msi_loop(p: &mut Probe, n: u32, grew: &mut Option<u64>) -> Result<(), String> {
-    let e = EventFd::new()?;
-    p.dev
-        .client
-        .set_irqs(
-            PCI_MSI_IRQ_INDEX,
-            0,
-            1,
-            IrqAction::Trigger,
-            IrqData::Eventfds(vec![e.dup()?]),
-        )
-        .map_err(|e| format!("SET_IRQS MSI eventfd: {e}"))?;
-    let d = &mut p.dev;
-    let r = (|| {
-        let before = ctx(p.args.airlock_pid)?;
-        let t = Instant::now();
-        for i in 0..n {
-            d.write32(REG_IRQ_RAISE, 1)?;
-            e.wait(Duration::from_secs(5))
-                .map_err(|err| format!("interrupt {i} of {n}: {err}"))?;
-            d.write32(REG_IRQ_ACK, 1)?;
-        }
-        let us = t.elapsed().as_micros() / n as u128;
-        let after = ctx(p.args.airlock_pid)?;
-        if let (Some(b), Some(a)) = (before, after) {
-            *grew = Some(a.saturating_sub(b));
-            info(&format!(
-                "msi: {n} interrupts, {us} us each; airlock context switches +{} (limit < {})",
-                a.saturating_sub(b),
-                n / 4
-            ));
-        } else {
-            info(&format!("msi: {n} interrupts, {us} us each"));
-        }
-        let st = d.read32(REG_IRQ_STATUS)?;
-        if st & 1 != 0 {
-            return Err(format!("irq status {st:#x} after the last ack"));
-        }
-        if let Some(extra) = e.take() {
-            return Err(format!("{extra} spurious interrupt(s) after the last ack"));
-        }
-        // While the vector is still enabled: how the host kernel routes it
-        // (IR-PCI-MSI behind intel-iommu, ITS-MSI behind an arm64 GICv3 ITS).
-        show_interrupts("msi: /proc/interrupts while enabled");
-        Ok(())
-    })();
-    let off = d
-        .client
-        .set_irqs(PCI_MSI_IRQ_INDEX, 0, 0, IrqAction::Trigger, IrqData::None)
-        .map_err(|e| format!("SET_IRQS MSI off: {e}"));
-    r.and(off)
-}
-
-fn dma_unmapped_blocked(p: &mut Probe) -> Result<(), String> {
-    first_map(p)?;
-    let gone = Memfd::new(c"airlock-probe-unmapped", GONE_SIZE)?;
-    gone.map.fill(0, GONE_SIZE, |_| 0x5a);
-    let c = &mut p.dev.client;
-    c.dma_map(IOVA_GONE, GONE_SIZE as u64, 0, RW, Some(gone.fd.as_fd()))
-        .map_err(|e| format!("DMA_MAP {IOVA_GONE:#x}: {e}"))?;
-    c.dma_unmap(IOVA_GONE, GONE_SIZE as u64, 0)
-        .map_err(|e| format!("DMA_UNMAP {IOVA_GONE:#x}: {e}"))?;
-    let mem = p.mem.as_ref().expect("first_map made it");
-    mem.map.fill(0, 4096, |i| (i as u8).wrapping_mul(31) ^ 0xc3);
-    p.dev.dma(IOVA, DMA_BUFFER, 4096, 1)?;
-    if let Some(e) = dma_error(&mut p.dev)? {
-        if e != 0 {
-            return Err(format!("DMA error {e:#x} on the mapped RAM -> device copy"));
-        }
-    }
-    p.dev.dma(DMA_BUFFER, IOVA_GONE, 4096, 3)?;
-    let changed = gone
-        .map
-        .bytes(0, GONE_SIZE)
-        .iter()
-        .filter(|b| **b != 0x5a)
-        .count();
-    if changed != 0 {
-        return Err(format!(
-            "{changed} bytes of the unmapped memfd changed: the device reached it after DMA_UNMAP"
-        ));
-    }
-    if let Some(e) = dma_error(&mut p.dev)? {
-        if e & 1 == 0 {
-            return Err(format!(
-                "airlock's DMA error register is {e:#x}, bit 0 (unmapped) not set"
-            ));
-        }
-        p.dev.write32(REG_DMA_ERROR, 0)?;
-        info(&format!(
-            "dma-unmapped-blocked: DMA error register {e:#x}, cleared"
-        ));
-    }
-    Ok(())
-}
-
-/// Prints the /proc/interrupts lines of VFIO's vectors (as INFO lines).
-fn show_interrupts(what: &str) {
-    match std::fs::read_to_string("/proc/interrupts") {
-        Ok(s) => {
-            let lines: Vec<String> = s
-                .lines()
-                .filter(|l| l.contains("vfio"))
-                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-                .collect();
-            if lines.is_empty() {
-                info(&format!("{what}: no vfio line"));
-            }
-            for l in lines {
-                info(&format!("{what}: {l}"));
-            }
-        }
-        Err(e) => info(&format!("{what}: not readable ({e})")),
-    }
-}
-
-/// DMA_MAP of 64 KiB at the start of the host's MSI doorbell window must get
-/// an error reply (non-zero errno); the same map just past the window must
-/// succeed. Both are undone.
-fn dma_map_msi_window_refused(p: &mut Probe, start: u64, size: u64) -> Result<(), String> {
-    const LEN: usize = 64 << 10;
-    let mem = Memfd::new(c"airlock-probe-msi-window", LEN)?;
-    let c = &mut p.dev.client;
-    match c.dma_map(start, LEN as u64, 0, RW, Some(mem.fd.as_fd())) {
-        Err(airlock_protocol::ProtocolError::Remote { errno }) if errno != 0 => info(&format!(
-            "dma-map-msi-window-refused: DMA_MAP {start:#x}+{LEN:#x} refused with errno {errno} ({})",
-            std::io::Error::from_raw_os_error(errno as i32)
-        )),
-        Err(e) => return Err(format!("DMA_MAP {start:#x}+{LEN:#x}: {e} (wanted an error reply with an errno)")),
-        Ok(()) => {
-            let undo = c.dma_unmap(start, LEN as u64, 0);
-            return Err(format!(
-                "DMA_MAP {start:#x}+{LEN:#x} inside the MSI window {start:#x}+{size:#x} succeeded{}",
-                match undo {
-                    Ok(_) => String::new(),
-                    Err(e) => format!(" (and DMA_UNMAP failed: {e})"),
-                }
-            ));
-        }
-    }
-    let outside = start + size;
-    c.dma_map(outside, LEN as u64, 0, RW, Some(mem.fd.as_fd()))
-        .map_err(|e| format!("DMA_MAP {outside:#x}+{LEN:#x} just past the MSI window: {e}"))?;
-    c.dma_unmap(outside, LEN as u64, 0)
-        .map_err(|e| format!("DMA_UNMAP {outside:#x}+{LEN:#x}: {e}"))?;
-    Ok(())
 }
 
 fn disconnect_quiesces(p: Probe) -> Result<(), String> {

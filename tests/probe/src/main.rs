@@ -10,6 +10,8 @@ mod bench_loops;
 mod bench_spent;
 mod broken_upgrade;
 mod checks;
+mod checks_dma;
+mod checks_msi;
 mod device;
 mod hold_request;
 mod os;
