@@ -9,7 +9,9 @@
 # l2.global=DRIVER.PROP=VALUE (one -global for the L2 QEMU, e.g. an
 # experiment with vfio-user-pci.x-intx-mmap-timeout-ms), l2.compare=1 (then
 # the same L2 with QEMU's in-process vfio-pci, lines prefixed "l2-inproc| ")
-# (extra airlock arguments).
+# (extra airlock arguments), l1.trace=1 (L1's scheduler events during each
+# L2's 4 KiB reads, summed per thread: "INFO l1: TRACE" lines), l1.pin=1
+# (airlock on CPU 1, the L2 QEMU on CPU 0).
 # Output: "INFO l1: ..." lines, every L2 console line prefixed "l2| ",
 # airlock's log prefixed "airlock| ". Exit: L2's AIRLOCK-L2-EXIT status
 # (1 on a setup failure or if L2 printed none).
@@ -23,7 +25,7 @@ fail() { echo "FAIL $*"; echo "0 passed, 1 failed"; exit 1; }
 say "start at uptime $(up) s; kernel $(uname -r); $(grep -c ^processor /proc/cpuinfo) cpu(s), $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
 dmesg | grep -iE 'DMAR: IOMMU enabled|DMAR-IR: Enabled' | while read -r l; do say "dmesg: $l"; done
 
-l2mem=256M extra= l2global= compare= viommu=
+l2mem=256M extra= l2global= compare= viommu= trace= pin=
 for w in $(cat /proc/cmdline); do
     case "$w" in
         l2.mem=*) l2mem=${w#l2.mem=} ;;
@@ -31,6 +33,8 @@ for w in $(cat /proc/cmdline); do
         l2.global=*) l2global=${w#l2.global=} ;;
         l2.compare=*) compare=${w#l2.compare=} ;;
         l2.viommu=*) viommu=${w#l2.viommu=} ;;
+        l1.trace=*) trace=${w#l1.trace=} ;;
+        l1.pin=*) pin=${w#l1.pin=} ;;
     esac
 done
 
@@ -60,8 +64,13 @@ g=$(basename "$(readlink "$d/iommu_group")")
 [ -c "/dev/vfio/$g" ] || fail "l1-setup: /dev/vfio/$g missing for $nvme"
 say "nvme $nvme: vfio-pci, iommu group $g"
 
-# shellcheck disable=SC2086 # $extra is split on purpose
-AIRLOCK_LOG=info NO_COLOR=1 /bin/airlock --vfio "$nvme" --socket-path /tmp/nvme.sock $extra \
+# l1.pin=1: airlock on L1's CPU 1, every L2 QEMU thread on CPU 0. Under TCG a
+# switch between processes on one vCPU empties its emulated TLB; pinned, each
+# CPU keeps running one process (the idle task keeps the last one's tables).
+pin_airlock= pin_qemu=
+[ "$pin" = 1 ] && pin_airlock="taskset -c 1" pin_qemu="taskset -c 0"
+# shellcheck disable=SC2086 # $pin_airlock and $extra are split on purpose
+AIRLOCK_LOG=info NO_COLOR=1 $pin_airlock /bin/airlock --vfio "$nvme" --socket-path /tmp/nvme.sock $extra \
     </dev/null >/tmp/airlock.log 2>&1 &
 apid=$!
 i=0
@@ -77,6 +86,45 @@ if [ ! -S /tmp/nvme.sock ]; then
 fi
 say "airlock (pid $apid) listening at uptime $(up) s${extra:+ (extra: $extra)}"
 
+# l1.trace=1: L1's scheduler events while L2 reads 4 KiB blocks (from L2's
+# "nvme phase took" line to its "BENCH read-4k" line), summed per thread:
+# who was woken how often, how long each waited for a CPU (median), how many
+# of those wake-ups found their CPU idle (it had to leave a halt), CPU time.
+tr=/sys/kernel/tracing
+trace_on() {
+    [ -e $tr/tracing_on ] || mount -t tracefs nodev $tr || return 0
+    echo 0 >$tr/tracing_on
+    echo 65536 >$tr/buffer_size_kb
+    echo 'sched:sched_switch sched:sched_wakeup' >$tr/set_event
+    echo >$tr/trace
+    echo 1 >$tr/tracing_on
+}
+trace_report() {
+    [ -e $tr/tracing_on ] || return 0
+    echo 0 >$tr/tracing_on
+    awk -v wl=/tmp/wl -v rt=/tmp/rt '
+        function ts() { match($0, /[0-9]+\.[0-9]+: sched_/); return substr($0, RSTART, RLENGTH - 8) + 0 }
+        function f(k, e,   s, i) { s = $0; i = index(s, k "="); s = substr(s, i + length(k) + 1); return substr(s, 1, index(s, " " e "=") - 1) }
+        function n(k) { match($0, k "=[0-9]+"); return substr($0, RSTART + length(k) + 1, RLENGTH - length(k) - 1) }
+        / sched_wakeup: / { t = ts(); p = n(" pid"); w[p] = t; s = $0; sub(/^ +/, "", s); s = substr(s, 1, index(s, " [") - 1); sub(/ +$/, "", s); sub(/-[0-9]+$/, "", s); by[p] = s; next }
+        / sched_switch: / {
+            t = ts(); if (!t0) t0 = t; t1 = t
+            pp = n("prev_pid"); np = n("next_pid")
+            if (pp in on) { run[f("prev_comm", "prev_pid") "/" pp] += t - on[pp]; delete on[pp] }
+            if (np == 0) next
+            on[np] = t
+            if (np in w) { printf "%s/%s woken by %s|%d|%d\n", f("next_comm", "next_pid"), np, by[np], (t - w[np]) * 1e6, pp == 0 >wl; delete w[np] }
+        }
+        END { for (c in run) printf "%s|%d\n", c, run[c] * 1e6 >rt; printf "%d\n", (t1 - t0) * 1e6 }' $tr/trace >/tmp/span
+    echo >$tr/trace
+    say "trace $1: $(cat /tmp/span) us of 4 KiB reads; per thread and waker: wake-ups, median wait for a CPU (us), wake-ups onto an idle CPU; per thread: CPU time (us)"
+    sort -t'|' -k1,1 -k2,2n /tmp/wl | awk -F'|' '
+        { v[$1, ++k[$1]] = $2; idle[$1] += $3 }
+        END { for (c in k) if (k[c] >= 20) printf "TRACE %s|wakeups=%d|median_wait_us=%d|onto_idle=%d\n", c, k[c], v[c, int((k[c] + 1) / 2)], idle[c] }' |
+        sort -t= -k2,2nr | while read -r l; do say "$l"; done
+    sort -t'|' -k2,2nr /tmp/rt | awk -F'|' '$2 >= 10000 { printf "TRACE-CPU %s|cpu_us=%d\n", $1, $2 }' | while read -r l; do say "$l"; done
+}
+
 cr=$(printf '\r')
 export QEMU_MODULE_DIR=/opt/qemu/modules
 mkdir -p "$QEMU_MODULE_DIR"
@@ -87,11 +135,12 @@ run_l2() {
     shift 2
     t2=$(up)
     {
-        /opt/qemu/lib/ld-linux-x86-64.so.2 --library-path /opt/qemu/lib --argv0 qemu-system-x86_64 \
+        # shellcheck disable=SC2086 # $pin_qemu is split on purpose
+        $pin_qemu /opt/qemu/lib/ld-linux-x86-64.so.2 --library-path /opt/qemu/lib --argv0 qemu-system-x86_64 \
             /opt/qemu/bin/qemu-system-x86_64 -L /opt/qemu/share \
             -accel tcg -M q35 -m "$l2mem" \
             -object "memory-backend-memfd,id=mem,size=$l2mem,share=on" -machine memory-backend=mem \
-            -nographic -nodefaults -serial stdio -no-reboot \
+            -nographic -nodefaults -serial stdio -no-reboot -name l2,debug-threads=on \
             ${viommu:+-device virtio-iommu-pci} \
             "$@" \
             ${l2global:+-global "$l2global"} \
@@ -102,6 +151,8 @@ run_l2() {
         l=${l%"$cr"}
         case "$l" in
             AIRLOCK-L2-QEMU-RC*) echo "$l" >/tmp/l2.rc ;;
+            *"nvme phase took"*) [ "$trace" = 1 ] && trace_on; echo "$prefix $l"; echo "$l" >>"$log" ;;
+            "BENCH read-4k"*) [ "$trace" = 1 ] && trace_report "$prefix"; echo "$prefix $l"; echo "$l" >>"$log" ;;
             *) echo "$prefix $l"; echo "$l" >>"$log" ;;
         esac
     done

@@ -26,6 +26,13 @@
 #                          airlock.log (airlock in L1), build.log, setup.log, nvme.img
 #        GUEST_TIMEOUT     seconds before L1's QEMU is killed (default 1500)
 #        L1_MEM, L2_MEM    guest RAM (default 2G, 256M)
+#        L1_APPEND         more L1 kernel arguments: l1.trace=1 prints L1's
+#                          scheduler events during each L2's 4 KiB reads,
+#                          summed per thread and waker ("INFO l1: TRACE": who
+#                          woke how often, waited how long for a CPU, used how
+#                          much CPU); l1.pin=1 runs airlock on L1's CPU 1 and
+#                          the L2 QEMU on CPU 0; idle=poll keeps L1's idle
+#                          vCPUs spinning instead of halting
 #        NESTED_AIRLOCK    a static airlock binary to use instead of this tree's build
 #        L2_QEMU=patched   run L2 under the patched QEMU (qemu-patches/, built by
 #                          scripts/setup-qemu-patched.sh) instead of the stock 11.1
@@ -199,7 +206,7 @@ setsid "$repo/scripts/qemu" x86_64 -accel tcg \
     -device nvme,serial=airlock-l2,drive=nvm \
     -drive "if=none,id=nvm,file=$disk,format=raw" \
     -kernel "$g/vmlinux" -initrd "$cpio" \
-    -append "console=ttyS0 quiet panic=-1 cryptomgr.notests intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}${L2_GLOBAL:+ l2.global=$L2_GLOBAL}${L2_COMPARE:+ l2.compare=1}${viommu:+ l2.viommu=$viommu}" \
+    -append "console=ttyS0 quiet panic=-1 cryptomgr.notests intel_iommu=on l2.mem=$l2_mem${extra:+ airlock.extra=$extra}${L2_GLOBAL:+ l2.global=$L2_GLOBAL}${L2_COMPARE:+ l2.compare=1}${viommu:+ l2.viommu=$viommu}${L1_APPEND:+ $L1_APPEND}" \
     </dev/null >"$console" 2>&1 &
 qpid=$!
 note "L1: q35 + intel-iommu(intremap, caching-mode) + nvme (${disk_mib} MiB), TCG, 2 vCPUs, $l1_mem; console: $console"
