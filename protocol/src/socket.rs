@@ -2,9 +2,15 @@
 //! file descriptors as SCM_RIGHTS ancillary data.
 //!
 //! Reads are blocking (one thread per connection): an epoll_wait before each
-//! read costs ~30% per round trip on these machines. Each send is one
-//! sendmsg carrying header, payload and fds together; replies to requests
-//! that are already queued go out together (send.rs).
+//! read costs ~30% per round trip on these machines. A server asleep in
+//! recvmsg is also woken, for nothing, when QEMU takes its reply (the
+//! write-space wake-up, wait.rs); sleeping in poll(2) instead saves that
+//! wake-up but puts a system call between a request's arrival and its read,
+//! and made the nested bed's strict-vIOMMU 4 KiB reads slower (0.41 of
+//! in-process against 0.52, 2026-12-07), so reads stay in recvmsg.
+//!
+//! Each send is one sendmsg carrying header, payload and fds together;
+//! replies to requests that are already queued go out together (send.rs).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
