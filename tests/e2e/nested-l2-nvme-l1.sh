@@ -90,6 +90,9 @@ say "airlock (pid $apid) listening at uptime $(up) s${extra:+ (extra: $extra)}"
 # "nvme phase took" line to its "BENCH read-4k" line), summed per thread:
 # who was woken how often, how long each waited for a CPU (median), how many
 # of those wake-ups found their CPU idle (it had to leave a halt), CPU time.
+# The summary runs while L2 goes on to its 128 KiB reads, so a traced run's
+# 128 KiB figures (and, tracing itself, its 4 KiB ones) are not comparable
+# with an untraced run's.
 tr=/sys/kernel/tracing
 trace_on() {
     [ -e $tr/tracing_on ] || mount -t tracefs nodev $tr || return 0
@@ -150,11 +153,15 @@ run_l2() {
     } | while IFS= read -r l; do
         l=${l%"$cr"}
         case "$l" in
-            AIRLOCK-L2-QEMU-RC*) echo "$l" >/tmp/l2.rc ;;
-            *"nvme phase took"*) [ "$trace" = 1 ] && trace_on; echo "$prefix $l"; echo "$l" >>"$log" ;;
-            "BENCH read-4k"*) [ "$trace" = 1 ] && trace_report "$prefix"; echo "$prefix $l"; echo "$l" >>"$log" ;;
-            *) echo "$prefix $l"; echo "$l" >>"$log" ;;
+            AIRLOCK-L2-QEMU-RC*)
+                echo "$l" >/tmp/l2.rc
+                continue
+                ;;
+            *"nvme phase took"*) [ "$trace" = 1 ] && trace_on ;;
+            "BENCH read-4k"*) [ "$trace" = 1 ] && trace_report "$prefix" ;;
         esac
+        echo "$prefix $l"
+        echo "$l" >>"$log"
     done
     qrc=$(cut -d' ' -f2 /tmp/l2.rc 2>/dev/null)
     say "L2 QEMU ($prefix) exited with ${qrc:-?} at uptime $(up) s, $(dt "$t2") s after its start"
