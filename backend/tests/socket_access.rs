@@ -28,14 +28,26 @@ fn runnable_copy(exe: &Path, dir: &Path, name: &str) -> PathBuf {
 /// (passed, its output).
 fn connect_as_nobody(socket: &Path, dir: &Path) -> (bool, String) {
     let me = runnable_copy(&std::env::current_exe().unwrap(), dir, "client");
-    let out = Command::new(me)
-        .args(["--exact", "unprivileged_client", "--ignored", "--nocapture"])
-        .env("AIRLOCK_TEST_SOCKET", socket)
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    // The copy was just written: a fork in a parallel test may still hold
+    // its write fd (until that child's exec), and exec then fails with
+    // ETXTBSY. That passes; try again.
+    let mut tries = 0;
+    let out = loop {
+        let run = Command::new(&me)
+            .args(["--exact", "unprivileged_client", "--ignored", "--nocapture"])
+            .env("AIRLOCK_TEST_SOCKET", socket)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdin(Stdio::null())
+            .output();
+        match run {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break other.unwrap(),
+        }
+    };
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
