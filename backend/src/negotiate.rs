@@ -41,6 +41,8 @@ pub struct Peer {
     pub max_dma_maps: u64,
     /// Proposed write_multiple (REGION_WRITE_MULTI is refused otherwise).
     pub write_multiple: bool,
+    /// Proposed dma_multiple (DMA_MAP_MULTI / DMA_UNMAP_MULTI).
+    pub dma_multiple: bool,
 }
 
 impl Default for Peer {
@@ -50,6 +52,7 @@ impl Default for Peer {
             max_data_xfer: 1 << 20,
             max_dma_maps: 65535,
             write_multiple: false,
+            dma_multiple: false,
         }
     }
 }
@@ -134,6 +137,11 @@ pub fn negotiate(
     if theirs.write_multiple == Some(true) {
         reply.write_multiple = Some(true);
         peer.write_multiple = true;
+    }
+    // airlock's own extension: answered only to a client that proposed it.
+    if theirs.dma_multiple == Some(true) {
+        reply.dma_multiple = Some(true);
+        peer.dma_multiple = true;
     }
     // Only for a client that proposed it: stock QEMU warns about keys it
     // did not propose. A non-empty proposal narrows the answer further.

@@ -110,6 +110,52 @@ fn dma_both_ways_through_a_memfd_backed_map() {
     assert_eq!(&m[0x8000..0x9000], &m[..4096]);
 }
 
+/// DMA_MAP_MULTI: two maps into one memfd sent once, at other offsets,
+/// each reached by the device's DMA (pread/pwrite on the shared file);
+/// DMA_UNMAP_MULTI takes both, and a DMA there then fails.
+#[test]
+fn dma_through_maps_made_and_taken_in_one_message_each() {
+    use airlock_protocol::client::Client;
+    use airlock_protocol::dma_multi::{DmaMapEntry, DmaUnmapEntry};
+    let s = start_edu("dma-multi");
+    let mut c = Client::connect(&s.path).unwrap();
+    let mut caps = Client::qemu_capabilities();
+    caps.dma_multiple = Some(true);
+    c.negotiate(caps).unwrap();
+    let mut mem = Memfd::new(1 << 16);
+    let map = |iova, offset| DmaMapEntry {
+        flags: RW,
+        fd_index: 0,
+        offset,
+        iova,
+        size: 0x4000,
+    };
+    let maps = [map(0x100000, 0x8000), map(0x300000, 0)];
+    let fd = std::os::fd::AsFd::as_fd(&mem.fd);
+    assert_eq!(c.dma_map_multi(&maps, &[fd]).unwrap(), [0, 0]);
+    enable_bus_master(&mut c);
+    for (i, b) in mem.slice()[0x8000..0x9000].iter_mut().enumerate() {
+        *b = (i * 5 + 1) as u8;
+    }
+    // IOVA 0x100000 is file offset 0x8000; 0x301000 is file offset 0x1000.
+    run_dma(&mut c, 0x100000, DMA_BUFFER, 4096, 1);
+    run_dma(&mut c, DMA_BUFFER, 0x301000, 4096, 1 | 2);
+    assert_eq!(c.read32(0, REG_DMA_ERROR).unwrap(), 0);
+    let m = mem.slice();
+    assert_eq!(&m[0x1000..0x2000], &m[0x8000..0x9000]);
+    let unmaps = maps.map(|m| DmaUnmapEntry {
+        flags: 0,
+        iova: m.iova,
+        size: m.size,
+    });
+    assert_eq!(c.dma_unmap_multi(&unmaps).unwrap(), [0, 0]);
+    run_dma(&mut c, DMA_BUFFER, 0x100000, 64, 3);
+    assert_eq!(
+        c.read32(0, REG_DMA_ERROR).unwrap() & DMA_ERR_UNMAPPED,
+        DMA_ERR_UNMAPPED
+    );
+}
+
 #[test]
 fn dma_without_bus_mastering_sets_the_error_bit_and_moves_nothing() {
     let s = start_edu("dma-nomaster");

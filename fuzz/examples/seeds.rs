@@ -18,6 +18,9 @@ use airlock_protocol::dma::{
     DmaAccess, DmaMap, DmaUnmap, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, DMA_MAP_SIZE,
     DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE,
 };
+use airlock_protocol::dma_multi::{
+    encode_map_multi, encode_unmap_multi, DmaMapEntry, DmaUnmapEntry, DMA_MULTI_NO_FD,
+};
 use airlock_protocol::header::{Command, Header, FLAG_TYPE_REPLY};
 use airlock_protocol::irqs::{
     IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
@@ -76,6 +79,7 @@ fn version(write_multiple: bool) -> Vec<u8> {
         pgsizes: Some(4096),
         max_dma_maps: Some(65535),
         write_multiple: write_multiple.then_some(true),
+        dma_multiple: write_multiple.then_some(true),
         ..Default::default()
     };
     msg(
@@ -348,6 +352,39 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             read(3, BAR0, edu::REG_LIVENESS, 4),
         ])),
     ));
+    // DMA_MAP_MULTI / DMA_UNMAP_MULTI (dma_multiple proposed): two maps
+    // into one memfd and one without fd, then both kinds of unmap.
+    let entry = |iova, fd_index| DmaMapEntry {
+        flags: DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+        fd_index,
+        offset: 0,
+        iova,
+        size: 4096,
+    };
+    let maps = [
+        entry(RAM, 0),
+        entry(RAM + 0x10000, 0),
+        entry(RAM + 0x20000, DMA_MULTI_NO_FD),
+    ];
+    let unmaps = maps.map(|m| DmaUnmapEntry {
+        flags: 0,
+        iova: m.iova,
+        size: m.size,
+    });
+    let mut r = plain(vec![version(true)]);
+    r.push((
+        T_MEMFD,
+        msg(2, Command::DmaMapMulti, &encode_map_multi(&maps)),
+    ));
+    r.push((
+        T_NONE,
+        msg(3, Command::DmaUnmapMulti, &encode_unmap_multi(&unmaps[..2])),
+    ));
+    r.push((
+        T_NONE,
+        msg(4, Command::DmaUnmapMulti, &encode_unmap_multi(&unmaps)),
+    ));
+    seeds.push(("dma-multi", records(&r)));
     // fds where they do not belong, and more than max_msg_fds.
     let mut r = plain(vec![version(false)]);
     r.push((T_DEVNULL, read(2, BAR0, 0, 4)));

@@ -8,6 +8,9 @@ use std::path::Path;
 
 use crate::device::{DeviceInfo, IrqInfo, RegionInfo};
 use crate::dma::{DmaAccess, DmaMap, DmaUnmap, DMA_MAP_SIZE, DMA_UNMAP_SIZE};
+use crate::dma_multi::{
+    decode_multi_reply, encode_map_multi, encode_unmap_multi, DmaMapEntry, DmaUnmapEntry,
+};
 use crate::error::ProtocolError;
 use crate::header::{Command, Header};
 use crate::irqs::{IrqAction, IrqData, IrqSet};
@@ -263,6 +266,24 @@ impl Client {
         };
         let r = self.request(Command::DmaUnmap, &m.encode(), &[])?;
         DmaUnmap::decode(&r.payload)
+    }
+
+    /// DMA_MAP_MULTI (needs the dma_multiple capability): every entry
+    /// names its fd by index into `fds`; returns each entry's errno (0:
+    /// mapped).
+    pub fn dma_map_multi(
+        &mut self,
+        maps: &[DmaMapEntry],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Vec<u32>, ProtocolError> {
+        let r = self.request(Command::DmaMapMulti, &encode_map_multi(maps), fds)?;
+        decode_multi_reply(&r.payload, "DMA_MAP_MULTI reply")
+    }
+
+    /// DMA_UNMAP_MULTI: returns each entry's errno (0: unmapped).
+    pub fn dma_unmap_multi(&mut self, unmaps: &[DmaUnmapEntry]) -> Result<Vec<u32>, ProtocolError> {
+        let r = self.request(Command::DmaUnmapMulti, &encode_unmap_multi(unmaps), &[])?;
+        decode_multi_reply(&r.payload, "DMA_UNMAP_MULTI reply")
     }
 
     pub fn device_info(&mut self) -> Result<DeviceInfo, ProtocolError> {

@@ -33,6 +33,9 @@ pub enum Command {
     DeviceFeature = 16,
     MigDataRead = 17,
     MigDataWrite = 18,
+    /// airlock's proposal (protocol dma_multi.rs), not in the spec.
+    DmaMapMulti = 19,
+    DmaUnmapMulti = 20,
 }
 
 impl Command {
@@ -57,6 +60,8 @@ impl Command {
             16 => DeviceFeature,
             17 => MigDataRead,
             18 => MigDataWrite,
+            19 => DmaMapMulti,
+            20 => DmaUnmapMulti,
             _ => return None,
         })
     }

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod device;
 pub mod dma;
+pub mod dma_multi;
 pub mod error;
 pub mod feature;
 pub mod header;

@@ -4,6 +4,7 @@ use std::os::fd::OwnedFd;
 
 use crate::device::{DeviceInfo, IrqInfo, RegionInfo, RegionIoFds};
 use crate::dma::{DmaMap, DmaUnmap};
+use crate::dma_multi::{decode_map_multi, decode_unmap_multi, DmaMapEntry, DmaUnmapEntry};
 use crate::error::ProtocolError;
 use crate::feature::DeviceFeature;
 use crate::header::{Command, Header, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY};
@@ -20,6 +21,12 @@ pub enum Request<'a> {
         fd: Option<OwnedFd>,
     },
     DmaUnmap(DmaUnmap),
+    /// Entries name their fd by index into `fds` (several may share one).
+    DmaMapMulti {
+        maps: Vec<DmaMapEntry>,
+        fds: Vec<OwnedFd>,
+    },
+    DmaUnmapMulti(Vec<DmaUnmapEntry>),
     DeviceGetInfo(DeviceInfo),
     RegionInfo(RegionInfo),
     RegionIoFds(RegionIoFds),
@@ -77,7 +84,10 @@ impl<'a> Request<'a> {
         }
         let cmd = Command::from_u16(header.cmd).ok_or(ProtocolError::UnknownCommand(header.cmd))?;
         let name = command_name(cmd);
-        if cmd != Command::DmaMap && cmd != Command::DeviceSetIrqs {
+        if !matches!(
+            cmd,
+            Command::DmaMap | Command::DmaMapMulti | Command::DeviceSetIrqs
+        ) {
             no_fds(name, &fds)?;
         }
         Ok(match cmd {
@@ -94,6 +104,11 @@ impl<'a> Request<'a> {
                 Request::DmaMap { map, fd: fds.pop() }
             }
             Command::DmaUnmap => Request::DmaUnmap(DmaUnmap::decode(payload)?),
+            Command::DmaMapMulti => Request::DmaMapMulti {
+                maps: decode_map_multi(payload, fds.len())?,
+                fds,
+            },
+            Command::DmaUnmapMulti => Request::DmaUnmapMulti(decode_unmap_multi(payload)?),
             Command::DeviceGetInfo => {
                 let info = DeviceInfo::decode(payload)?;
                 check_argsz(name, info.argsz, DeviceInfo::SIZE)?;
@@ -173,5 +188,7 @@ pub fn command_name(cmd: Command) -> &'static str {
         DeviceFeature => "DEVICE_FEATURE",
         MigDataRead => "MIG_DATA_READ",
         MigDataWrite => "MIG_DATA_WRITE",
+        DmaMapMulti => "DMA_MAP_MULTI",
+        DmaUnmapMulti => "DMA_UNMAP_MULTI",
     }
 }

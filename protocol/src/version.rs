@@ -31,6 +31,10 @@ pub struct Capabilities {
     pub pgsizes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub write_multiple: Option<bool>,
+    /// airlock extension: DMA_MAP_MULTI and DMA_UNMAP_MULTI (dma_multi.rs),
+    /// answered only to a client that proposed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dma_multiple: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iova_ranges: Option<Vec<IovaRange>>,
     #[serde(flatten)]

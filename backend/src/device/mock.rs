@@ -157,10 +157,10 @@ impl Device for MockDevice {
                 what: "DMA",
             });
         }
-        self.calls.push(format!(
-            "dma_mapped {iova:#x} {size:#x} {}",
-            if file.is_some() { "fd" } else { "nofd" }
-        ));
+        self.calls.push(match file {
+            Some(f) => format!("dma_mapped {iova:#x} {size:#x} fd@{:#x}", f.offset),
+            None => format!("dma_mapped {iova:#x} {size:#x} nofd"),
+        });
         Ok(())
     }
 

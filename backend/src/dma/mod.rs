@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use airlock_protocol::dma::{DmaMap, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use thiserror::Error;
@@ -100,7 +101,7 @@ enum Backing {
     /// The client sent no fd; reach it with DMA_READ/DMA_WRITE.
     Messages,
     /// Reached with pread/pwrite at `offset` + (address - map start).
-    File { file: File, offset: u64 },
+    File { file: Arc<File>, offset: u64 },
     /// mmapped for a device that needs a host address (host.rs: the fd is
     /// closed, the mapping keeps the file): its address.
     Host(u64),
@@ -134,13 +135,23 @@ impl DmaSpace {
     }
 
     pub fn map(&mut self, m: &DmaMap, fd: Option<OwnedFd>) -> Result<(), DmaError> {
+        let file = match fd {
+            None => None,
+            Some(fd) => Some(ClientFile::open(fd).map_err(|_| DmaError::backing(m))?),
+        };
+        self.map_file(m, file.as_ref())
+    }
+
+    /// A map into `file` (None: no fd, reached with DMA_READ/DMA_WRITE).
+    /// Several maps may name one file: DMA_MAP_MULTI sends its fd once.
+    pub fn map_file(&mut self, m: &DmaMap, file: Option<&ClientFile>) -> Result<(), DmaError> {
         let (iova, size) = (m.iova, m.size);
         if size == 0 {
             return Err(DmaError::Empty { iova, size });
         }
         if iova % PAGE_SIZE != 0
             || size % PAGE_SIZE != 0
-            || (fd.is_some() && !m.offset.is_multiple_of(PAGE_SIZE))
+            || (file.is_some() && !m.offset.is_multiple_of(PAGE_SIZE))
         {
             return Err(DmaError::Unaligned { iova, size });
         }
@@ -160,20 +171,24 @@ impl DmaSpace {
             return Err(DmaError::TooMany(self.max_maps));
         }
         let mut id = None;
-        let backing = match fd {
+        let backing = match file {
             None => Backing::Messages,
-            Some(fd) => {
-                let (file, file_id, len) = checked_backing(m, fd)?;
+            Some(f) => {
+                // The offset + size sum was overflow-checked when decoding.
+                if f.len < m.offset + m.size {
+                    return Err(DmaError::backing(m));
+                }
+                let file_id = f.id(m.offset);
                 id = Some(file_id);
                 if self.host_mappings {
                     let host = self
                         .host
-                        .acquire(&file, &file_id, len, m.size, prot(m.flags))
+                        .acquire(&f.file, &file_id, f.len, m.size, prot(m.flags))
                         .map_err(|source| DmaError::Mmap { iova, size, source })?;
                     Backing::Host(host)
                 } else {
                     Backing::File {
-                        file,
+                        file: Arc::clone(&f.file),
                         offset: m.offset,
                     }
                 }
@@ -330,31 +345,51 @@ impl DmaSpace {
     }
 }
 
-/// Takes the client's fd for a map if it is a regular file that covers
-/// offset + size now (a later shrink is survived, see the module doc),
-/// with its identity and length.
-fn checked_backing(m: &DmaMap, fd: OwnedFd) -> Result<(File, FileId, u64), DmaError> {
-    let bad = DmaError::BadBacking {
-        iova: m.iova,
-        size: m.size,
-        offset: m.offset,
-    };
-    let file = File::from(fd);
-    let meta = file.metadata().map_err(|_| bad)?;
-    // The offset + size sum was overflow-checked when decoding.
-    if !meta.file_type().is_file() || meta.len() < m.offset + m.size {
-        return Err(DmaError::BadBacking {
+/// A client's fd for DMA maps, checked once: a regular file (a later
+/// shrink is survived, see the module doc), with its identity and length
+/// as fstat found them.
+pub struct ClientFile {
+    /// Shared by every pread/pwrite-reached map into it.
+    file: Arc<File>,
+    dev: u64,
+    ino: u64,
+    len: u64,
+}
+
+impl ClientFile {
+    pub fn open(fd: OwnedFd) -> std::io::Result<ClientFile> {
+        use std::os::unix::fs::MetadataExt;
+        let file = File::from(fd);
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(ClientFile {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            file: Arc::new(file),
+        })
+    }
+
+    fn id(&self, offset: u64) -> FileId {
+        FileId {
+            dev: self.dev,
+            ino: self.ino,
+            offset,
+        }
+    }
+}
+
+impl DmaError {
+    /// The map's fd is no regular file, or too short for it.
+    pub fn backing(m: &DmaMap) -> DmaError {
+        DmaError::BadBacking {
             iova: m.iova,
             size: m.size,
             offset: m.offset,
-        });
+        }
     }
-    let id = FileId {
-        dev: std::os::unix::fs::MetadataExt::dev(&meta),
-        ino: std::os::unix::fs::MetadataExt::ino(&meta),
-        offset: m.offset,
-    };
-    Ok((file, id, meta.len()))
 }
 
 /// The mmap protection a map's flags ask for.

@@ -8,14 +8,13 @@
 //! drained) because QEMU's client aborts when its unread input is reset.
 //! Each command has its own method below; the device's own DMA runs in
 //! [`super::device_dma`], the summary's counters in [`super::stats`], the
-//! region commands in regions.rs.
+//! DMA map commands in dma.rs, the region commands in regions.rs.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use airlock_protocol::device::{DeviceInfo, IrqInfo};
-use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE};
 use airlock_protocol::irqs::IrqSet;
 use airlock_protocol::request::{command_name, Request};
 use airlock_protocol::version::Version;
@@ -26,7 +25,7 @@ use super::device_dma::{DeviceDma, Link};
 use super::stats::{Stats, Timed, SAMPLES};
 use crate::device::Device;
 use crate::dma::DmaSpace;
-use crate::iova::{DoorbellWindow, IovaRange};
+use crate::iova::DoorbellWindow;
 use crate::negotiate::{negotiate, IovaSpace, Peer, ServerLimits};
 
 /// How long a new client may take to send VERSION.
@@ -47,7 +46,7 @@ pub struct Session<'a> {
     name: std::sync::Arc<str>,
     /// REGION_READ data, reused from message to message.
     read_buf: Vec<u8>,
-    /// Until the first command other than VERSION, DMA_MAP and DMA_UNMAP:
+    /// Until the first command other than VERSION and the DMA (un)maps:
     /// a replaying client re-maps what it had, and the device may take
     /// over the mappings a killed server left (see Device::adoption_ended).
     adopting: bool,
@@ -223,14 +222,6 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Every map leaves the device first, then airlock's address space.
-    fn unmap_all(&mut self) {
-        for (iova, size) in self.dma.ranges() {
-            self.device.dma_unmapped(iova, size);
-        }
-        self.dma.clear();
-    }
-
     fn dispatch(&mut self, h: &Header, payload: &[u8], fds: Vec<OwnedFd>) {
         self.stats.messages += 1;
         let req = match Request::decode(h, payload, fds, &self.limits) {
@@ -243,7 +234,11 @@ impl<'a> Session<'a> {
         if self.adopting
             && !matches!(
                 req,
-                Request::Version(_) | Request::DmaMap { .. } | Request::DmaUnmap(_)
+                Request::Version(_)
+                    | Request::DmaMap { .. }
+                    | Request::DmaUnmap(_)
+                    | Request::DmaMapMulti { .. }
+                    | Request::DmaUnmapMulti(_)
             )
         {
             self.end_adoption();
@@ -272,6 +267,8 @@ impl<'a> Session<'a> {
             Request::Version(v) => self.version(&v),
             Request::DmaMap { map, fd } => self.dma_map(&map, fd),
             Request::DmaUnmap(u) => self.dma_unmap(u),
+            Request::DmaMapMulti { maps, fds } => self.dma_map_multi(&maps, fds),
+            Request::DmaUnmapMulti(unmaps) => self.dma_unmap_multi(&unmaps),
             Request::DeviceGetInfo(_) => Ok(self.device_info()),
             Request::RegionInfo(q) => self.region_info(h, &q),
             Request::RegionIoFds(q) => self.region_io_fds(&q),
@@ -308,74 +305,6 @@ impl<'a> Session<'a> {
         debug!(?peer, "client limits");
         self.peer = Some(peer);
         Ok(Answer::Payload(reply.encode()))
-    }
-
-    /// DMA_MAP: refused inside an IOVA window; mapped by airlock first,
-    /// then handed to the device (undone if the device refuses).
-    fn dma_map(&mut self, map: &DmaMap, fd: Option<OwnedFd>) -> Handled {
-        self.stats.dma_maps += 1;
-        let dev = &self.name;
-        // An empty map overlaps nothing (the DMA space judges it).
-        let range = IovaRange::from_span(map.iova, map.size);
-        if let Some(w) = range.and_then(|r| self.windows.iter().find(|w| w.overlaps(&r))) {
-            let why = format!(
-                "{dev}: DMA_MAP [{:#x}, +{:#x}) refused: it overlaps the IOVA window {w}: {}. Fix: keep guest RAM and guest IOVAs out of it (without a vIOMMU, place guest RAM elsewhere; with one, the guest's IOMMU driver must reserve the window: a client can learn the usable ranges by proposing the iova_ranges capability)",
-                map.iova,
-                map.size,
-                w.meaning()
-            );
-            warn!("{why}");
-            return Err((libc::EINVAL, why));
-        }
-        let backed = fd.is_some();
-        self.dma.map(map, fd).map_err(|e| {
-            warn!(device = %dev, "DMA_MAP refused: {e}");
-            fail(&e, e.errno())
-        })?;
-        let host = self.dma.host_address(map.iova);
-        let file = self.dma.file_id(map.iova);
-        if let Err(e) = self
-            .device
-            .dma_mapped(map.iova, map.size, host, map.flags, file)
-        {
-            warn!("DMA_MAP refused: {e}");
-            let _ = self.dma.unmap(map.iova, map.size);
-            return Err(fail(&e, e.errno()));
-        }
-        debug!(iova = map.iova, size = map.size, backed, "DMA_MAP");
-        Ok(Answer::empty())
-    }
-
-    /// DMA_UNMAP: one exact map, or all of them with FLAG_ALL; the device
-    /// loses a range before airlock's mapping of it goes.
-    fn dma_unmap(&mut self, u: DmaUnmap) -> Handled {
-        self.stats.dma_unmaps += 1;
-        if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
-            if u.iova != 0 || u.size != 0 {
-                return Err((
-                    libc::EINVAL,
-                    "DMA_UNMAP with FLAG_ALL must have iova = size = 0".into(),
-                ));
-            }
-            self.unmap_all();
-        } else {
-            if !self.dma.has_exact(u.iova, u.size) {
-                let e = crate::dma::DmaError::NoSuchMap {
-                    iova: u.iova,
-                    size: u.size,
-                };
-                return Err(fail(&e, e.errno()));
-            }
-            self.device.dma_unmapped(u.iova, u.size);
-            self.dma
-                .unmap(u.iova, u.size)
-                .map_err(|e| fail(&e, e.errno()))?;
-        }
-        let echo = DmaUnmap {
-            argsz: DMA_UNMAP_SIZE as u32,
-            ..u
-        };
-        Ok(Answer::fixed(&echo.encode_fixed()))
     }
 
     fn device_info(&self) -> Answer {
@@ -447,6 +376,7 @@ fn max_chunk(peer: Option<Peer>, server: &ServerLimits) -> usize {
     peer.max_data_xfer.min(server.max_data_xfer) as usize
 }
 
+mod dma;
 mod regions;
 #[cfg(test)]
 mod tests;

@@ -437,4 +437,5 @@ fn device_dma_outside_every_map_fails_without_a_message() {
     assert!(dev.dma_done[0].1.is_err());
 }
 
+mod dma_multi;
 mod regions;

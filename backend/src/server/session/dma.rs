@@ -1,0 +1,184 @@
+//! The DMA map commands: DMA_MAP and DMA_UNMAP, and airlock's batched
+//! DMA_MAP_MULTI and DMA_UNMAP_MULTI (protocol dma_multi.rs), whose entries
+//! are handled one by one exactly as the single commands. Every map is
+//! judged against the IOVA windows, mapped by airlock, then handed to the
+//! device; every unmap takes the range from the device before airlock's
+//! mapping of it goes, and before the reply.
+
+use std::os::fd::OwnedFd;
+
+use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_MAP_SIZE, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE};
+use airlock_protocol::dma_multi::{
+    encode_multi_reply, DmaMapEntry, DmaUnmapEntry, DMA_MULTI_NO_FD,
+};
+use tracing::{debug, warn};
+
+use super::{fail, Answer, Handled, Refusal, Session};
+use crate::dma::{ClientFile, DmaError};
+use crate::iova::IovaRange;
+
+impl Session<'_> {
+    /// DMA_MAP: one map, with or without an fd.
+    pub(super) fn dma_map(&mut self, map: &DmaMap, fd: Option<OwnedFd>) -> Handled {
+        self.stats.dma_maps += 1;
+        let file = match fd {
+            None => None,
+            Some(fd) => Some(ClientFile::open(fd).map_err(|_| self.refuse_backing(map))?),
+        };
+        self.map_one(map, file.as_ref())?;
+        Ok(Answer::empty())
+    }
+
+    /// DMA_UNMAP: one exact map, or all of them with FLAG_ALL.
+    pub(super) fn dma_unmap(&mut self, u: DmaUnmap) -> Handled {
+        self.stats.dma_unmaps += 1;
+        if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
+            if u.iova != 0 || u.size != 0 {
+                return Err((
+                    libc::EINVAL,
+                    "DMA_UNMAP with FLAG_ALL must have iova = size = 0".into(),
+                ));
+            }
+            self.unmap_all();
+        } else {
+            self.check_unmap(u.iova, u.size)?;
+            self.unmap_one(u.iova, u.size);
+        }
+        let echo = DmaUnmap {
+            argsz: DMA_UNMAP_SIZE as u32,
+            ..u
+        };
+        Ok(Answer::fixed(&echo.encode_fixed()))
+    }
+
+    /// DMA_MAP_MULTI: each entry as its own DMA_MAP would be; the reply
+    /// has every entry's errno, so a refused one leaves the others be.
+    pub(super) fn dma_map_multi(&mut self, maps: &[DmaMapEntry], fds: Vec<OwnedFd>) -> Handled {
+        self.need_dma_multiple("DMA_MAP_MULTI")?;
+        self.stats.dma_maps += maps.len() as u64;
+        // A file that is not a regular one fails the entries naming it.
+        let files: Vec<Option<ClientFile>> = fds
+            .into_iter()
+            .map(|fd| ClientFile::open(fd).ok())
+            .collect();
+        let mut errnos = Vec::with_capacity(maps.len());
+        for e in maps {
+            let map = DmaMap {
+                argsz: DMA_MAP_SIZE as u32,
+                flags: e.flags,
+                offset: e.offset,
+                iova: e.iova,
+                size: e.size,
+            };
+            let done = if e.fd_index == DMA_MULTI_NO_FD {
+                self.map_one(&map, None)
+            } else {
+                // Decoding checked every index against the fds sent.
+                match &files[e.fd_index as usize] {
+                    Some(f) => self.map_one(&map, Some(f)),
+                    None => Err(self.refuse_backing(&map)),
+                }
+            };
+            errnos.push(done.err().map_or(0, |(errno, _)| errno as u32));
+        }
+        Ok(Answer::Payload(encode_multi_reply(&errnos)))
+    }
+
+    /// DMA_UNMAP_MULTI: each entry as its own DMA_UNMAP would be, in
+    /// order; the reply, with every entry's errno, is sent after every
+    /// range has left the device.
+    pub(super) fn dma_unmap_multi(&mut self, unmaps: &[DmaUnmapEntry]) -> Handled {
+        self.need_dma_multiple("DMA_UNMAP_MULTI")?;
+        self.stats.dma_unmaps += unmaps.len() as u64;
+        let mut errnos = Vec::with_capacity(unmaps.len());
+        for u in unmaps {
+            let done = self.check_unmap(u.iova, u.size);
+            if done.is_ok() {
+                self.unmap_one(u.iova, u.size);
+            }
+            errnos.push(done.err().map_or(0, |(errno, _)| errno as u32));
+        }
+        Ok(Answer::Payload(encode_multi_reply(&errnos)))
+    }
+
+    fn need_dma_multiple(&self, what: &str) -> Result<(), Refusal> {
+        if self.peer.is_some_and(|p| p.dma_multiple) {
+            return Ok(());
+        }
+        Err((
+            libc::EINVAL,
+            format!("{what} needs the dma_multiple capability, which this client did not propose in VERSION"),
+        ))
+    }
+
+    /// One map: refused inside an IOVA window; mapped by airlock first,
+    /// then handed to the device (undone if the device refuses).
+    fn map_one(&mut self, map: &DmaMap, file: Option<&ClientFile>) -> Result<(), Refusal> {
+        let dev = &self.name;
+        // An empty map overlaps nothing (the DMA space judges it).
+        let range = IovaRange::from_span(map.iova, map.size);
+        if let Some(w) = range.and_then(|r| self.windows.iter().find(|w| w.overlaps(&r))) {
+            let why = format!(
+                "{dev}: DMA_MAP [{:#x}, +{:#x}) refused: it overlaps the IOVA window {w}: {}. Fix: keep guest RAM and guest IOVAs out of it (without a vIOMMU, place guest RAM elsewhere; with one, the guest's IOMMU driver must reserve the window: a client can learn the usable ranges by proposing the iova_ranges capability)",
+                map.iova,
+                map.size,
+                w.meaning()
+            );
+            warn!("{why}");
+            return Err((libc::EINVAL, why));
+        }
+        self.dma.map_file(map, file).map_err(|e| {
+            warn!(device = %dev, "DMA_MAP refused: {e}");
+            fail(&e, e.errno())
+        })?;
+        let host = self.dma.host_address(map.iova);
+        let id = self.dma.file_id(map.iova);
+        if let Err(e) = self
+            .device
+            .dma_mapped(map.iova, map.size, host, map.flags, id)
+        {
+            warn!("DMA_MAP refused: {e}");
+            let _ = self.dma.unmap(map.iova, map.size);
+            return Err(fail(&e, e.errno()));
+        }
+        debug!(
+            iova = map.iova,
+            size = map.size,
+            backed = file.is_some(),
+            "DMA_MAP"
+        );
+        Ok(())
+    }
+
+    /// The map's fd is no regular file.
+    fn refuse_backing(&self, map: &DmaMap) -> Refusal {
+        let e = DmaError::backing(map);
+        warn!(device = %self.name, "DMA_MAP refused: {e}");
+        fail(&e, e.errno())
+    }
+
+    fn check_unmap(&self, iova: u64, size: u64) -> Result<(), Refusal> {
+        if self.dma.has_exact(iova, size) {
+            return Ok(());
+        }
+        let e = DmaError::NoSuchMap { iova, size };
+        Err(fail(&e, e.errno()))
+    }
+
+    /// A checked map leaves the device first, then airlock's address space.
+    fn unmap_one(&mut self, iova: u64, size: u64) {
+        self.device.dma_unmapped(iova, size);
+        if let Err(e) = self.dma.unmap(iova, size) {
+            // check_unmap (or the map just made) found it: cannot happen.
+            warn!(device = %self.name, "DMA unmap [{iova:#x}, +{size:#x}): {e}");
+        }
+    }
+
+    /// Every map leaves the device first, then airlock's address space.
+    pub(super) fn unmap_all(&mut self) {
+        for (iova, size) in self.dma.ranges() {
+            self.device.dma_unmapped(iova, size);
+        }
+        self.dma.clear();
+    }
+}
