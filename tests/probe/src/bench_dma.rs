@@ -31,6 +31,12 @@
 //! echo before each ioctl, and the round trips alone, which prices the two
 //! ioctls when they follow a process switch (an INFO line).
 //!
+//! Batched, the pairs go as one DMA_MAP_MULTI and one DMA_UNMAP_MULTI
+//! (airlock's proposal, protocol dma_multi.rs; the connection proposes
+//! dma_multiple): the server's IOMMU calls are the same, the messages, fds
+//! and wake-ups per pair fall by PAIRS. Its floor in the same order (all
+//! maps, then all unmaps) is an INFO line.
+//!
 //! With `--airlock-pid`, each loop also reports whose time it was: the
 //! CPU time and switches per pair of the server and of the probe
 //! (bench_spent.rs).
@@ -38,7 +44,8 @@
 //! Rounds interleave the loops; the figures are medians. Prints
 //! `BENCH dma-map-unmap airlock_us=A floor_us=F ratio=R pipelined_us=P
 //! pipelined_ratio=Q echo_us=E echo_pipelined_us=EP evloop_us=V
-//! evloop_ratio=W echo_evloop_us=EV (...)`, Q being P / F and W V / F;
+//! evloop_ratio=W echo_evloop_us=EV batched_us=B batched_ratio=BR (...)`,
+//! Q being P / F, W V / F and BR B / F;
 //! later fields come after the earlier ones so that parsers of the older
 //! prefix keep working.
 
@@ -50,12 +57,13 @@ use airlock_protocol::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 
 use crate::bench_echo::Echo;
 use crate::bench_loops::{
-    echo_pings, floor_fresh, floor_mapped, pipelined, round_trips, serial, Await, Floor,
+    batched, echo_pings, floor_batched, floor_fresh, floor_mapped, pipelined, round_trips, serial,
+    Await, Floor,
 };
 use crate::bench_spent::Account;
+use crate::device::Dev;
 use crate::os::Memfd;
 use crate::report::{info, Outcome, Report};
-use crate::restart::connect;
 
 const ROUNDS: usize = 21;
 pub(crate) const PAIRS: usize = 50;
@@ -72,6 +80,7 @@ struct Figures {
     echo_pipelined: f64,
     evloop: f64,
     echo_evloop: f64,
+    batched: f64,
 }
 
 pub fn run(report: &mut Report, socket: &str, group: &str, airlock: Option<u32>) {
@@ -84,12 +93,14 @@ pub fn run(report: &mut Report, socket: &str, group: &str, airlock: Option<u32>)
             echo_pipelined: ep,
             evloop: v,
             echo_evloop: ev,
+            batched: b,
         }) => {
             println!(
-                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} echo_us={e:.1} echo_pipelined_us={ep:.1} evloop_us={v:.1} evloop_ratio={:.2} echo_evloop_us={ev:.1} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
+                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} echo_us={e:.1} echo_pipelined_us={ep:.1} evloop_us={v:.1} evloop_ratio={:.2} echo_evloop_us={ev:.1} batched_us={b:.1} batched_ratio={:.2} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
                 a / f,
                 p / f,
-                v / f
+                v / f,
+                b / f
             );
             Outcome::Pass
         }
@@ -117,6 +128,7 @@ struct Accounts {
     echo_pipelined: Account,
     evloop: Account,
     echo_evloop: Account,
+    batched: Account,
     floor: Account,
 }
 
@@ -130,6 +142,8 @@ impl Accounts {
             .report("airlock pipelined, replies awaited in poll(2)");
         self.echo_evloop
             .report("echo pipelined, replies awaited in poll(2)");
+        self.batched
+            .report("airlock batched (one DMA_MAP_MULTI, one DMA_UNMAP_MULTI)");
         self.floor.report("the floor's ioctls");
     }
 }
@@ -161,6 +175,8 @@ struct Loops {
     echo: Vec<f64>,
     echo_pipelined: Vec<f64>,
     echo_evloop: Vec<f64>,
+    batched: Vec<f64>,
+    floor_batched: Vec<f64>,
     rtt: Vec<f64>,
     fresh: Vec<f64>,
     kept: Vec<f64>,
@@ -188,7 +204,7 @@ struct Peers<'a> {
 /// and switches are then counted.
 fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, String> {
     let mem = Memfd::new(c"probe-bench-dma", SIZE)?;
-    let mut dev = connect(socket)?;
+    let mut dev = connect_batching(socket)?;
     let mut echo = Echo::spawn()?;
     let mut peers = Peers {
         c: &mut dev.client,
@@ -220,6 +236,10 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
         min(&l.pipelined),
         min(&l.floor)
     ));
+    info(&format!(
+        "bench-dma: per pair, medians: the floor in the batched loop's order (all {PAIRS} maps, then all unmaps) {:.1} us",
+        median(l.floor_batched)
+    ));
     acct.report();
     Ok(Figures {
         airlock: median(l.airlock),
@@ -229,7 +249,24 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
         echo_pipelined: median(l.echo_pipelined),
         evloop: median(l.evloop),
         echo_evloop: median(l.echo_evloop),
+        batched: median(l.batched),
     })
+}
+
+/// A QEMU-like VERSION that also proposes dma_multiple, which airlock must
+/// answer.
+fn connect_batching(socket: &str) -> Result<Dev, String> {
+    let mut dev = Dev::connect(socket)?;
+    let mut caps = Client::qemu_capabilities();
+    caps.dma_multiple = Some(true);
+    let v = dev
+        .client
+        .negotiate(caps)
+        .map_err(|e| format!("VERSION: {e}"))?;
+    if v.capabilities.and_then(|c| c.dma_multiple) != Some(true) {
+        return Err("VERSION: the server did not answer the proposed dma_multiple".into());
+    }
+    Ok(dev)
 }
 
 /// One round of every loop, interleaved.
@@ -250,9 +287,13 @@ fn round(p: &mut Peers<'_>, l: &mut Loops, acct: &mut Accounts) -> Result<(), St
     l.evloop.push(counted(&mut acct.evloop, srv, || {
         pipelined(p.c, mem, Await::InPoll)
     })?);
+    l.batched
+        .push(counted(&mut acct.batched, srv, || batched(p.c, mem))?);
     l.floor.push(counted(&mut acct.floor, None, || {
         floor_mapped(floor, vaddr)
     })?);
+    l.floor_batched
+        .push(per_pair(|| floor_batched(floor, vaddr))?);
     let untouched = p.untouched.as_ptr() as u64;
     l.kept.push(per_pair(|| floor_mapped(floor, untouched))?);
     // The floor with a round trip to the echo before each ioctl: the

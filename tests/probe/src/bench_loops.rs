@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use airlock_protocol::client::Client;
 use airlock_protocol::device::PCI_CONFIG_REGION_INDEX;
 use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_MAP_SIZE, DMA_UNMAP_SIZE};
+use airlock_protocol::dma_multi::{DmaMapEntry, DmaUnmapEntry};
 use airlock_protocol::Command;
 
 use crate::bench_dma::{IOVA, PAIRS, RW, SIZE};
@@ -147,6 +148,57 @@ pub(crate) fn pipelined(c: &mut Client, mem: &Memfd, wait: Await) -> Result<(), 
             .map_err(|e| err("DMA_UNMAP", e))?;
         // What dma_unmap() checks in the serial loop, so both do the same.
         DmaUnmap::decode(&r.payload).map_err(|e| err("DMA_UNMAP", e))?;
+    }
+    Ok(())
+}
+
+/// The PAIRS pairs as two messages: one DMA_MAP_MULTI of PAIRS maps (all
+/// of the one memfd, at PAIRS IOVAs), then one DMA_UNMAP_MULTI of them,
+/// each awaited like a memory-listener transaction's commit. The server
+/// makes the same IOMMU calls as for PAIRS DMA_MAPs and DMA_UNMAPs; only
+/// the messages are fewer.
+pub(crate) fn batched(c: &mut Client, mem: &Memfd) -> Result<(), String> {
+    let maps: Vec<DmaMapEntry> = (0..PAIRS as u64)
+        .map(|i| DmaMapEntry {
+            flags: RW,
+            fd_index: 0,
+            offset: 0,
+            iova: IOVA + i * SIZE as u64,
+            size: SIZE as u64,
+        })
+        .collect();
+    let unmaps: Vec<DmaUnmapEntry> = maps
+        .iter()
+        .map(|m| DmaUnmapEntry {
+            flags: 0,
+            iova: m.iova,
+            size: m.size,
+        })
+        .collect();
+    let n = c
+        .dma_map_multi(&maps, &[mem.fd.as_fd()])
+        .map_err(|e| format!("DMA_MAP_MULTI of {PAIRS}: {e}"))?;
+    let m = c
+        .dma_unmap_multi(&unmaps)
+        .map_err(|e| format!("DMA_UNMAP_MULTI of {PAIRS}: {e}"))?;
+    // Each entry has its own errno; every one must be 0.
+    let refused = |e: &[u32]| e.len() != PAIRS || e.iter().any(|&x| x != 0);
+    if refused(&n) || refused(&m) {
+        return Err(format!(
+            "DMA_MAP_MULTI / DMA_UNMAP_MULTI of {PAIRS}: errnos {n:?} / {m:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The floor in the batched loop's order: PAIRS maps at PAIRS IOVAs, then
+/// their PAIRS unmaps.
+pub(crate) fn floor_batched(floor: &Floor, vaddr: u64) -> Result<(), String> {
+    for i in 0..PAIRS as u64 {
+        floor.map(vaddr, IOVA + i * SIZE as u64, SIZE as u64)?;
+    }
+    for i in 0..PAIRS as u64 {
+        floor.unmap(IOVA + i * SIZE as u64, SIZE as u64)?;
     }
     Ok(())
 }
