@@ -73,6 +73,15 @@ elif aborted "$GUEST_LOG"; then
 else
     verdict a-chardev OK "guest: $a_sum (boot $GUEST_BOOT_S s, total $GUEST_TOTAL_S s)"
 fi
+# Patch 22: the memory transactions' maps and unmaps reach airlock as
+# DMA_MAP_MULTI / DMA_UNMAP_MULTI ("N of them in M DMA_MAP_MULTI/...").
+a_batch=$(grep -aoE 'DMA unmaps \([0-9]+ of them in [0-9]+ DMA_MAP_MULTI' "$LOG_DIR/airlock-a.log" | head -n1 || true)
+a_in=$(sed -nE 's/.*\(([0-9]+) of them in ([0-9]+) .*/\1 \2/p' <<<"$a_batch")
+if [[ -z $a_in || ${a_in% *} -le ${a_in#* } || ${a_in#* } == 0 ]]; then
+    verdict a-dma-multi FAIL "the patched QEMU sent no DMA_MAP_MULTI/DMA_UNMAP_MULTI carrying several maps (airlock's session line: '${a_batch:-none}'; see $LOG_DIR/airlock-a.log)"
+else
+    verdict a-dma-multi OK "${a_in% *} DMA maps and unmaps came in ${a_in#* } DMA_MAP_MULTI/DMA_UNMAP_MULTI"
+fi
 
 # ---------------------------------------------------------------------------
 section "b. chardev forms of a management layer: a passed fd, reconnect-ms"

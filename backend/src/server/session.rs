@@ -120,12 +120,14 @@ impl<'a> Session<'a> {
         let st = &self.stats;
         info!(
             device = self.device.name(),
-            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} DMA unmaps, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), handled in (medians of at most the last {SAMPLES} of each, arrival to reply sent): REGION_READ {} ns, DMA_MAP {} ns, DMA_UNMAP {} ns",
+            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} DMA unmaps ({} of them in {} DMA_MAP_MULTI/DMA_UNMAP_MULTI), {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), handled in (medians of at most the last {SAMPLES} of each, arrival to reply sent): REGION_READ {} ns, DMA_MAP {} ns, DMA_UNMAP {} ns",
             started.elapsed().as_secs_f64(),
             st.messages,
             st.errors,
             st.dma_maps,
             st.dma_unmaps,
+            st.dma_batched,
+            st.dma_batches,
             st.set_irqs,
             self.device_dma.started,
             self.device_dma.failed,

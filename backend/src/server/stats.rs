@@ -75,6 +75,10 @@ pub(super) struct Stats {
     pub writes: [u64; 10],
     pub dma_maps: u64,
     pub dma_unmaps: u64,
+    /// DMA_MAP_MULTI / DMA_UNMAP_MULTI messages, and the maps and unmaps
+    /// they carried (counted in dma_maps / dma_unmaps too).
+    pub dma_batches: u64,
+    pub dma_batched: u64,
     pub set_irqs: u64,
     /// Commands answered with an error (or posted ones that failed).
     pub errors: u64,

@@ -56,6 +56,8 @@ impl Session<'_> {
     pub(super) fn dma_map_multi(&mut self, maps: &[DmaMapEntry], fds: Vec<OwnedFd>) -> Handled {
         self.need_dma_multiple("DMA_MAP_MULTI")?;
         self.stats.dma_maps += maps.len() as u64;
+        self.stats.dma_batches += 1;
+        self.stats.dma_batched += maps.len() as u64;
         // A file that is not a regular one fails the entries naming it.
         let files: Vec<Option<ClientFile>> = fds
             .into_iter()
@@ -90,6 +92,8 @@ impl Session<'_> {
     pub(super) fn dma_unmap_multi(&mut self, unmaps: &[DmaUnmapEntry]) -> Handled {
         self.need_dma_multiple("DMA_UNMAP_MULTI")?;
         self.stats.dma_unmaps += unmaps.len() as u64;
+        self.stats.dma_batches += 1;
+        self.stats.dma_batched += unmaps.len() as u64;
         let mut errnos = Vec::with_capacity(unmaps.len());
         for u in unmaps {
             let done = self.check_unmap(u.iova, u.size);
