@@ -311,7 +311,7 @@ echo "INFO timings (host clock): $(span 'L1 boot to /test' boot l1); $(span 'L1 
 # (the I/Os L2's block layer completed, /sys/block/nvme0n1/stat; the
 # driver's admin commands map too) and its median time per map and unmap.
 viommu_figures() {
-    local sess ios maps unmaps
+    local sess ios maps unmaps inb nb
     sess=$(grep -a -m1 'session ended' "$LOG_DIR/airlock.log" || true)
     ios=$(printf '%s\n' "${got[@]}" | sed -n 's/^l2| INFO l2: nvme0n1 I\/Os: \([0-9]*\) reads, \([0-9]*\) writes.*/\1 \2/p' | tail -n1)
     maps=$(sed -nE 's/.* ([0-9]+) DMA maps, ([0-9]+) DMA unmaps.*/\1 \2/p' <<<"$sess")
@@ -321,8 +321,14 @@ viommu_figures() {
         echo "   vIOMMU ($viommu): (airlock's session line or L2's I/O count missing)"
         return
     fi
-    awk -v m="$maps" -v u="$unmaps" -v n=$((r + w)) -v v="$viommu" 'BEGIN {
-        printf "   vIOMMU (%s): airlock got %d DMA_MAP and %d DMA_UNMAP for %d nvme I/Os: %.2f maps and %.2f unmaps per I/O\n", v, m, u, n, m / n, u / n }'
+    # With patch 22, a batch's maps come in one DMA_MAP_MULTI (and its
+    # unmaps in one DMA_UNMAP_MULTI): the messages are fewer than the maps.
+    local batched
+    batched=$(sed -nE 's/.* DMA unmaps \(([0-9]+) of them in ([0-9]+) .*/\1 \2/p' <<<"$sess")
+    read -r inb nb <<<"${batched:-0 0}"
+    awk -v m="$maps" -v u="$unmaps" -v n=$((r + w)) -v v="$viommu" -v inb="$inb" -v nb="$nb" 'BEGIN {
+        printf "   vIOMMU (%s): airlock got %d DMA_MAP and %d DMA_UNMAP for %d nvme I/Os: %.2f maps and %.2f unmaps per I/O\n", v, m, u, n, m / n, u / n
+        printf "   vIOMMU (%s): %d of them in %d DMA_MAP_MULTI/DMA_UNMAP_MULTI: %.2f map and unmap messages per I/O\n", v, inb, nb, (m + u - inb + nb) / n }'
     sed -nE 's/.*(handled in .*)/   airlock \1/p' <<<"$sess" | sed 's/ device=.*//'
 }
 if [[ -n ${L2_COMPARE:-} ]]; then

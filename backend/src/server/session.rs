@@ -120,7 +120,7 @@ impl<'a> Session<'a> {
         let st = &self.stats;
         info!(
             device = self.device.name(),
-            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} DMA unmaps ({} of them in {} DMA_MAP_MULTI/DMA_UNMAP_MULTI), {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), handled in (medians of at most the last {SAMPLES} of each, arrival to reply sent): REGION_READ {} ns, DMA_MAP {} ns, DMA_UNMAP {} ns",
+            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} DMA unmaps ({} of them in {} DMA_MAP_MULTI/DMA_UNMAP_MULTI), {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), handled in (medians of at most the last {SAMPLES} of each, arrival to reply sent): REGION_READ {} ns, DMA_MAP {} ns, DMA_UNMAP {} ns, DMA_MAP_MULTI {} ns, DMA_UNMAP_MULTI {} ns",
             started.elapsed().as_secs_f64(),
             st.messages,
             st.errors,
@@ -136,7 +136,9 @@ impl<'a> Session<'a> {
             st.write_spots(),
             st.read_ns.median_ns(),
             st.map_ns.median_ns(),
-            st.unmap_ns.median_ns()
+            st.unmap_ns.median_ns(),
+            st.map_multi_ns.median_ns(),
+            st.unmap_multi_ns.median_ns()
         );
     }
 

@@ -52,6 +52,9 @@ pub(super) enum Timed {
     Read,
     Map,
     Unmap,
+    /// DMA_MAP_MULTI / DMA_UNMAP_MULTI: per message, whatever its entries.
+    MapMulti,
+    UnmapMulti,
 }
 
 impl Timed {
@@ -61,6 +64,8 @@ impl Timed {
             c if c == Command::RegionRead as u16 => Some(Timed::Read),
             c if c == Command::DmaMap as u16 => Some(Timed::Map),
             c if c == Command::DmaUnmap as u16 => Some(Timed::Unmap),
+            c if c == Command::DmaMapMulti as u16 => Some(Timed::MapMulti),
+            c if c == Command::DmaUnmapMulti as u16 => Some(Timed::UnmapMulti),
             _ => None,
         }
     }
@@ -90,6 +95,8 @@ pub(super) struct Stats {
     pub read_ns: Samples,
     pub map_ns: Samples,
     pub unmap_ns: Samples,
+    pub map_multi_ns: Samples,
+    pub unmap_multi_ns: Samples,
 }
 
 impl Stats {
@@ -122,6 +129,8 @@ impl Stats {
             Timed::Read => &mut self.read_ns,
             Timed::Map => &mut self.map_ns,
             Timed::Unmap => &mut self.unmap_ns,
+            Timed::MapMulti => &mut self.map_multi_ns,
+            Timed::UnmapMulti => &mut self.unmap_multi_ns,
         }
         .take(arrived);
     }
@@ -186,10 +195,12 @@ mod tests {
         for cmd in [Command::RegionRead, Command::DmaMap, Command::DmaMap] {
             s.take(Timed::of(cmd as u16).expect("timed"), t);
         }
+        s.take(Timed::of(Command::DmaMapMulti as u16).expect("timed"), t);
         assert!(Timed::of(Command::RegionWrite as u16).is_none());
         assert_eq!(s.read_ns.count(), 1);
         assert_eq!(s.map_ns.count(), 2);
         assert_eq!(s.unmap_ns.count(), 0);
+        assert_eq!((s.map_multi_ns.count(), s.unmap_multi_ns.count()), (1, 0));
     }
 
     #[test]
