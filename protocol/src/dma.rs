@@ -40,21 +40,7 @@ impl DmaMap {
                 need: DMA_MAP_SIZE,
             });
         }
-        // Kernel VFIO refuses a map that grants neither read nor write.
-        if m.flags & !(DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE) != 0
-            || m.flags & (DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE) == 0
-        {
-            return Err(ProtocolError::BadFlags {
-                what: "DMA_MAP",
-                flags: m.flags,
-            });
-        }
-        if m.iova.checked_add(m.size).is_none() || m.offset.checked_add(m.size).is_none() {
-            return Err(ProtocolError::Overflow {
-                what: "DMA_MAP",
-                fields: "address + size or offset + size",
-            });
-        }
+        check_map(&m, "DMA_MAP")?;
         Ok(m)
     }
 
@@ -67,6 +53,25 @@ impl DmaMap {
             .u64(self.size);
         w.into_vec()
     }
+}
+
+/// What every map must be, alone or in a DMA_MAP_MULTI: kernel VFIO
+/// refuses a map that grants neither read nor write, and no end may wrap.
+pub(crate) fn check_map(m: &DmaMap, what: &'static str) -> Result<(), ProtocolError> {
+    let rw = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
+    if m.flags & !rw != 0 || m.flags & rw == 0 {
+        return Err(ProtocolError::BadFlags {
+            what,
+            flags: m.flags,
+        });
+    }
+    if m.iova.checked_add(m.size).is_none() || m.offset.checked_add(m.size).is_none() {
+        return Err(ProtocolError::Overflow {
+            what,
+            fields: "address + size or offset + size",
+        });
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

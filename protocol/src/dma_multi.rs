@@ -13,7 +13,7 @@
 //! fd-less map of another device's BAR, say) costs the others nothing,
 //! as when they came one message each.
 
-use crate::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
+use crate::dma::{check_map, DmaMap, DMA_MAP_SIZE};
 use crate::error::ProtocolError;
 use crate::wire::{Reader, Writer};
 
@@ -38,6 +38,19 @@ pub struct DmaMapEntry {
     pub offset: u64,
     pub iova: u64,
     pub size: u64,
+}
+
+impl DmaMapEntry {
+    /// The DMA_MAP this entry stands for (its fd is the message's).
+    pub fn as_map(&self) -> DmaMap {
+        DmaMap {
+            argsz: DMA_MAP_SIZE as u32,
+            flags: self.flags,
+            offset: self.offset,
+            iova: self.iova,
+            size: self.size,
+        }
+    }
 }
 
 /// One unmap of one whole earlier map; no flags are defined (unmap-all and
@@ -79,19 +92,7 @@ pub fn decode_map_multi(payload: &[u8], fds: usize) -> Result<Vec<DmaMapEntry>, 
             iova: r.u64()?,
             size: r.u64()?,
         };
-        let rw = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
-        if e.flags & !rw != 0 || e.flags & rw == 0 {
-            return Err(ProtocolError::BadFlags {
-                what: MAP,
-                flags: e.flags,
-            });
-        }
-        if e.iova.checked_add(e.size).is_none() || e.offset.checked_add(e.size).is_none() {
-            return Err(ProtocolError::Overflow {
-                what: MAP,
-                fields: "address + size or offset + size",
-            });
-        }
+        check_map(&e.as_map(), MAP)?;
         if e.fd_index != DMA_MULTI_NO_FD {
             if e.fd_index as usize >= fds {
                 return Err(ProtocolError::FdCount {
@@ -192,6 +193,7 @@ pub fn decode_multi_reply(payload: &[u8], what: &'static str) -> Result<Vec<u32>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 
     fn map(fd_index: u32) -> DmaMapEntry {
         DmaMapEntry {

@@ -7,7 +7,7 @@
 
 use std::os::fd::OwnedFd;
 
-use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_MAP_SIZE, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE};
+use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_SIZE};
 use airlock_protocol::dma_multi::{
     encode_multi_reply, DmaMapEntry, DmaUnmapEntry, DMA_MULTI_NO_FD,
 };
@@ -65,13 +65,7 @@ impl Session<'_> {
             .collect();
         let mut errnos = Vec::with_capacity(maps.len());
         for e in maps {
-            let map = DmaMap {
-                argsz: DMA_MAP_SIZE as u32,
-                flags: e.flags,
-                offset: e.offset,
-                iova: e.iova,
-                size: e.size,
-            };
+            let map = e.as_map();
             let done = if e.fd_index == DMA_MULTI_NO_FD {
                 self.map_one(&map, None)
             } else {
