@@ -8,9 +8,12 @@
 //! gets the fd mmapped; airlock's CPU never touches that mapping (VFIO
 //! pinned the pages, so shrinking the file cannot pull them away). Maps
 //! without an fd are recorded so the server can reach them with
-//! DMA_READ/DMA_WRITE messages. Removing a map closes and munmaps it before
-//! the unmap is acknowledged, so no device access can reach memory after
-//! the client took it back.
+//! DMA_READ/DMA_WRITE messages. Removing a map takes it out of the table
+//! (every access is looked up there), drops its reference to the file and
+//! its user of the host mapping, before the unmap is acknowledged, so no
+//! device access can reach memory after the client took it back. Maps sent
+//! together in a DMA_MAP_MULTI share one file (the client sent its fd once);
+//! it closes with the last of them.
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -70,9 +70,9 @@ impl Session<'_> {
                 self.map_one(&map, None)
             } else {
                 // Decoding checked every index against the fds sent.
-                match &files[e.fd_index as usize] {
-                    Some(f) => self.map_one(&map, Some(f)),
-                    None => Err(self.refuse_backing(&map)),
+                match files.get(e.fd_index as usize) {
+                    Some(Some(f)) => self.map_one(&map, Some(f)),
+                    _ => Err(self.refuse_backing(&map)),
                 }
             };
             errnos.push(done.err().map_or(0, |(errno, _)| errno as u32));
