@@ -1,6 +1,6 @@
 //! DMA_MAP_MULTI / DMA_UNMAP_MULTI: several DMA maps, or unmaps, in one
-//! message (an airlock proposal, qemu-patches/proposed/dma-multiple.rst;
-//! only for a client that proposed the `dma_multiple` capability).
+//! message (an airlock proposal, specified in qemu-patches/0021; only for
+//! a client that proposed the `dma_multiple` capability).
 //!
 //! One message per map costs a client and a server a send, a receive and
 //! a wake-up each, and the map's fd ends the receiver's read. A client that

@@ -137,14 +137,6 @@ impl DmaSpace {
         }
     }
 
-    pub fn map(&mut self, m: &DmaMap, fd: Option<OwnedFd>) -> Result<(), DmaError> {
-        let file = match fd {
-            None => None,
-            Some(fd) => Some(ClientFile::open(fd).map_err(|_| DmaError::backing(m))?),
-        };
-        self.map_file(m, file.as_ref())
-    }
-
     /// A map into `file` (None: no fd, reached with DMA_READ/DMA_WRITE).
     /// Several maps may name one file: DMA_MAP_MULTI sends its fd once.
     pub fn map_file(&mut self, m: &DmaMap, file: Option<&ClientFile>) -> Result<(), DmaError> {
