@@ -15,6 +15,7 @@
 //! together in a DMA_MAP_MULTI share one file (the client sent its fd once);
 //! it closes with the last of them.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -92,13 +93,28 @@ pub struct FileId {
     pub offset: u64,
 }
 
+/// Kept small: a BTreeMap moves its values within a node on every insert
+/// and removal, and a guest behind a vIOMMU maps and unmaps per I/O.
 struct Mapping {
     size: u64,
     flags: u32,
     backing: Backing,
-    /// None for a map without fd.
-    file: Option<FileId>,
 }
+
+/// What a new map is for the device: airlock's mapping of it (None: not
+/// mmapped) and the memory behind it (None: no fd).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Placed {
+    pub host: Option<u64>,
+    pub file: Option<FileId>,
+}
+
+/// A map taken out of the table (`DmaSpace::take`) whose host mapping is
+/// still there: the caller takes the range out of the device, then hands
+/// this back to `DmaSpace::release`. Dropped instead, the mapping stays
+/// until the session ends (it holds no pages, see dma/host.rs).
+#[must_use = "release it once the device no longer reaches the range"]
+pub struct Taken(Option<u64>);
 
 enum Backing {
     /// The client sent no fd; reach it with DMA_READ/DMA_WRITE.
@@ -139,7 +155,7 @@ impl DmaSpace {
 
     /// A map into `file` (None: no fd, reached with DMA_READ/DMA_WRITE).
     /// Several maps may name one file: DMA_MAP_MULTI sends its fd once.
-    pub fn map_file(&mut self, m: &DmaMap, file: Option<&ClientFile>) -> Result<(), DmaError> {
+    pub fn map_file(&mut self, m: &DmaMap, file: Option<&ClientFile>) -> Result<Placed, DmaError> {
         let (iova, size) = (m.iova, m.size);
         if size == 0 {
             return Err(DmaError::Empty { iova, size });
@@ -165,7 +181,7 @@ impl DmaSpace {
         if self.maps.len() >= self.max_maps {
             return Err(DmaError::TooMany(self.max_maps));
         }
-        let mut id = None;
+        let mut placed = Placed::default();
         let backing = match file {
             None => Backing::Messages,
             Some(f) => {
@@ -174,12 +190,13 @@ impl DmaSpace {
                     return Err(DmaError::backing(m));
                 }
                 let file_id = f.id(m.offset);
-                id = Some(file_id);
+                placed.file = Some(file_id);
                 if self.host_mappings {
                     let host = self
                         .host
                         .acquire(&f.file, &file_id, f.len, m.size, prot(m.flags))
                         .map_err(|source| DmaError::Mmap { iova, size, source })?;
+                    placed.host = Some(host);
                     Backing::Host(host)
                 } else {
                     Backing::File {
@@ -189,34 +206,44 @@ impl DmaSpace {
                 }
             }
         };
+        let flags = m.flags;
         self.maps.insert(
             iova,
             Mapping {
                 size,
-                flags: m.flags,
+                flags,
                 backing,
-                file: id,
             },
         );
-        Ok(())
+        Ok(placed)
     }
 
-    /// Removes the map that matches [iova, iova + size) exactly (its file
-    /// closes, or its host mapping loses a user, before this returns).
-    pub fn unmap(&mut self, iova: u64, size: u64) -> Result<(), DmaError> {
-        match self.maps.get(&iova) {
-            Some(m) if m.size == size => {
-                if let Some(Mapping {
-                    backing: Backing::Host(h),
-                    ..
-                }) = self.maps.remove(&iova)
-                {
-                    self.host.release(h);
-                }
-                Ok(())
-            }
+    /// Takes the map that matches [iova, iova + size) exactly out of the
+    /// table: no access is looked up there any more, and a file it reached
+    /// with pread/pwrite closes with it. Its host mapping stays until
+    /// `release`.
+    pub fn take(&mut self, iova: u64, size: u64) -> Result<Taken, DmaError> {
+        match self.maps.entry(iova) {
+            Entry::Occupied(e) if e.get().size == size => Ok(Taken(match e.remove().backing {
+                Backing::Host(h) => Some(h),
+                _ => None,
+            })),
             _ => Err(DmaError::NoSuchMap { iova, size }),
         }
+    }
+
+    /// The host mapping of a map `take` took loses a user.
+    pub fn release(&mut self, taken: Taken) {
+        if let Some(h) = taken.0 {
+            self.host.release(h);
+        }
+    }
+
+    /// `take` and `release` at once: for a map no device has reached.
+    pub fn unmap(&mut self, iova: u64, size: u64) -> Result<(), DmaError> {
+        let taken = self.take(iova, size)?;
+        self.release(taken);
+        Ok(())
     }
 
     /// Removes every map; no host mapping is kept.
@@ -225,27 +252,9 @@ impl DmaSpace {
         self.host = host::HostFiles::default();
     }
 
-    /// True when a map covers exactly [iova, iova + size).
-    pub fn has_exact(&self, iova: u64, size: u64) -> bool {
-        self.maps.get(&iova).is_some_and(|m| m.size == size)
-    }
-
     /// Every map as (iova, size).
     pub fn ranges(&self) -> Vec<(u64, u64)> {
         self.maps.iter().map(|(&iova, m)| (iova, m.size)).collect()
-    }
-
-    /// The memory behind the map starting at `iova` (None without an fd).
-    pub fn file_id(&self, iova: u64) -> Option<FileId> {
-        self.maps.get(&iova)?.file
-    }
-
-    /// Where airlock mapped the map starting at `iova` (None without an fd).
-    pub fn host_address(&self, iova: u64) -> Option<u64> {
-        match &self.maps.get(&iova)?.backing {
-            Backing::Host(h) => Some(*h),
-            _ => None,
-        }
     }
 
     /// Splits an access into per-map segments, checking every byte is

@@ -41,8 +41,7 @@ impl Session<'_> {
             }
             self.unmap_all();
         } else {
-            self.check_unmap(u.iova, u.size)?;
-            self.unmap_one(u.iova, u.size);
+            self.unmap_one(u.iova, u.size)?;
         }
         let echo = DmaUnmap {
             argsz: DMA_UNMAP_SIZE as u32,
@@ -90,10 +89,7 @@ impl Session<'_> {
         self.stats.dma_batched += unmaps.len() as u64;
         let mut errnos = Vec::with_capacity(unmaps.len());
         for u in unmaps {
-            let done = self.check_unmap(u.iova, u.size);
-            if done.is_ok() {
-                self.unmap_one(u.iova, u.size);
-            }
+            let done = self.unmap_one(u.iova, u.size);
             errnos.push(done.err().map_or(0, |(errno, _)| errno as u32));
         }
         Ok(Answer::Payload(encode_multi_reply(&errnos)))
@@ -125,15 +121,13 @@ impl Session<'_> {
             warn!("{why}");
             return Err((libc::EINVAL, why));
         }
-        self.dma.map_file(map, file).map_err(|e| {
+        let placed = self.dma.map_file(map, file).map_err(|e| {
             warn!(device = %dev, "DMA_MAP refused: {e}");
             fail(&e, e.errno())
         })?;
-        let host = self.dma.host_address(map.iova);
-        let id = self.dma.file_id(map.iova);
-        if let Err(e) = self
-            .device
-            .dma_mapped(map.iova, map.size, host, map.flags, id)
+        if let Err(e) =
+            self.device
+                .dma_mapped(map.iova, map.size, placed.host, map.flags, placed.file)
         {
             warn!("DMA_MAP refused: {e}");
             let _ = self.dma.unmap(map.iova, map.size);
@@ -155,21 +149,14 @@ impl Session<'_> {
         fail(&e, e.errno())
     }
 
-    fn check_unmap(&self, iova: u64, size: u64) -> Result<(), Refusal> {
-        if self.dma.has_exact(iova, size) {
-            return Ok(());
-        }
-        let e = DmaError::NoSuchMap { iova, size };
-        Err(fail(&e, e.errno()))
-    }
-
-    /// A checked map leaves the device first, then airlock's address space.
-    fn unmap_one(&mut self, iova: u64, size: u64) {
+    /// The map that is exactly [iova, iova + size) leaves the table (no
+    /// access of the emulated device finds it), then the device (the
+    /// IOMMU unmap), then airlock's address space.
+    fn unmap_one(&mut self, iova: u64, size: u64) -> Result<(), Refusal> {
+        let taken = self.dma.take(iova, size).map_err(|e| fail(&e, e.errno()))?;
         self.device.dma_unmapped(iova, size);
-        if let Err(e) = self.dma.unmap(iova, size) {
-            // check_unmap (or the map just made) found it: cannot happen.
-            warn!(device = %self.name, "DMA unmap [{iova:#x}, +{size:#x}): {e}");
-        }
+        self.dma.release(taken);
+        Ok(())
     }
 
     /// Every map leaves the device first, then airlock's address space.
