@@ -41,6 +41,11 @@
 //! CPU time and switches per pair of the server and of the probe
 //! (bench_spent.rs).
 //!
+//! Two more INFO lines say whether what is left is airlock's: the floor
+//! run in a forked child under airlock's own seccomp filter
+//! (bench_confined.rs), and one long batched run with airlock's, this
+//! probe's and the floor's user and system time (bench_split.rs).
+//!
 //! Rounds interleave the loops; the figures are medians. Prints
 //! `BENCH dma-map-unmap airlock_us=A floor_us=F ratio=R pipelined_us=P
 //! pipelined_ratio=Q echo_us=E echo_pipelined_us=EP evloop_us=V
@@ -55,6 +60,7 @@ use std::time::Instant;
 use airlock_protocol::client::Client;
 use airlock_protocol::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 
+use crate::bench_confined::{Confined, Loop};
 use crate::bench_echo::Echo;
 use crate::bench_loops::{
     batched, echo_pings, floor_batched, floor_fresh, floor_mapped, pipelined, round_trips, serial,
@@ -177,6 +183,8 @@ struct Loops {
     echo_evloop: Vec<f64>,
     batched: Vec<f64>,
     floor_batched: Vec<f64>,
+    confined: Vec<f64>,
+    confined_batched: Vec<f64>,
     rtt: Vec<f64>,
     fresh: Vec<f64>,
     kept: Vec<f64>,
@@ -190,6 +198,8 @@ struct Peers<'a> {
     c: &'a mut Client,
     echo: &'a mut Echo,
     floor: &'a Floor,
+    /// The floor under airlock's seccomp filter (bench_confined.rs).
+    confined: Confined,
     mem: &'a Memfd,
     /// A second mapping of the memory that this process never touches, as
     /// airlock's own mapping of a client's file (dma/host.rs): the VFIO
@@ -206,11 +216,13 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
     let mem = Memfd::new(c"probe-bench-dma", SIZE)?;
     let mut dev = connect_batching(socket)?;
     let mut echo = Echo::spawn()?;
+    let floor = Floor::open(group)?;
     let mut peers = Peers {
         c: &mut dev.client,
         echo_pid: Some(echo.pid()),
         echo: &mut echo,
-        floor: &Floor::open(group)?,
+        confined: Confined::spawn(&floor, mem.map.as_ptr() as u64)?,
+        floor: &floor,
         mem: &mem,
         untouched: crate::os::Mapping::new(mem.fd.as_fd(), 0, SIZE)?,
         airlock,
@@ -240,7 +252,15 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
         "bench-dma: per pair, medians: the floor in the batched loop's order (all {PAIRS} maps, then all unmaps) {:.1} us",
         median(l.floor_batched)
     ));
+    info(&format!(
+        "bench-dma: per pair, medians: the floor under airlock's seccomp filter (a forked child) {:.1} us, in the batched loop's order {:.1} us",
+        median(l.confined),
+        median(l.confined_batched)
+    ));
     acct.report();
+    if let Some(pid) = airlock {
+        crate::bench_split::report(peers.c, &mem, &floor, mem.map.as_ptr() as u64, pid)?;
+    }
     Ok(Figures {
         airlock: median(l.airlock),
         floor: median(l.floor),
@@ -294,6 +314,8 @@ fn round(p: &mut Peers<'_>, l: &mut Loops, acct: &mut Accounts) -> Result<(), St
     })?);
     l.floor_batched
         .push(per_pair(|| floor_batched(floor, vaddr))?);
+    l.confined.push(p.confined.run(Loop::Pairs)?);
+    l.confined_batched.push(p.confined.run(Loop::Batched)?);
     let untouched = p.untouched.as_ptr() as u64;
     l.kept.push(per_pair(|| floor_mapped(floor, untouched))?);
     // The floor with a round trip to the echo before each ioctl: the

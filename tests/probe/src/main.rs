@@ -4,10 +4,12 @@
 //! `N passed, M failed[, K skipped]`; exits 0 iff nothing failed.
 
 mod args;
+mod bench_confined;
 mod bench_dma;
 mod bench_echo;
 mod bench_loops;
 mod bench_spent;
+mod bench_split;
 mod broken_upgrade;
 mod checks;
 mod checks_dma;
