@@ -44,7 +44,9 @@
 //! Two more INFO lines say whether what is left is airlock's: the floor
 //! run in a forked child under airlock's own seccomp filter
 //! (bench_confined.rs), and one long batched run with airlock's, this
-//! probe's and the floor's user and system time (bench_split.rs).
+//! probe's and the floor's user and system time (bench_split.rs). A third
+//! splits the batched pair into what each batch costs and what each pair
+//! costs, from batches of 1 to 250 pairs (bench_sizes.rs).
 //!
 //! Rounds interleave the loops; the figures are medians. Prints
 //! `BENCH dma-map-unmap airlock_us=A floor_us=F ratio=R pipelined_us=P
@@ -258,6 +260,7 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
         median(l.confined_batched)
     ));
     acct.report();
+    crate::bench_sizes::report(peers.c, &mem, median(l.floor.clone()))?;
     if let Some(pid) = airlock {
         crate::bench_split::report(peers.c, &mem, &floor, mem.map.as_ptr() as u64, pid)?;
     }

@@ -158,7 +158,12 @@ pub(crate) fn pipelined(c: &mut Client, mem: &Memfd, wait: Await) -> Result<(), 
 /// makes the same IOMMU calls as for PAIRS DMA_MAPs and DMA_UNMAPs; only
 /// the messages are fewer.
 pub(crate) fn batched(c: &mut Client, mem: &Memfd) -> Result<(), String> {
-    let maps: Vec<DmaMapEntry> = (0..PAIRS as u64)
+    batched_of(c, mem, PAIRS)
+}
+
+/// `batched` with batches of `n` pairs (at most DMA_MULTI_MAX).
+pub(crate) fn batched_of(c: &mut Client, mem: &Memfd, n: usize) -> Result<(), String> {
+    let maps: Vec<DmaMapEntry> = (0..n as u64)
         .map(|i| DmaMapEntry {
             flags: RW,
             fd_index: 0,
@@ -175,17 +180,17 @@ pub(crate) fn batched(c: &mut Client, mem: &Memfd) -> Result<(), String> {
             size: m.size,
         })
         .collect();
-    let n = c
+    let mapped = c
         .dma_map_multi(&maps, &[mem.fd.as_fd()])
-        .map_err(|e| format!("DMA_MAP_MULTI of {PAIRS}: {e}"))?;
-    let m = c
+        .map_err(|e| format!("DMA_MAP_MULTI of {n}: {e}"))?;
+    let unmapped = c
         .dma_unmap_multi(&unmaps)
-        .map_err(|e| format!("DMA_UNMAP_MULTI of {PAIRS}: {e}"))?;
+        .map_err(|e| format!("DMA_UNMAP_MULTI of {n}: {e}"))?;
     // Each entry has its own errno; every one must be 0.
-    let refused = |e: &[u32]| e.len() != PAIRS || e.iter().any(|&x| x != 0);
-    if refused(&n) || refused(&m) {
+    let refused = |e: &[u32]| e.len() != n || e.iter().any(|&x| x != 0);
+    if refused(&mapped) || refused(&unmapped) {
         return Err(format!(
-            "DMA_MAP_MULTI / DMA_UNMAP_MULTI of {PAIRS}: errnos {n:?} / {m:?}"
+            "DMA_MAP_MULTI / DMA_UNMAP_MULTI of {n}: errnos {mapped:?} / {unmapped:?}"
         ));
     }
     Ok(())

@@ -8,6 +8,7 @@ mod bench_confined;
 mod bench_dma;
 mod bench_echo;
 mod bench_loops;
+mod bench_sizes;
 mod bench_spent;
 mod bench_split;
 mod broken_upgrade;
