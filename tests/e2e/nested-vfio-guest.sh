@@ -199,7 +199,12 @@ bench_dma() {
     while [ ! -S /tmp/bench.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
     /bin/airlock-probe --socket /tmp/bench.sock --airlock-pid $bpid --bench-dma "$ng" >/tmp/bench.out 2>&1
     grep -E '^(BENCH|INFO|FAIL) ' /tmp/bench.out | sed "s/^BENCH /INFO BENCH $2/"
-    grep -q '^PASS bench-dma-map-unmap' /tmp/bench.out || rc=1
+    if ! grep -q '^PASS bench-dma-map-unmap' /tmp/bench.out; then
+        # A probe that died (a panic) prints no FAIL line of its own.
+        grep -q '^FAIL ' /tmp/bench.out ||
+            echo "FAIL bench-dma-map-unmap $2: the probe ended without a verdict: $(tail -n 3 /tmp/bench.out | tr '\n' ' ' | cut -c1-300)"
+        rc=1
+    fi
     kill $bpid 2>/dev/null
     wait $bpid
     # airlock's own time per message (arrival to reply sent, ioctl included).
