@@ -38,27 +38,15 @@ impl Confined {
         // Built here, so the child only installs it: its allocations and
         // file reads would not pass the filter.
         let prog = seccomp::build(Profile::Vfio).map_err(|e| e.to_string())?;
-        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-        // SAFETY: the probe is single-threaded in --bench-dma, so the child
-        // may run ordinary code; it never returns into the parent's code
-        // (it ends with _exit).
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(format!("fork: {}", std::io::Error::last_os_error()));
-        }
-        if pid == 0 {
-            drop(ours);
+        let (ours, pid) = crate::os::fork_with_socket(|theirs| {
             // As a File: read(2) and write(2), which the filter allows
             // (a UnixStream reads and writes with recvfrom and sendto).
             let file = std::fs::File::from(std::os::fd::OwnedFd::from(theirs));
-            let code = match seccompiler::apply_filter(&prog) {
+            match seccompiler::apply_filter(&prog) {
                 Ok(()) => serve(file, floor, vaddr),
                 Err(_) => 1,
-            };
-            // SAFETY: ends the child without running the parent's destructors.
-            unsafe { libc::_exit(code) };
-        }
-        drop(theirs);
+            }
+        })?;
         Ok(Confined { sock: ours, pid })
     }
 

@@ -8,8 +8,6 @@
 //! ioctls, and the echo's figure is what the messages cost by themselves
 //! on this machine: sockets, process switches, fd passing.
 
-use std::os::unix::net::UnixStream;
-
 use airlock_protocol::client::Client;
 use airlock_protocol::{Limits, MessageSocket};
 
@@ -22,21 +20,10 @@ pub struct Echo {
 
 impl Echo {
     pub fn spawn() -> Result<Echo, String> {
-        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-        // SAFETY: the probe is single-threaded in --bench-dma (nothing
-        // else runs then), so the child may run ordinary code; it never
-        // returns into the parent's code (it ends with _exit).
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(format!("fork: {}", std::io::Error::last_os_error()));
-        }
-        if pid == 0 {
-            drop(ours);
+        let (ours, pid) = crate::os::fork_with_socket(|theirs| {
             serve(MessageSocket::new(theirs));
-            // SAFETY: ends the child without running the parent's destructors.
-            unsafe { libc::_exit(0) };
-        }
-        drop(theirs);
+            0
+        })?;
         Ok(Echo {
             client: Client::from_stream(ours),
             pid,

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// A shared mapping of `len` bytes of `fd` at `offset`, unmapped on drop.
@@ -224,6 +225,29 @@ pub fn in_child(f: impl FnOnce() -> i32, timeout: Duration) -> Result<ChildEnd, 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Forks a child that runs `child` on its end of a new socket pair and
+/// exits with what it returns; returns this end and the child's pid (the
+/// caller reaps it). The probe is single-threaded, so the child may run
+/// ordinary code.
+pub fn fork_with_socket(
+    child: impl FnOnce(UnixStream) -> i32,
+) -> Result<(UnixStream, libc::pid_t), String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    // SAFETY: fork in a single-threaded process; the child only runs
+    // `child` and then _exit, never returning into the parent's code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        drop(ours);
+        let code = child(theirs);
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    Ok((ours, pid))
 }
 
 /// pread of `buf.len()` bytes at `offset` of `fd`.
