@@ -66,9 +66,7 @@ impl Confined {
         }
         Ok(us)
     }
-}
 
-impl Confined {
     /// Reaps the child that stopped answering: how it ended.
     fn end(&mut self) -> String {
         let mut status = 0;

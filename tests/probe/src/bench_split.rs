@@ -20,7 +20,8 @@ use crate::spent::Tree;
 /// Batches per run: PAIRS pairs each.
 const BATCHES: usize = 400;
 
-/// (user, system) microseconds per pair that `tree` spent in `body`.
+/// For each of `trees`: (user, system) microseconds per pair spent while
+/// `body` ran BATCHES batches.
 fn split_of(
     trees: &[&Tree],
     body: impl FnOnce() -> Result<(), String>,
