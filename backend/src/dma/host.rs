@@ -153,6 +153,12 @@ impl HostFiles {
     pub fn count(&self) -> usize {
         self.maps.len()
     }
+
+    /// DMA maps using the mappings, all counted (tests: who holds them).
+    #[cfg(test)]
+    pub fn users(&self) -> usize {
+        self.maps.iter().map(|m| m.users).sum()
+    }
 }
 
 #[cfg(test)]

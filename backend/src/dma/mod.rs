@@ -407,3 +407,6 @@ fn prot(flags: u32) -> i32 {
     }
     prot
 }
+
+#[cfg(test)]
+mod tests;
