@@ -189,8 +189,7 @@ pub fn decode_multi_reply(payload: &[u8], what: &'static str) -> Result<Vec<u32>
     }
     // The length was checked: exactly n errnos follow the count. An
     // exact-size iterator, so the Vec is allocated once.
-    let errnos = &payload[payload.len() - r.remaining()..];
-    Ok(errnos
+    Ok(r.rest()
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect())

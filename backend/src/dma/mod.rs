@@ -206,12 +206,11 @@ impl DmaSpace {
                 }
             }
         };
-        let flags = m.flags;
         self.maps.insert(
             iova,
             Mapping {
                 size,
-                flags,
+                flags: m.flags,
                 backing,
             },
         );

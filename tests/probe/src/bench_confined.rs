@@ -108,8 +108,8 @@ fn serve(mut sock: std::fs::File, floor: &Floor, vaddr: u64) -> i32 {
     while sock.read_exact(&mut req).is_ok() {
         let t = std::time::Instant::now();
         let done = match req[0] {
-            b'p' => floor_mapped(floor, vaddr).is_ok(),
-            b'b' => floor_batched(floor, vaddr).is_ok(),
+            r if r == Loop::Pairs as u8 => floor_mapped(floor, vaddr).is_ok(),
+            r if r == Loop::Batched as u8 => floor_batched(floor, vaddr).is_ok(),
             _ => false,
         };
         let us = if done {

@@ -41,17 +41,16 @@ impl Tree {
         Ok(Tree(pids))
     }
 
-    /// The CPU time of every process so far (a process that ended counts 0).
     /// The process alone, without its descendants.
     pub fn process(pid: u32) -> Tree {
         Tree(vec![pid])
     }
 
+    /// The CPU time of every process so far (a process that ended counts 0).
     pub fn cpu_ns(&self) -> u64 {
         self.0.iter().map(|&p| cpu_ns(p).unwrap_or(0)).sum()
     }
 
-    /// The switch counters of every thread so far (cpu_ns left 0).
     /// (user, system) CPU nanoseconds of the tree, from /proc/<pid>/stat's
     /// utime and stime: the kernel splits each process's exact run time
     /// by where its scheduler ticks fell, and reports it in clock ticks
@@ -83,6 +82,7 @@ impl Tree {
         total
     }
 
+    /// The switch counters of every thread so far (cpu_ns left 0).
     pub fn switches(&self) -> Spent {
         let mut total = Spent::default();
         for pid in &self.0 {
