@@ -172,6 +172,16 @@ impl Device for MockDevice {
         self.calls.push(format!("dma_unmapped {iova:#x} {size:#x}"));
     }
 
+    /// One line for the step ("unmapped together N"), then each range as
+    /// `dma_unmapped` records it.
+    fn dma_unmapped_many(&mut self, ranges: &[(u64, u64)]) {
+        self.calls
+            .push(format!("unmapped together {}", ranges.len()));
+        for &(iova, size) in ranges {
+            self.dma_unmapped(iova, size);
+        }
+    }
+
     fn iova_windows(&self) -> Vec<DoorbellWindow> {
         self.windows.clone()
     }

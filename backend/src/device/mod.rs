@@ -148,6 +148,14 @@ pub trait Device: Send {
     /// The client takes [iova, iova + size) back; called before airlock
     /// unmaps its own mapping, so the device can no longer reach it.
     fn dma_unmapped(&mut self, _iova: u64, _size: u64) {}
+    /// Several ranges leave together (DMA_UNMAP_MULTI, DMA_UNMAP with
+    /// FLAG_ALL): as `dma_unmapped` for each, but a device may take
+    /// adjacent ones out in one step. All of them are gone on return.
+    fn dma_unmapped_many(&mut self, ranges: &[(u64, u64)]) {
+        for &(iova, size) in ranges {
+            self.dma_unmapped(iova, size);
+        }
+    }
     /// IOVA windows the host keeps for itself (e.g. the MSI doorbell).
     fn iova_windows(&self) -> Vec<crate::iova::DoorbellWindow> {
         Vec::new()

@@ -8,7 +8,8 @@
 //!   and PBA, so guest MMIO bypasses airlock. `--mediate-bars` withholds
 //!   the fd so every access goes through airlock.
 //! - DMA: each fd-backed DMA_MAP is mapped into airlock (DmaSpace) and then
-//!   into the IOMMU at its IOVA; unmapping goes IOMMU first.
+//!   into the IOMMU at its IOVA; unmapping goes IOMMU first, adjacent maps
+//!   unmapped together in one call (maps.rs).
 //! - Interrupts: the client's eventfds (QEMU's KVM irqfds) go straight into
 //!   VFIO_DEVICE_SET_IRQS, so airlock is never woken per interrupt.
 //! - Restarts: with the sandbox the supervisor opens the device and every
@@ -65,6 +66,7 @@ use self::request::{ClientRequest, RequestWatch, REQ_INDEX};
 use self::sparse::{mmap_areas, Hole};
 use super::{Device, DeviceError, RegionDesc};
 use crate::device::irq_rules::IrqError;
+use crate::device::pci::{COMMAND, COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY};
 use crate::dma::FileId;
 use crate::iova::{DoorbellWindow, IovaRange};
 
@@ -418,19 +420,9 @@ impl Device for VfioPci {
     /// (until a next client enables decoding again: see README, fast path).
     fn quiesce(&mut self) {
         let mut cmd = [0u8; 2];
-        if self
-            .kernel
-            .config_read(crate::device::pci::COMMAND, &mut cmd)
-            .is_ok()
-        {
-            let off = crate::device::pci::COMMAND_MASTER
-                | crate::device::pci::COMMAND_MEMORY
-                | crate::device::pci::COMMAND_IO;
-            let v = u16::from_le_bytes(cmd) & !off;
-            if let Err(e) = self
-                .kernel
-                .config_write(crate::device::pci::COMMAND, &v.to_le_bytes())
-            {
+        if self.kernel.config_read(COMMAND, &mut cmd).is_ok() {
+            let v = u16::from_le_bytes(cmd) & !(COMMAND_MASTER | COMMAND_MEMORY | COMMAND_IO);
+            if let Err(e) = self.kernel.config_write(COMMAND, &v.to_le_bytes()) {
                 warn!(device = %self.name, "cannot clear bus mastering: {e}");
             }
         }
@@ -489,6 +481,10 @@ impl Device for VfioPci {
 
     fn dma_unmapped(&mut self, iova: u64, size: u64) {
         self.maps.unmap(self.kernel.container(), iova, size);
+    }
+
+    fn dma_unmapped_many(&mut self, ranges: &[(u64, u64)]) {
+        self.maps.unmap_many(self.kernel.container(), ranges);
     }
 
     fn adoption_ended(&mut self) {

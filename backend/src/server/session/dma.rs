@@ -82,15 +82,33 @@ impl Session<'_> {
     /// DMA_UNMAP_MULTI: each entry as its own DMA_UNMAP would be, in
     /// order; the reply, with every entry's errno, is sent after every
     /// range has left the device.
+    ///
+    /// An entry's errno depends only on the table (it names exactly one
+    /// map still there), so every entry is judged and taken out of the
+    /// table first, then all the taken ranges leave the device in one call
+    /// (a passthrough device unmaps adjacent ones with one IOMMU call),
+    /// then airlock's mappings of them go: per range, the same order as
+    /// DMA_UNMAP.
     pub(super) fn dma_unmap_multi(&mut self, unmaps: &[DmaUnmapEntry]) -> Handled {
         self.need_dma_multiple("DMA_UNMAP_MULTI")?;
         self.stats.dma_unmaps += unmaps.len() as u64;
         self.stats.dma_batches += 1;
         self.stats.dma_batched += unmaps.len() as u64;
         let mut errnos = Vec::with_capacity(unmaps.len());
+        let (mut ranges, mut taken) = (Vec::new(), Vec::new());
         for u in unmaps {
-            let done = self.unmap_one(u.iova, u.size);
-            errnos.push(done.err().map_or(0, |(errno, _)| errno as u32));
+            match self.dma.take(u.iova, u.size) {
+                Ok(t) => {
+                    ranges.push((u.iova, u.size));
+                    taken.push(t);
+                    errnos.push(0);
+                }
+                Err(e) => errnos.push(e.errno() as u32),
+            }
+        }
+        self.device.dma_unmapped_many(&ranges);
+        for t in taken {
+            self.dma.release(t);
         }
         Ok(Answer::Payload(encode_multi_reply(&errnos)))
     }
@@ -161,9 +179,7 @@ impl Session<'_> {
 
     /// Every map leaves the device first, then airlock's address space.
     pub(super) fn unmap_all(&mut self) {
-        for (iova, size) in self.dma.ranges() {
-            self.device.dma_unmapped(iova, size);
-        }
+        self.device.dma_unmapped_many(&self.dma.ranges());
         self.dma.clear();
     }
 }

@@ -288,6 +288,9 @@ fn dma_unmap_all_drops_every_map_and_wants_iova_and_size_zero() {
     });
     assert!(dev.called("dma_unmapped 0x10000 0x1000"));
     assert!(dev.called("dma_unmapped 0x20000 0x1000"));
+    // Both leave the device in one step (a passthrough device joins
+    // adjacent ones into one IOMMU unmap).
+    assert!(dev.called("unmapped together 2"), "{:?}", dev.calls);
 }
 
 // ---- DEVICE_RESET, DEVICE_FEATURE, what airlock does not offer --------------------
