@@ -51,8 +51,10 @@
 //! Rounds interleave the loops; the figures are medians. Prints
 //! `BENCH dma-map-unmap airlock_us=A floor_us=F ratio=R pipelined_us=P
 //! pipelined_ratio=Q echo_us=E echo_pipelined_us=EP evloop_us=V
-//! evloop_ratio=W echo_evloop_us=EV batched_us=B batched_ratio=BR (...)`,
-//! Q being P / F, W V / F and BR B / F;
+//! evloop_ratio=W echo_evloop_us=EV batched_us=B batched_ratio=BR
+//! batched_evloop_us=BV batched_evloop_ratio=BVR (...)`, Q being P / F,
+//! W V / F, BR B / F and BVR BV / F (the batched loop with each reply
+//! awaited in poll(2), as QEMU's event loop waits);
 //! later fields come after the earlier ones so that parsers of the older
 //! prefix keep working.
 
@@ -65,8 +67,8 @@ use airlock_protocol::dma::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use crate::bench_confined::{Confined, Loop};
 use crate::bench_echo::Echo;
 use crate::bench_loops::{
-    batched, echo_pings, floor_batched, floor_fresh, floor_mapped, pipelined, round_trips, serial,
-    Await, Floor,
+    batched, batched_of, echo_pings, floor_batched, floor_batched_joined, floor_fresh,
+    floor_mapped, pipelined, round_trips, serial, Await, Floor,
 };
 use crate::bench_spent::Account;
 use crate::device::Dev;
@@ -89,6 +91,7 @@ struct Figures {
     evloop: f64,
     echo_evloop: f64,
     batched: f64,
+    batched_evloop: f64,
 }
 
 pub fn run(report: &mut Report, socket: &str, group: &str, airlock: Option<u32>) {
@@ -102,13 +105,15 @@ pub fn run(report: &mut Report, socket: &str, group: &str, airlock: Option<u32>)
             evloop: v,
             echo_evloop: ev,
             batched: b,
+            batched_evloop: bv,
         }) => {
             println!(
-                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} echo_us={e:.1} echo_pipelined_us={ep:.1} evloop_us={v:.1} evloop_ratio={:.2} echo_evloop_us={ev:.1} batched_us={b:.1} batched_ratio={:.2} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
+                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} echo_us={e:.1} echo_pipelined_us={ep:.1} evloop_us={v:.1} evloop_ratio={:.2} echo_evloop_us={ev:.1} batched_us={b:.1} batched_ratio={:.2} batched_evloop_us={bv:.1} batched_evloop_ratio={:.2} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
                 a / f,
                 p / f,
                 v / f,
-                b / f
+                b / f,
+                bv / f
             );
             Outcome::Pass
         }
@@ -137,6 +142,7 @@ struct Accounts {
     evloop: Account,
     echo_evloop: Account,
     batched: Account,
+    batched_evloop: Account,
     floor: Account,
 }
 
@@ -152,6 +158,8 @@ impl Accounts {
             .report("echo pipelined, replies awaited in poll(2)");
         self.batched
             .report("airlock batched (one DMA_MAP_MULTI, one DMA_UNMAP_MULTI)");
+        self.batched_evloop
+            .report("airlock batched, replies awaited in poll(2)");
         self.floor.report("the floor's ioctls");
     }
 }
@@ -184,7 +192,11 @@ struct Loops {
     echo_pipelined: Vec<f64>,
     echo_evloop: Vec<f64>,
     batched: Vec<f64>,
+    batched_evloop: Vec<f64>,
+    batched_warm: Vec<f64>,
+    floor_warm: Vec<f64>,
     floor_batched: Vec<f64>,
+    floor_joined: Vec<f64>,
     confined: Vec<f64>,
     confined_batched: Vec<f64>,
     rtt: Vec<f64>,
@@ -251,13 +263,19 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
         min(&l.floor)
     ));
     info(&format!(
-        "bench-dma: per pair, medians: the floor in the batched loop's order (all {PAIRS} maps, then all unmaps) {:.1} us",
-        median(l.floor_batched)
+        "bench-dma: per pair, medians: the floor in the batched loop's order (all {PAIRS} maps, then all unmaps) {:.1} us; the same with the {PAIRS} unmaps as one ioctl over their joined range {:.1} us",
+        median(l.floor_batched),
+        median(l.floor_joined)
     ));
     info(&format!(
         "bench-dma: per pair, medians: the floor under airlock's seccomp filter (a forked child) {:.1} us, in the batched loop's order {:.1} us",
         median(l.confined),
         median(l.confined_batched)
+    ));
+    let (bw, fw) = (median(l.batched_warm), median(l.floor_warm));
+    info(&format!(
+        "bench-dma: per pair, medians, warm (each loop right after an untimed run of itself): airlock batched {bw:.1} us, the floor {fw:.1} us: {:.2}x",
+        bw / fw
     ));
     acct.report();
     crate::bench_sizes::report(peers.c, &mem, median(l.floor.clone()))?;
@@ -273,6 +291,7 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
         evloop: median(l.evloop),
         echo_evloop: median(l.echo_evloop),
         batched: median(l.batched),
+        batched_evloop: median(l.batched_evloop),
     })
 }
 
@@ -312,11 +331,23 @@ fn round(p: &mut Peers<'_>, l: &mut Loops, acct: &mut Accounts) -> Result<(), St
     })?);
     l.batched
         .push(counted(&mut acct.batched, srv, || batched(p.c, mem))?);
+    l.batched_evloop
+        .push(counted(&mut acct.batched_evloop, srv, || {
+            batched_of(p.c, mem, PAIRS, Await::InPoll)
+        })?);
     l.floor.push(counted(&mut acct.floor, None, || {
         floor_mapped(floor, vaddr)
     })?);
+    // Warm: each loop again right after an untimed run of itself, so
+    // neither side pays for the other loops that ran before it.
+    batched(p.c, mem)?;
+    l.batched_warm.push(per_pair(|| batched(p.c, mem))?);
+    floor_mapped(floor, vaddr)?;
+    l.floor_warm.push(per_pair(|| floor_mapped(floor, vaddr))?);
     l.floor_batched
         .push(per_pair(|| floor_batched(floor, vaddr))?);
+    l.floor_joined
+        .push(per_pair(|| floor_batched_joined(floor, vaddr))?);
     l.confined.push(p.confined.run(Loop::Pairs)?);
     l.confined_batched.push(p.confined.run(Loop::Batched)?);
     let untouched = p.untouched.as_ptr() as u64;

@@ -8,7 +8,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use airlock_protocol::client::Client;
 use airlock_protocol::device::PCI_CONFIG_REGION_INDEX;
 use airlock_protocol::dma::{DmaMap, DmaUnmap, DMA_MAP_SIZE, DMA_UNMAP_SIZE};
-use airlock_protocol::dma_multi::{DmaMapEntry, DmaUnmapEntry};
+use airlock_protocol::dma_multi::{
+    decode_multi_reply, encode_map_multi, encode_unmap_multi, DmaMapEntry, DmaUnmapEntry,
+};
 use airlock_protocol::Command;
 
 use crate::bench_dma::{IOVA, PAIRS, RW, SIZE};
@@ -158,11 +160,12 @@ pub(crate) fn pipelined(c: &mut Client, mem: &Memfd, wait: Await) -> Result<(), 
 /// makes the same IOMMU calls as for PAIRS DMA_MAPs and DMA_UNMAPs; only
 /// the messages are fewer.
 pub(crate) fn batched(c: &mut Client, mem: &Memfd) -> Result<(), String> {
-    batched_of(c, mem, PAIRS)
+    batched_of(c, mem, PAIRS, Await::InRecv)
 }
 
-/// `batched` with batches of `n` pairs (at most DMA_MULTI_MAX).
-pub(crate) fn batched_of(c: &mut Client, mem: &Memfd, n: usize) -> Result<(), String> {
+/// `batched` with batches of `n` pairs (at most DMA_MULTI_MAX), each reply
+/// awaited as `wait` says.
+pub(crate) fn batched_of(c: &mut Client, mem: &Memfd, n: usize, wait: Await) -> Result<(), String> {
     let maps: Vec<DmaMapEntry> = (0..n as u64)
         .map(|i| DmaMapEntry {
             flags: RW,
@@ -180,12 +183,18 @@ pub(crate) fn batched_of(c: &mut Client, mem: &Memfd, n: usize) -> Result<(), St
             size: m.size,
         })
         .collect();
-    let mapped = c
-        .dma_map_multi(&maps, &[mem.fd.as_fd()])
-        .map_err(|e| format!("DMA_MAP_MULTI of {n}: {e}"))?;
-    let unmapped = c
-        .dma_unmap_multi(&unmaps)
-        .map_err(|e| format!("DMA_UNMAP_MULTI of {n}: {e}"))?;
+    let (mapped, unmapped) = match wait {
+        Await::InRecv => (
+            c.dma_map_multi(&maps, &[mem.fd.as_fd()])
+                .map_err(|e| format!("DMA_MAP_MULTI of {n}: {e}"))?,
+            c.dma_unmap_multi(&unmaps)
+                .map_err(|e| format!("DMA_UNMAP_MULTI of {n}: {e}"))?,
+        ),
+        Await::InPoll => (
+            request_in_poll(c, Command::DmaMapMulti, &encode_map_multi(&maps), mem)?,
+            request_in_poll(c, Command::DmaUnmapMulti, &encode_unmap_multi(&unmaps), mem)?,
+        ),
+    };
     // Each entry has its own errno; every one must be 0.
     let refused = |e: &[u32]| e.len() != n || e.iter().any(|&x| x != 0);
     if refused(&mapped) || refused(&unmapped) {
@@ -194,6 +203,27 @@ pub(crate) fn batched_of(c: &mut Client, mem: &Memfd, n: usize) -> Result<(), St
         ));
     }
     Ok(())
+}
+
+/// One DMA_MAP_MULTI (with `mem`'s fd) or DMA_UNMAP_MULTI, its reply
+/// awaited in poll(2) as QEMU's event loop waits; each entry's errno.
+fn request_in_poll(
+    c: &mut Client,
+    cmd: Command,
+    payload: &[u8],
+    mem: &Memfd,
+) -> Result<Vec<u32>, String> {
+    let fd = [mem.fd.as_fd()];
+    let fds: &[_] = if cmd == Command::DmaMapMulti {
+        &fd
+    } else {
+        &[]
+    };
+    let err = |e| format!("{cmd:?} (reply awaited in poll): {e}");
+    let id = c.send_command(cmd, payload, fds).map_err(err)?;
+    await_reply(c, Await::InPoll)?;
+    let r = c.reply_to(id, cmd).map_err(err)?;
+    decode_multi_reply(&r.payload, "multi reply").map_err(err)
 }
 
 /// The floor in the batched loop's order: PAIRS maps at PAIRS IOVAs, then
@@ -206,6 +236,17 @@ pub(crate) fn floor_batched(floor: &Floor, vaddr: u64) -> Result<(), String> {
         floor.unmap(IOVA + i * SIZE as u64, SIZE as u64)?;
     }
     Ok(())
+}
+
+/// The floor in the batched loop's order with the unmaps joined: PAIRS
+/// maps at adjacent IOVAs, then one VFIO_IOMMU_UNMAP_DMA over all of them
+/// (type1 unmaps every mapping inside the range). What a server that
+/// joins a DMA_UNMAP_MULTI's adjacent entries into one ioctl makes.
+pub(crate) fn floor_batched_joined(floor: &Floor, vaddr: u64) -> Result<(), String> {
+    for i in 0..PAIRS as u64 {
+        floor.map(vaddr, IOVA + i * SIZE as u64, SIZE as u64)?;
+    }
+    floor.unmap(IOVA, (PAIRS * SIZE) as u64)
 }
 
 /// With `Await::InPoll`, sleeps in poll(2) until a reply can be read (at

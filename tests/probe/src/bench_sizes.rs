@@ -9,7 +9,7 @@
 use airlock_protocol::client::Client;
 
 use crate::bench_dma::median;
-use crate::bench_loops::batched_of;
+use crate::bench_loops::{batched_of, Await};
 use crate::os::Memfd;
 use crate::report::info;
 
@@ -38,7 +38,7 @@ pub fn report(c: &mut Client, mem: &Memfd, floor: f64) -> Result<(), String> {
     for _ in 0..ROUNDS {
         for (i, &n) in SIZES.iter().enumerate() {
             let t = std::time::Instant::now();
-            batched_of(c, mem, n)?;
+            batched_of(c, mem, n, Await::InRecv)?;
             per_batch[i].push(t.elapsed().as_secs_f64() * 1e6);
         }
     }

@@ -1,5 +1,6 @@
 //! The checks, in order: negotiate, ident, liveness, factorial,
 //! bar0-fast-path, dma, msi (+ msi-no-wakeups), dma-unmapped-blocked,
+//! dma-unmap-multi-blocked,
 //! dma-map-msi-window-refused (only with --msi-window), disconnect-quiesces,
 //! upgrade-broken (broken_upgrade.rs, only with --broken-upgrades),
 //! restart-replay and upgrade-replay (restart.rs: kill airlock's sandboxed
@@ -16,7 +17,9 @@ use airlock_protocol::client::Client;
 use airlock_protocol::device::*;
 
 use crate::args::Args;
-use crate::checks_dma::{dma, dma_map_msi_window_refused, dma_unmapped_blocked};
+use crate::checks_dma::{
+    dma, dma_map_msi_window_refused, dma_unmap_multi_blocked, dma_unmapped_blocked,
+};
 use crate::checks_msi::msi;
 use crate::device::*;
 use crate::os::{in_child, pread, ChildEnd, Mapping, Memfd};
@@ -28,6 +31,9 @@ pub(crate) struct Probe<'a> {
     pub(crate) dev: Dev,
     /// The 2 MiB map at IOVA, once the dma check (or a later one) made it.
     pub(crate) mem: Option<Memfd>,
+    /// The server answered the dma_multiple capability (DMA_MAP_MULTI,
+    /// DMA_UNMAP_MULTI) the probe proposes, as patched QEMU does.
+    pub(crate) dma_multiple: bool,
 }
 
 pub fn run(report: &mut Report, args: &Args) {
@@ -39,13 +45,14 @@ pub fn run(report: &mut Report, args: &Args) {
         }
         Err(e) => Outcome::Fail(e),
     });
-    let Some(dev) = dev else {
+    let Some((dev, dma_multiple)) = dev else {
         return;
     };
     let mut p = Probe {
         args,
         dev,
         mem: None,
+        dma_multiple,
     };
     // As a guest driver does first (pci_enable_device): a device that the
     // previous client left quiesced has memory decoding off.
@@ -70,6 +77,9 @@ pub fn run(report: &mut Report, args: &Args) {
     report.check("dma-unmapped-blocked", || {
         dma_unmapped_blocked(&mut p).into()
     });
+    report.check("dma-unmap-multi-blocked", || {
+        dma_unmap_multi_blocked(&mut p).into()
+    });
     if let Some((start, size)) = args.msi_window {
         report.check("dma-map-msi-window-refused", || {
             dma_map_msi_window_refused(&mut p, start, size).into()
@@ -87,12 +97,16 @@ pub fn run(report: &mut Report, args: &Args) {
     });
 }
 
-fn negotiate(path: &str) -> Result<Dev, String> {
+/// The connection, and whether the server answered dma_multiple.
+fn negotiate(path: &str) -> Result<(Dev, bool), String> {
     let mut dev = Dev::connect(path)?;
+    let mut caps = Client::qemu_capabilities();
+    caps.dma_multiple = Some(true);
     let v = dev
         .client
-        .negotiate(Client::qemu_capabilities())
+        .negotiate(caps)
         .map_err(|e| format!("VERSION: {e}"))?;
+    let dma_multiple = v.capabilities.and_then(|c| c.dma_multiple) == Some(true);
     if (v.major, v.minor) != (0, 0) {
         return Err(format!("server replied version {}.{}", v.major, v.minor));
     }
@@ -116,7 +130,7 @@ fn negotiate(path: &str) -> Result<Dev, String> {
             i.flags
         ));
     }
-    Ok(dev)
+    Ok((dev, dma_multiple))
 }
 
 fn ident(d: &mut Dev) -> Result<(), String> {
@@ -267,7 +281,9 @@ fn bar0_map(p: &mut Probe) -> Result<Option<String>, String> {
 }
 
 fn disconnect_quiesces(p: Probe) -> Result<(), String> {
-    let Probe { args, mut dev, mem } = p;
+    let Probe {
+        args, mut dev, mem, ..
+    } = p;
     // Leave bus mastering on so the check below means something.
     dev.enable_bus_master()?;
     // Keep BAR0's mappings past the disconnect: whether they still reach the
@@ -276,7 +292,7 @@ fn disconnect_quiesces(p: Probe) -> Result<(), String> {
     drop(dev);
     drop(mem);
     let t = Instant::now();
-    let mut dev = negotiate(&args.socket).map_err(|e| format!("second connection: {e}"))?;
+    let (mut dev, _) = negotiate(&args.socket).map_err(|e| format!("second connection: {e}"))?;
     info(&format!(
         "disconnect-quiesces: served again after {} ms",
         t.elapsed().as_millis()
