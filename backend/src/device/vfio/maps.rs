@@ -259,21 +259,26 @@ impl IommuMaps {
         for m in run {
             self.table.mark(m.slot, SlotState::Unmapping);
         }
-        match ioctl::iommu_unmap(container, iova, size) {
-            Ok(n) if n == size => {}
-            Ok(n) => {
-                warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) ({} adjacent maps) unmapped {n:#x} bytes: a mapping made by a previous server may stay in the IOMMU (Linux before 6.0 lets only the process that mapped it unmap it; restart airlock to clear it)", run.len());
-            }
-            Err(e) => {
-                // Not expected (the joined range starts and ends at
-                // mapping ends): fall back to one unmap per map, each
-                // reporting its own failure.
-                debug!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) ({} adjacent maps) failed: {e}; unmapping them one by one", run.len());
-                for m in run {
-                    self.unmap_slot(container, m.slot, m.iova, m.size);
+        let mut gone = ioctl::iommu_unmap(container, iova, size).unwrap_or_else(|e| {
+            debug!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) ({} adjacent maps) failed: {e}", run.len());
+            0
+        });
+        if gone != size {
+            // type1 stops at a mapping this process may not unmap (before
+            // Linux 6.0, one a previous server made), or the call failed:
+            // each map again on its own, so that all the others still go
+            // (an exact unmap of a range already gone is a no-op).
+            for m in run {
+                match ioctl::iommu_unmap(container, m.iova, m.size) {
+                    Ok(n) => gone += n,
+                    Err(e) => {
+                        warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{:#x}, +{:#x}) failed: {e}", m.iova, m.size);
+                    }
                 }
-                return;
             }
+        }
+        if gone != size {
+            warn!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA of [{iova:#x}, +{size:#x}) ({} adjacent maps) unmapped {gone:#x} bytes: a mapping made by a previous server may stay in the IOMMU (Linux before 6.0 lets only the process that mapped it unmap it; restart airlock to clear it)", run.len());
         }
         for m in run {
             self.table.free(m.slot);
