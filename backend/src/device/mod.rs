@@ -156,6 +156,11 @@ pub trait Device: Send {
             self.dma_unmapped(iova, size);
         }
     }
+    /// What the device did with the client's DMA maps since the last call,
+    /// for the session's closing line (None: nothing to say).
+    fn dma_summary(&mut self) -> Option<String> {
+        None
+    }
     /// IOVA windows the host keeps for itself (e.g. the MSI doorbell).
     fn iova_windows(&self) -> Vec<crate::iova::DoorbellWindow> {
         Vec::new()

@@ -117,10 +117,11 @@ impl<'a> Session<'a> {
         self.device_dma.abandon();
         self.end_adoption();
         self.unmap_all();
+        let iommu = self.device.dma_summary().map(|s| format!(" ({s})"));
         let st = &self.stats;
         info!(
             device = self.device.name(),
-            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} DMA unmaps ({} of them in {} DMA_MAP_MULTI/DMA_UNMAP_MULTI), {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), handled in (medians of at most the last {SAMPLES} of each, arrival to reply sent): REGION_READ {} ns, DMA_MAP {} ns, DMA_UNMAP {} ns, DMA_MAP_MULTI {} ns, DMA_UNMAP_MULTI {} ns",
+            "session ended after {:.1} s: {} messages ({} answered with an error), {} DMA maps, {} DMA unmaps ({} of them in {} DMA_MAP_MULTI/DMA_UNMAP_MULTI){}, {} SET_IRQS, {} device DMAs ({} failed), region reads per index {:?}, region writes per index {:?} (first BAR registers written: {}), handled in (medians of at most the last {SAMPLES} of each, arrival to reply sent): REGION_READ {} ns, DMA_MAP {} ns, DMA_UNMAP {} ns, DMA_MAP_MULTI {} ns, DMA_UNMAP_MULTI {} ns",
             started.elapsed().as_secs_f64(),
             st.messages,
             st.errors,
@@ -128,6 +129,7 @@ impl<'a> Session<'a> {
             st.dma_unmaps,
             st.dma_batched,
             st.dma_batches,
+            iommu.unwrap_or_default(),
             st.set_irqs,
             self.device_dma.started,
             self.device_dma.failed,

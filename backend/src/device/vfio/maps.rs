@@ -25,6 +25,10 @@ pub(super) struct IommuMaps {
     /// (slot, record).
     adopted: Vec<(usize, MapRecord)>,
     tally: Tally,
+    /// Since the last `summary`: mappings taken out of the IOMMU, and the
+    /// VFIO_IOMMU_UNMAP_DMA calls that did it.
+    unmapped: u64,
+    unmap_calls: u64,
 }
 
 /// One DMA_MAP as the device sees it.
@@ -61,6 +65,8 @@ impl IommuMaps {
             by_range: HashMap::new(),
             adopted: Vec::new(),
             tally: Tally::default(),
+            unmapped: 0,
+            unmap_calls: 0,
         }
     }
 
@@ -259,6 +265,8 @@ impl IommuMaps {
         for m in run {
             self.table.mark(m.slot, SlotState::Unmapping);
         }
+        self.unmapped += run.len() as u64;
+        self.unmap_calls += 1;
         let mut gone = ioctl::iommu_unmap(container, iova, size).unwrap_or_else(|e| {
             debug!(device = %self.name, "VFIO_IOMMU_UNMAP_DMA [{iova:#x}, +{size:#x}) ({} adjacent maps) failed: {e}", run.len());
             0
@@ -268,6 +276,7 @@ impl IommuMaps {
             // Linux 6.0, one a previous server made), or the call failed:
             // each map again on its own, so that all the others still go
             // (an exact unmap of a range already gone is a no-op).
+            self.unmap_calls += run.len() as u64;
             for m in run {
                 match ioctl::iommu_unmap(container, m.iova, m.size) {
                     Ok(n) => gone += n,
@@ -283,6 +292,17 @@ impl IommuMaps {
         for m in run {
             self.table.free(m.slot);
         }
+    }
+
+    /// How many mappings left the IOMMU in how many calls since the last
+    /// summary (the session line's; adjacent unmaps are joined).
+    pub fn summary(&mut self) -> String {
+        let s = format!(
+            "{} IOMMU unmaps in {} VFIO_IOMMU_UNMAP_DMA calls",
+            self.unmapped, self.unmap_calls
+        );
+        (self.unmapped, self.unmap_calls) = (0, 0);
+        s
     }
 
     /// Unmaps what no client re-mapped within the adoption window.
@@ -311,6 +331,8 @@ impl IommuMaps {
     /// Unmaps a recorded mapping from the IOMMU and frees its slot.
     fn unmap_slot(&mut self, container: BorrowedFd<'_>, slot: usize, iova: u64, size: u64) {
         self.table.mark(slot, SlotState::Unmapping);
+        self.unmapped += 1;
+        self.unmap_calls += 1;
         match ioctl::iommu_unmap(container, iova, size) {
             Ok(n) if n != size => {
                 // Before Linux 6.0, type1 let only the mapping process unmap.
@@ -400,5 +422,14 @@ mod tests {
         assert!(m.by_range.keys().eq([&(0x5000, 0x1000)]));
         let left: Vec<u64> = m.table.scan().iter().map(|(_, _, r)| r.iova).collect();
         assert_eq!(left, vec![0x5000], "the two slots are free, the third kept");
+        // One joined call, then one per map when it failed.
+        assert_eq!(
+            m.summary(),
+            "2 IOMMU unmaps in 3 VFIO_IOMMU_UNMAP_DMA calls"
+        );
+        assert_eq!(
+            m.summary(),
+            "0 IOMMU unmaps in 0 VFIO_IOMMU_UNMAP_DMA calls"
+        );
     }
 }

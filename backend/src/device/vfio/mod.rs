@@ -487,6 +487,10 @@ impl Device for VfioPci {
         self.maps.unmap_many(self.kernel.container(), ranges);
     }
 
+    fn dma_summary(&mut self) -> Option<String> {
+        Some(self.maps.summary())
+    }
+
     fn adoption_ended(&mut self) {
         self.maps.adoption_ended(self.kernel.container());
     }
