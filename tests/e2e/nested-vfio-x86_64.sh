@@ -6,7 +6,8 @@
 # as /test) both are bound to vfio-pci, `airlock --vfio <edu>` serves the edu
 # and airlock-probe (tests/probe) checks it over vfio-user: registers, the
 # BAR0 mmap fast path, DMA through the IOMMU, MSI eventfds handed to VFIO,
-# unmapped DMA blocked, quiesce on disconnect, and restart-replay: the
+# unmapped DMA blocked (also after one DMA_UNMAP_MULTI of adjacent maps),
+# quiesce on disconnect, and restart-replay: the
 # sandboxed server killed -9 with a device DMA in flight, the probe
 # replaying its state to the restarted server as patched QEMU does (the
 # device keeps its registers, the DMA lands, MSIs still arrive; the
