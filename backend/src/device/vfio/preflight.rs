@@ -105,8 +105,27 @@ pub fn check(roots: &Roots, bdf: &str) -> Result<(PathBuf, String), VfioError> {
 mod tests {
     use super::*;
 
+    /// A fake sysfs + /dev under a temporary directory, removed on drop.
+    struct Fake {
+        roots: Roots,
+        dir: std::path::PathBuf,
+    }
+
+    impl std::ops::Deref for Fake {
+        type Target = Roots;
+        fn deref(&self) -> &Roots {
+            &self.roots
+        }
+    }
+
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     /// A fake sysfs + /dev: `devices` as (bdf, driver or "", group).
-    fn tree(tag: &str, devices: &[(&str, &str, &str)], nodes: &[&str]) -> Roots {
+    fn tree(tag: &str, devices: &[(&str, &str, &str)], nodes: &[&str]) -> Fake {
         let root =
             std::env::temp_dir().join(format!("airlock-preflight-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -128,7 +147,10 @@ mod tests {
         for n in nodes {
             std::fs::write(dev.join("vfio").join(n), b"").unwrap();
         }
-        Roots { sys, dev }
+        Fake {
+            roots: Roots { sys, dev },
+            dir: root,
+        }
     }
 
     #[test]
