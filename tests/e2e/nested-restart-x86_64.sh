@@ -235,7 +235,10 @@ median=$(sed -nE 's/.* median-ms ([0-9]+).*/\1/p' <<<"$soak")
 # round ends when its line arrives and began DUR ms before).
 window_rounds() {
     l2ts | awk -v k="$1" -v r="$2" '
-        $2 != "ROUND" { next }
+        # Only whole lines: a line of QEMU stderr can land inside one
+        # ("ROUND 52 ok 11qemu-system-x86_64: info: ..."), and awk reads
+        # "info:" as infinity.
+        $2 != "ROUND" || $5 !~ /^[0-9]+$/ || $6 !~ /^[0-9]/ { next }
         { end = $1; start = end - $6 / 1000 }
         start <= r && end >= k {
             lo = (start > k ? start : k); hi = (end < r ? end : r)
