@@ -3,7 +3,7 @@
 //! and the floor: the same two VFIO ioctls issued directly on a container
 //! of this process's own.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use airlock_protocol::client::Client;
 use airlock_protocol::device::PCI_CONFIG_REGION_INDEX;
@@ -191,8 +191,13 @@ pub(crate) fn batched_of(c: &mut Client, mem: &Memfd, n: usize, wait: Await) -> 
                 .map_err(|e| format!("DMA_UNMAP_MULTI of {n}: {e}"))?,
         ),
         Await::InPoll => (
-            request_in_poll(c, Command::DmaMapMulti, &encode_map_multi(&maps), mem)?,
-            request_in_poll(c, Command::DmaUnmapMulti, &encode_unmap_multi(&unmaps), mem)?,
+            request_in_poll(
+                c,
+                Command::DmaMapMulti,
+                &encode_map_multi(&maps),
+                &[mem.fd.as_fd()],
+            )?,
+            request_in_poll(c, Command::DmaUnmapMulti, &encode_unmap_multi(&unmaps), &[])?,
         ),
     };
     // Each entry has its own errno; every one must be 0.
@@ -205,20 +210,14 @@ pub(crate) fn batched_of(c: &mut Client, mem: &Memfd, n: usize, wait: Await) -> 
     Ok(())
 }
 
-/// One DMA_MAP_MULTI (with `mem`'s fd) or DMA_UNMAP_MULTI, its reply
-/// awaited in poll(2) as QEMU's event loop waits; each entry's errno.
+/// One DMA_MAP_MULTI or DMA_UNMAP_MULTI with `fds`, its reply awaited in
+/// poll(2) as QEMU's event loop waits; each entry's errno.
 fn request_in_poll(
     c: &mut Client,
     cmd: Command,
     payload: &[u8],
-    mem: &Memfd,
+    fds: &[BorrowedFd<'_>],
 ) -> Result<Vec<u32>, String> {
-    let fd = [mem.fd.as_fd()];
-    let fds: &[_] = if cmd == Command::DmaMapMulti {
-        &fd
-    } else {
-        &[]
-    };
     let err = |e| format!("{cmd:?} (reply awaited in poll): {e}");
     let id = c.send_command(cmd, payload, fds).map_err(err)?;
     await_reply(c, Await::InPoll)?;

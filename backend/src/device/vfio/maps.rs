@@ -50,6 +50,11 @@ struct Unmapping {
     slot: usize,
 }
 
+/// The runs of adjacent maps in `sorted` (by IOVA, none overlapping).
+fn runs(sorted: &[Unmapping]) -> impl Iterator<Item = &[Unmapping]> {
+    sorted.chunk_by(|a, b| a.iova.checked_add(a.size) == Some(b.iova))
+}
+
 /// (start, size) of a run of adjacent maps, sorted and non-empty.
 fn joined(run: &[Unmapping]) -> (u64, u64) {
     let start = run[0].iova;
@@ -233,15 +238,16 @@ impl IommuMaps {
     /// one system call and one pass under the container's lock instead of
     /// one per map; the kernel still flushes the IOTLB for each mapping.
     pub fn unmap_many(&mut self, container: BorrowedFd<'_>, ranges: &[(u64, u64)]) {
-        for run in self.take_runs(ranges) {
-            self.unmap_run(container, &run);
+        let maps = self.take_sorted(ranges);
+        for run in runs(&maps) {
+            self.unmap_run(container, run);
         }
     }
 
     /// The maps among `ranges` that this server's clients put in the
     /// IOMMU (others, such as a ROM kept out of it, are skipped), out of
-    /// the record and grouped into runs of adjacent ones, by IOVA.
-    fn take_runs(&mut self, ranges: &[(u64, u64)]) -> Vec<Vec<Unmapping>> {
+    /// the record, by IOVA.
+    fn take_sorted(&mut self, ranges: &[(u64, u64)]) -> Vec<Unmapping> {
         let mut maps: Vec<Unmapping> = ranges
             .iter()
             .filter_map(|&(iova, size)| {
@@ -250,18 +256,16 @@ impl IommuMaps {
             })
             .collect();
         maps.sort_unstable_by_key(|m| m.iova);
-        maps.chunk_by(|a, b| a.iova.checked_add(a.size) == Some(b.iova))
-            .map(<[Unmapping]>::to_vec)
-            .collect()
+        maps
     }
 
     /// One run of adjacent maps (sorted, each still in its slot): all
     /// marked Unmapping, one unmap of their joined range, all freed.
     fn unmap_run(&mut self, container: BorrowedFd<'_>, run: &[Unmapping]) {
-        let (iova, size) = joined(run);
         if let [m] = run {
             return self.unmap_slot(container, m.slot, m.iova, m.size);
         }
+        let (iova, size) = joined(run);
         for m in run {
             self.table.mark(m.slot, SlotState::Unmapping);
         }
@@ -370,8 +374,8 @@ mod tests {
         m
     }
 
-    fn spans(runs: &[Vec<Unmapping>]) -> Vec<(u64, u64, usize)> {
-        runs.iter()
+    fn spans(sorted: &[Unmapping]) -> Vec<(u64, u64, usize)> {
+        runs(sorted)
             .map(|r| {
                 let (iova, size) = joined(r);
                 (iova, size, r.len())
@@ -391,7 +395,7 @@ mod tests {
         ]);
         // Unsorted, with a gap (0x5000..0x8000), a map not named
         // (0x20000), one never mapped and one named with the wrong size.
-        let runs = m.take_runs(&[
+        let taken = m.take_sorted(&[
             (0x9000, 0x1000),
             (0x2000, 0x2000),
             (0x30000, 0x1000),
@@ -401,7 +405,7 @@ mod tests {
             (0x8000, 0x1000),
         ]);
         assert_eq!(
-            spans(&runs),
+            spans(&taken),
             vec![(0x1000, 0x4000, 3), (0x8000, 0x2000, 2)],
             "[0x1000, 0x5000) and [0x8000, 0xa000), each joined"
         );
