@@ -11,6 +11,16 @@ export DEBIAN_FRONTEND=noninteractive
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# console_lines FILE: what a guest has written to its console FILE so far,
+# whole lines only, without CRs. A line it is still writing waits for the
+# next look: a test that streams the console would otherwise print it cut
+# and never print the rest.
+console_lines() {
+    local n
+    n=$(stat -c %s "$1" 2>/dev/null) || return 0
+    head -c "$n" "$1" | head -n "$(head -c "$n" "$1" | wc -l)" | tr -d '\r'
+}
+
 # debian_mirror: print the URI of the host's main Debian archive (not the
 # security archive), read from the host's apt sources at run time.
 debian_mirror() {

@@ -203,7 +203,7 @@ note "traffic: $rounds rounds x ($frames frames, window $window; $rtt one at a t
 declare -A seen_at=()
 milestone() { [[ -n ${seen_at[$1]:-} ]] || seen_at[$1]=$(now); }
 # console lines without CRs and terminal escapes
-lines() { tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g'; }
+lines() { console_lines "$console" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g'; }
 shown=0 marker="" timed_out=0 last_progress=$(now)
 declare -A aer_reply=()
 while :; do

@@ -217,7 +217,7 @@ declare -A seen_at=()
 milestone() { [[ -n ${seen_at[$1]:-} ]] || seen_at[$1]=$EPOCHREALTIME; }
 shown=0 marker="" timed_out=0 last_progress=$EPOCHREALTIME
 lines() {
-    tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' |
+    console_lines "$console" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' |
         grep -aE '^((PASS|FAIL|INFO) |[0-9]+ passed, [0-9]+ failed|l2(-inproc)?\| |AIRLOCK-GUEST-EXIT )' || true
 }
 while :; do

@@ -113,7 +113,7 @@ spawn qpid "$E2E_REPO/scripts/qemu" aarch64 -accel tcg \
 note "L1: TCG, -cpu $l1_cpu, 2 vCPUs, $l1_mem; L2: TCG inside TCG, -cpu $l2_cpu, $l2_mem; timeout $timeout_s s; console: $console"
 
 # Stream L1's and L2's lines as they arrive; stop at L1's exit marker.
-lines() { tr -d '\r' <"$console" | grep -aE '^((PASS|FAIL|INFO) |[0-9]+ passed, [0-9]+ failed|l2\| |AIRLOCK-GUEST-EXIT )' || true; }
+lines() { console_lines "$console" | grep -aE '^((PASS|FAIL|INFO) |[0-9]+ passed, [0-9]+ failed|l2\| |AIRLOCK-GUEST-EXIT )' || true; }
 shown=0 marker="" timed_out=0 t_l2="" t_l2init=""
 while :; do
     mapfile -t got < <(lines)

@@ -161,7 +161,7 @@ note "L1: q35 + intel-iommu(intremap, caching-mode) + edu, TCG, 2 vCPUs, $l1_mem
 note "L2: soak $SOAK_S s, sentinel $SENTINEL (at:hold s), reconnect-ms=$RECONNECT_MS; timeout $timeout_s s"
 
 # console lines without CRs and terminal escapes
-lines() { tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g'; }
+lines() { console_lines "$console" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g'; }
 shown=0 marker="" timed_out=0 last_progress=$(now)
 while :; do
     mapfile -t got < <(lines | grep -aE '^((PASS|FAIL|INFO) |[0-9]+ passed, [0-9]+ failed|l2 [0-9.]+\| |AIRLOCK-GUEST-EXIT )' || true)

@@ -107,7 +107,7 @@ note "L1: virt + GICv3 ITS + SMMUv3 + edu, TCG (-cpu max,pauth-impdef=on), $smp 
 
 # Stream result lines as they arrive; stop at the exit marker, QEMU's exit or the timeout.
 shown=0 t_test="" marker="" timed_out=0
-lines() { tr -d '\r' <"$console" | grep -aE '^((PASS|FAIL|SKIP|INFO) |[0-9]+ passed, [0-9]+ failed)' || true; }
+lines() { console_lines "$console" | grep -aE '^((PASS|FAIL|SKIP|INFO) |[0-9]+ passed, [0-9]+ failed)' || true; }
 while :; do
     mapfile -t got < <(lines)
     for ((i = shown; i < ${#got[@]}; i++)); do

@@ -104,7 +104,7 @@ note "L1: q35 + intel-iommu(intremap) + edu + nvme, TCG, $smp vCPUs, 1 GiB; cons
 
 # Stream result lines as they arrive; stop at the exit marker, QEMU's exit or the timeout.
 shown=0 t_test="" marker="" timed_out=0
-lines() { tr -d '\r' <"$console" | grep -aE '^((PASS|FAIL|SKIP|INFO) |[0-9]+ passed, [0-9]+ failed)' || true; }
+lines() { console_lines "$console" | grep -aE '^((PASS|FAIL|SKIP|INFO) |[0-9]+ passed, [0-9]+ failed)' || true; }
 while :; do
     mapfile -t got < <(lines)
     for ((i = shown; i < ${#got[@]}; i++)); do
