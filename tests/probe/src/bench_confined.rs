@@ -6,13 +6,21 @@
 //! argument checks runs its BPF on every ioctl; the kernel's cache only
 //! skips it for calls allowed outright) apart from anything else the
 //! sandbox or the server does.
+//!
+//! The same child is also the floor across a process boundary: the batch
+//! as two requests (all maps, then all unmaps), each answered once its
+//! ioctls are done and awaited in poll(2), as QEMU awaits a DMA_MAP_MULTI
+//! and a DMA_UNMAP_MULTI. That is what any out-of-process server pays here
+//! for the batched pair at least: the ioctls, two waited-for round trips,
+//! and nothing of a protocol (one byte each way).
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use airlock::sandbox::seccomp::{self, Profile};
 
-use crate::bench_loops::{floor_batched, floor_mapped, Floor};
+use crate::bench_loops::{floor_batched, floor_mapped, floor_maps, floor_unmaps, Floor};
 
 /// Which floor loop the child runs.
 #[derive(Clone, Copy)]
@@ -21,6 +29,10 @@ pub enum Loop {
     Pairs = b'p' as isize,
     /// PAIRS maps, then their unmaps (bench_loops::floor_batched).
     Batched = b'b' as isize,
+    /// PAIRS maps (bench_loops::floor_maps).
+    Maps = b'm' as isize,
+    /// Their unmaps (bench_loops::floor_unmaps).
+    Unmaps = b'u' as isize,
 }
 
 /// The confined child and the socket it takes requests on; it ends when
@@ -50,10 +62,31 @@ impl Confined {
         Ok(Confined { sock: ours, pid })
     }
 
+    /// The child's pid (its CPU time and switches are the server's).
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
     /// Runs `which` in the child: microseconds per pair.
     pub fn run(&mut self, which: Loop) -> Result<f64, String> {
+        self.ask(which, false)
+    }
+
+    /// The batched pair across the process boundary: the maps as one
+    /// request, then the unmaps as another, each answer awaited in poll(2).
+    pub fn batch_in_two(&mut self) -> Result<(), String> {
+        self.ask(Loop::Maps, true)?;
+        self.ask(Loop::Unmaps, true)?;
+        Ok(())
+    }
+
+    /// Sends `which` and reads the child's answer (microseconds per pair
+    /// of its loop); with `in_poll`, first sleeps in poll(2) until the
+    /// answer is there, as a client in an event loop does.
+    fn ask(&mut self, which: Loop, in_poll: bool) -> Result<f64, String> {
         let mut b = [0u8; 8];
         let asked = self.sock.write_all(&[which as u8]);
+        let asked = asked.and_then(|_| if in_poll { self.readable() } else { Ok(()) });
         if let Err(e) = asked.and_then(|_| self.sock.read_exact(&mut b)) {
             return Err(format!(
                 "the floor under airlock's seccomp filter: {e}; the child {}",
@@ -65,6 +98,28 @@ impl Confined {
             return Err("the floor under airlock's seccomp filter: an ioctl failed".into());
         }
         Ok(us)
+    }
+
+    /// Sleeps in poll(2) until the child's answer can be read (10 s at most).
+    fn readable(&self) -> std::io::Result<()> {
+        let mut p = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one live pollfd for the duration of the call.
+            match unsafe { libc::poll(&mut p, 1, 10_000) } {
+                1.. => return Ok(()),
+                0 => return Err(std::io::ErrorKind::TimedOut.into()),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
 
     /// Reaps the child that stopped answering: how it ended.
@@ -110,6 +165,8 @@ fn serve(mut sock: std::fs::File, floor: &Floor, vaddr: u64) -> i32 {
         let done = match req[0] {
             r if r == Loop::Pairs as u8 => floor_mapped(floor, vaddr).is_ok(),
             r if r == Loop::Batched as u8 => floor_batched(floor, vaddr).is_ok(),
+            r if r == Loop::Maps as u8 => floor_maps(floor, vaddr).is_ok(),
+            r if r == Loop::Unmaps as u8 => floor_unmaps(floor).is_ok(),
             _ => false,
         };
         let us = if done {

@@ -48,13 +48,21 @@
 //! splits the batched pair into what each batch costs and what each pair
 //! costs, from batches of 1 to 250 pairs (bench_sizes.rs).
 //!
+//! `boundary` is the least any out-of-process server could cost for the
+//! batched pair here: the same forked child makes the floor's maps on one
+//! request and the unmaps on a second, each answer awaited in poll(2)
+//! (bench_confined.rs). The floor plus two round trips, with no protocol:
+//! `boundary_ratio` is the price of the process boundary alone on this
+//! machine, and airlock's batched pair over `boundary` is airlock's own.
+//!
 //! Rounds interleave the loops; the figures are medians. Prints
 //! `BENCH dma-map-unmap airlock_us=A floor_us=F ratio=R pipelined_us=P
 //! pipelined_ratio=Q echo_us=E echo_pipelined_us=EP evloop_us=V
 //! evloop_ratio=W echo_evloop_us=EV batched_us=B batched_ratio=BR
-//! batched_evloop_us=BV batched_evloop_ratio=BVR (...)`, Q being P / F,
-//! W V / F, BR B / F and BVR BV / F (the batched loop with each reply
-//! awaited in poll(2), as QEMU's event loop waits);
+//! batched_evloop_us=BV batched_evloop_ratio=BVR boundary_us=X
+//! boundary_ratio=XR (...)`, Q being P / F, W V / F, BR B / F, BVR BV / F
+//! (the batched loop with each reply awaited in poll(2), as QEMU's event
+//! loop waits) and XR X / F;
 //! later fields come after the earlier ones so that parsers of the older
 //! prefix keep working.
 
@@ -92,6 +100,7 @@ struct Figures {
     echo_evloop: f64,
     batched: f64,
     batched_evloop: f64,
+    boundary: f64,
 }
 
 pub fn run(report: &mut Report, socket: &str, group: &str, airlock: Option<u32>) {
@@ -106,14 +115,16 @@ pub fn run(report: &mut Report, socket: &str, group: &str, airlock: Option<u32>)
             echo_evloop: ev,
             batched: b,
             batched_evloop: bv,
+            boundary: x,
         }) => {
             println!(
-                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} echo_us={e:.1} echo_pipelined_us={ep:.1} evloop_us={v:.1} evloop_ratio={:.2} echo_evloop_us={ev:.1} batched_us={b:.1} batched_ratio={:.2} batched_evloop_us={bv:.1} batched_evloop_ratio={:.2} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
+                "BENCH dma-map-unmap airlock_us={a:.1} floor_us={f:.1} ratio={:.2} pipelined_us={p:.1} pipelined_ratio={:.2} echo_us={e:.1} echo_pipelined_us={ep:.1} evloop_us={v:.1} evloop_ratio={:.2} echo_evloop_us={ev:.1} batched_us={b:.1} batched_ratio={:.2} batched_evloop_us={bv:.1} batched_evloop_ratio={:.2} boundary_us={x:.1} boundary_ratio={:.2} (4 KiB, {ROUNDS} rounds x {PAIRS} pairs, medians)",
                 a / f,
                 p / f,
                 v / f,
                 b / f,
-                bv / f
+                bv / f,
+                x / f
             );
             Outcome::Pass
         }
@@ -143,6 +154,7 @@ struct Accounts {
     echo_evloop: Account,
     batched: Account,
     batched_evloop: Account,
+    boundary: Account,
     floor: Account,
 }
 
@@ -160,6 +172,8 @@ impl Accounts {
             .report("airlock batched (one DMA_MAP_MULTI, one DMA_UNMAP_MULTI)");
         self.batched_evloop
             .report("airlock batched, replies awaited in poll(2)");
+        self.boundary
+            .report("the floor across a process boundary (two requests per batch)");
         self.floor.report("the floor's ioctls");
     }
 }
@@ -193,6 +207,7 @@ struct Loops {
     echo_evloop: Vec<f64>,
     batched: Vec<f64>,
     batched_evloop: Vec<f64>,
+    boundary: Vec<f64>,
     batched_warm: Vec<f64>,
     floor_warm: Vec<f64>,
     floor_batched: Vec<f64>,
@@ -277,6 +292,12 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
         "bench-dma: per pair, medians, warm (each loop right after an untimed run of itself): airlock batched {bw:.1} us, the floor {fw:.1} us: {:.2}x",
         bw / fw
     ));
+    let (bv, x) = (median(l.batched_evloop.clone()), median(l.boundary.clone()));
+    info(&format!(
+        "bench-dma: per pair, medians: the floor across a process boundary (a forked child under airlock's seccomp filter makes the {PAIRS} maps on one request and their unmaps on a second, each answer awaited in poll(2)) {x:.1} us, {:.2}x the floor: what any out-of-process server pays here at least; airlock batched, awaited the same way, {bv:.1} us, {:.2}x that",
+        x / median(l.floor.clone()),
+        bv / x
+    ));
     acct.report();
     crate::bench_sizes::report(peers.c, &mem, median(l.floor.clone()))?;
     if let Some(pid) = airlock {
@@ -292,6 +313,7 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
         echo_evloop: median(l.echo_evloop),
         batched: median(l.batched),
         batched_evloop: median(l.batched_evloop),
+        boundary: median(l.boundary),
     })
 }
 
@@ -335,6 +357,10 @@ fn round(p: &mut Peers<'_>, l: &mut Loops, acct: &mut Accounts) -> Result<(), St
         .push(counted(&mut acct.batched_evloop, srv, || {
             batched_of(p.c, mem, PAIRS, Await::InPoll)
         })?);
+    let child = Some(p.confined.pid());
+    l.boundary.push(counted(&mut acct.boundary, child, || {
+        p.confined.batch_in_two()
+    })?);
     l.floor.push(counted(&mut acct.floor, None, || {
         floor_mapped(floor, vaddr)
     })?);

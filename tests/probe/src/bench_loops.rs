@@ -228,13 +228,18 @@ fn request_in_poll(
 /// The floor in the batched loop's order: PAIRS maps at PAIRS IOVAs, then
 /// their PAIRS unmaps.
 pub(crate) fn floor_batched(floor: &Floor, vaddr: u64) -> Result<(), String> {
-    for i in 0..PAIRS as u64 {
-        floor.map(vaddr, IOVA + i * SIZE as u64, SIZE as u64)?;
-    }
-    for i in 0..PAIRS as u64 {
-        floor.unmap(IOVA + i * SIZE as u64, SIZE as u64)?;
-    }
-    Ok(())
+    floor_maps(floor, vaddr)?;
+    floor_unmaps(floor)
+}
+
+/// The first half of `floor_batched`: PAIRS maps at PAIRS IOVAs.
+pub(crate) fn floor_maps(floor: &Floor, vaddr: u64) -> Result<(), String> {
+    (0..PAIRS as u64).try_for_each(|i| floor.map(vaddr, IOVA + i * SIZE as u64, SIZE as u64))
+}
+
+/// The second half of `floor_batched`: the PAIRS maps' unmaps.
+pub(crate) fn floor_unmaps(floor: &Floor) -> Result<(), String> {
+    (0..PAIRS as u64).try_for_each(|i| floor.unmap(IOVA + i * SIZE as u64, SIZE as u64))
 }
 
 /// The floor in the batched loop's order with the unmaps joined: PAIRS
