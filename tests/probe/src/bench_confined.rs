@@ -15,7 +15,7 @@
 //! and nothing of a protocol (one byte each way).
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
 use airlock::sandbox::seccomp::{self, Profile};
@@ -102,23 +102,9 @@ impl Confined {
 
     /// Sleeps in poll(2) until the child's answer can be read (10 s at most).
     fn readable(&self) -> std::io::Result<()> {
-        let mut p = libc::pollfd {
-            fd: self.sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        loop {
-            // SAFETY: one live pollfd for the duration of the call.
-            match unsafe { libc::poll(&mut p, 1, 10_000) } {
-                1.. => return Ok(()),
-                0 => return Err(std::io::ErrorKind::TimedOut.into()),
-                _ => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
+        match crate::os::readable(self.sock.as_fd(), 10_000)? {
+            true => Ok(()),
+            false => Err(std::io::ErrorKind::TimedOut.into()),
         }
     }
 

@@ -292,28 +292,32 @@ fn bench(socket: &str, group: &str, airlock: Option<u32>) -> Result<Figures, Str
         "bench-dma: per pair, medians, warm (each loop right after an untimed run of itself): airlock batched {bw:.1} us, the floor {fw:.1} us: {:.2}x",
         bw / fw
     ));
-    let (bv, x) = (median(l.batched_evloop.clone()), median(l.boundary.clone()));
+    let (bv, x, floor_us) = (
+        median(l.batched_evloop),
+        median(l.boundary),
+        median(l.floor),
+    );
     info(&format!(
         "bench-dma: per pair, medians: the floor across a process boundary (a forked child under airlock's seccomp filter makes the {PAIRS} maps on one request and their unmaps on a second, each answer awaited in poll(2)) {x:.1} us, {:.2}x the floor: what any out-of-process server pays here at least; airlock batched, awaited the same way, {bv:.1} us, {:.2}x that",
-        x / median(l.floor.clone()),
+        x / floor_us,
         bv / x
     ));
     acct.report();
-    crate::bench_sizes::report(peers.c, &mem, median(l.floor.clone()))?;
+    crate::bench_sizes::report(peers.c, &mem, floor_us)?;
     if let Some(pid) = airlock {
         crate::bench_split::report(peers.c, &mem, &floor, mem.map.as_ptr() as u64, pid)?;
     }
     Ok(Figures {
         airlock: median(l.airlock),
-        floor: median(l.floor),
+        floor: floor_us,
         pipelined: median(l.pipelined),
         echo: median(l.echo),
         echo_pipelined: median(l.echo_pipelined),
         evloop: median(l.evloop),
         echo_evloop: median(l.echo_evloop),
         batched: median(l.batched),
-        batched_evloop: median(l.batched_evloop),
-        boundary: median(l.boundary),
+        batched_evloop: bv,
+        boundary: x,
     })
 }
 

@@ -161,17 +161,31 @@ impl EventFd {
             if left.is_zero() {
                 return Err(format!("eventfd not signalled within {timeout:?}"));
             }
-            let mut p = libc::pollfd {
-                fd: self.0.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
             let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd on the stack, nfds = 1.
-            if unsafe { libc::poll(&mut p, 1, ms) } < 0 {
+            if let Err(e) = readable(self.0.as_fd(), ms) {
+                return Err(format!("poll eventfd: {e}"));
+            }
+        }
+    }
+}
+
+/// Sleeps in poll(2) until `fd` is readable (true) or `ms` milliseconds
+/// pass (false); an interrupted poll is retried.
+pub fn readable(fd: BorrowedFd<'_>, ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd on the stack, nfds = 1.
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            0 => return Ok(false),
+            1.. => return Ok(true),
+            _ => {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(format!("poll eventfd: {e}"));
+                    return Err(e);
                 }
             }
         }
